@@ -1,0 +1,104 @@
+"""Option groups of the RL step (plain dataclasses; every field documented, shown by ``--help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trgrpo.advantages import AdvantageScale
+from trgrpo.losses import Aggregation, KLEstimator
+
+
+@dataclass
+class LossConfig:
+    """The clipped surrogate, its regularisers and its aggregation."""
+
+    clip_low: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip range: the ratio is clipped at 1 + clip_high (clip-higher when > clip_low)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens at c * |A| (empty = off)."""
+    beta: float = 0.0
+    """KL coefficient against a frozen reference model; 0 loads no reference model at all."""
+    kl_estimator: KLEstimator = "k3"
+    """KL estimator: k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 = off)."""
+    aggregation: Aggregation = "token_mean"
+    """token_mean (DAPO), seq_mean_token_mean (original GRPO) or seq_sum_const (Dr. GRPO)."""
+    advantage_scale: AdvantageScale = "group"
+    """Divide centred rewards by the group std (group), the batch std (batch) or nothing (none = Dr. GRPO)."""
+    advantage_eps: float = 1e-4
+    """Added to the std so equal-reward groups get exactly zero advantage."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens out of the loss."""
+
+    def __post_init__(self) -> None:
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}")
+        if self.clip_low >= 1:
+            raise ValueError(f"model.loss.clip_low must be < 1, got {self.clip_low}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"model.loss.dual_clip must be > 1 (or empty), got {self.dual_clip}")
+        if self.beta < 0:
+            raise ValueError(f"model.loss.beta must be >= 0, got {self.beta}")
+        if self.aggregation not in ("token_mean", "seq_mean_token_mean", "seq_sum_const"):
+            raise ValueError(
+                f"model.loss.aggregation must be one of token_mean, seq_mean_token_mean, seq_sum_const; got {self.aggregation!r}"
+            )
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"model.loss.kl_estimator must be one of k1, k2, k3; got {self.kl_estimator!r}")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(f"model.loss.advantage_scale must be one of group, batch, none; got {self.advantage_scale!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and how the rollout batch is cut into updates."""
+
+    lr: float = 1e-6
+    """AdamW learning rate after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear learning-rate warm-up, then constant."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value (empty = no clipping; the norm is still logged)."""
+    epochs: int = 1
+    """mu: optimisation epochs over each rollout batch."""
+    mini_batch_size: int | None = None
+    """Sequences per optimiser step, per process (empty = the whole rollout batch: one step per epoch)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward, per process (empty = the mini-batch); only changes memory use."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"model.optim.lr must be > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"model.optim.epochs must be >= 1, got {self.epochs}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("mini_batch_size", "micro_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"model.optim.{key} must be >= 1 (or empty), got {value}")
+
+
+def check_batch_layout(prompts_per_step: int, group_size: int, optim: OptimConfig) -> tuple[int, int]:
+    """Validate that the rollout batch splits into whole groups; returns (mini, micro) in sequences."""
+    n = prompts_per_step * group_size
+    mini = optim.mini_batch_size or n
+    micro = optim.micro_batch_size or mini
+    if mini % group_size or n % mini:
+        raise ValueError(
+            f"model.optim.mini_batch_size={mini} must be a multiple of model.sampling.group_size={group_size} "
+            f"and divide the rollout batch data.batch_size * group_size = {n} into whole groups"
+        )
+    if micro % group_size or mini % micro:
+        raise ValueError(
+            f"model.optim.micro_batch_size={micro} must be a multiple of model.sampling.group_size={group_size} "
+            f"and divide the mini-batch of {mini} sequences"
+        )
+    return mini, micro

@@ -1,0 +1,116 @@
+"""``PromptDataModule``: turns a task's rows into batches of prompts for rollouts and evaluation.
+
+Each training batch is ``batch_size`` prompts (per process); the module samples ``group_size``
+completions for each.  Prompts are rendered to text here: raw text for base models, or chat messages
+through the tokenizer's chat template (with an optional system prompt) for instruct models.  Prompts
+longer than ``max_prompt_tokens`` are dropped when the data is loaded, with a counted warning; they are
+never truncated mid-question.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from trgrpo.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def collate_rows(rows: list[dict]) -> dict[str, list]:
+    """List of row dicts -> dict of column lists (the layout reward functions receive)."""
+    return {key: [r.get(key) for r in rows] for key in rows[0]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts from a task, rendered and length-checked.
+
+    Args:
+        task: where rows come from (class_path of a ``trgrpo.tasks.Task``).
+        batch_size: prompts per training step on each process (rollout batch = batch_size * group_size).
+        val_batch_size: prompts per evaluation batch.
+        chat_template: render prompts with the tokenizer's chat template (instruct models).
+        system_prompt: system message prepended when ``chat_template`` is on.
+        max_prompt_tokens: prompts longer than this are dropped at load time (0 = no limit).
+        seed: seed of the training-order shuffle.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        batch_size: int = 8,
+        val_batch_size: int = 64,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
+        max_prompt_tokens: int = 512,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size must be >= 1, got {val_batch_size}")
+        self.task = task
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.splits: dict[str, list[dict]] = {}
+
+    def _tokenizer(self):
+        return self.trainer.lightning_module.tokenizer
+
+    def render(self, prompt, tokenizer) -> str:
+        """A row's prompt as the exact text the policy continues."""
+        if isinstance(prompt, str) and not self.chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if tokenizer.chat_template is None:
+            raise ValueError("data.chat_template is on but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def load_split(self, split: str, tokenizer) -> list[dict]:
+        """Rows of a split with ``prompt`` rendered to text; over-long prompts dropped and counted."""
+        rows, dropped = [], 0
+        for i, row in enumerate(self.task.rows(split)):
+            prompt = row.get("prompt")
+            if not prompt or not isinstance(prompt, (str, list)):
+                raise ValueError(f"data.task: {split} row {i} has an empty or non-string prompt: {prompt!r}")
+            text = self.render(prompt, tokenizer)
+            if self.max_prompt_tokens and len(tokenizer(text, add_special_tokens=False).input_ids) > self.max_prompt_tokens:
+                dropped += 1
+                continue
+            rows.append({**row, "prompt": text, "raw_prompt": prompt if isinstance(prompt, str) else str(prompt)})
+        if dropped:
+            log.warning("dropped %d of %d %s prompts longer than data.max_prompt_tokens=%d",
+                        dropped, dropped + len(rows), split, self.max_prompt_tokens)
+        if not rows:
+            raise ValueError(f"data.task: the {split} split has no usable rows")
+        return rows
+
+    def setup(self, stage: str) -> None:
+        tok = self._tokenizer()
+        for split in ("train", "val") if stage == "fit" else ("val",):
+            if split not in self.splits:
+                self.splits[split] = self.load_split(split, tok)
+        if stage == "fit" and len(self.splits["train"]) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} exceeds the {len(self.splits['train'])} training prompts"
+            )
+
+    def _loader(self, rows: list[dict], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        collate: Callable = collate_rows
+        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          collate_fn=collate, generator=gen if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["val"], self.val_batch_size, shuffle=False, drop_last=False)

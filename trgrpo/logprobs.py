@@ -1,0 +1,93 @@
+"""Log-probabilities and entropies of sampled tokens without a float32 [B, T, V] tensor.
+
+The naive ``log_softmax(logits.float(), -1).gather(-1, ids)`` keeps a float32 copy of every logit alive
+until backward: for a 150k vocabulary that copy dominates the memory of the loss.  Here the log-sum-exp
+is computed in row chunks (float32 only inside a chunk) and the backward recomputes the softmax chunk by
+chunk, so the extra memory is one chunk, while the results match the naive version.
+
+Pure tensor code, no Lightning import.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _row_chunks(n: int, chunk_rows: int):
+    for start in range(0, n, chunk_rows):
+        yield slice(start, min(start + chunk_rows, n))
+
+
+def _logsumexp_rows(logits: Tensor, chunk_rows: int) -> Tensor:
+    """[N, V] -> [N] float32 log-sum-exp, upcasting one chunk at a time."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for rows in _row_chunks(logits.shape[0], chunk_rows):
+        out[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+    return out
+
+
+class _SelectiveLogProb(torch.autograd.Function):
+    """log softmax(logits)[ids] with a chunked, recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, chunk_rows: int) -> Tensor:  # [N, V], [N] -> [N]
+        lse = _logsumexp_rows(logits, chunk_rows)
+        picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk_rows = chunk_rows
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], ctx.chunk_rows):
+            g = grad_out[rows].float().unsqueeze(-1)  # [n, 1]
+            probs = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1))  # [n, V]
+            chunk = -g * probs
+            chunk.scatter_add_(-1, ids[rows].unsqueeze(-1), g)
+            grad[rows] = chunk.to(grad.dtype)
+        return grad, None, None
+
+
+def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """Log-probability of ``ids`` under ``softmax(logits)``.
+
+    Args:
+        logits: [..., V] any float dtype.
+        ids: [...] token ids.
+    Returns:
+        [...] float32 log-probs.
+    """
+    shape = ids.shape
+    flat = _SelectiveLogProb.apply(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), chunk_rows)
+    return flat.view(shape)
+
+
+def token_entropy(logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """Entropy of softmax(logits) per position, without gradient.  [..., V] -> [...] float32."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for rows in _row_chunks(flat.shape[0], chunk_rows):
+        x = flat[rows].float()
+        logp = torch.log_softmax(x, dim=-1)
+        out[rows] = -(logp.exp() * logp).sum(-1)
+    return out.view(logits.shape[:-1])
+
+
+def _entropy_chunk(x: Tensor) -> Tensor:
+    logp = torch.log_softmax(x.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def differentiable_entropy(logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """Entropy with gradient (for an entropy bonus); each chunk is recomputed in backward."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [
+        torch.utils.checkpoint.checkpoint(_entropy_chunk, flat[rows], use_reentrant=False)
+        for rows in _row_chunks(flat.shape[0], chunk_rows)
+    ]
+    return torch.cat(parts).view(logits.shape[:-1])

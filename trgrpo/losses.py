@@ -1,0 +1,182 @@
+"""Token-level GRPO losses: the clipped surrogate, KL estimators and loss aggregation.
+
+Conventions (shapes in trailing comments):
+    B = sequences in the (micro-)batch, T = completion length (padded),
+    ``mask`` is the response mask (1 on real completion tokens, 0 on padding).
+
+The PPO clipped surrogate with clip-higher (DAPO) and dual-clip (Ye et al., 2020):
+
+    obj_t = min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+    obj_t = max(obj_t, dual_clip * A)          only where A < 0 and dual_clip is set
+    loss_t = -obj_t
+
+Token weights (see ``trgrpo.weighting``) enter in one of two places:
+    placement="surrogate": loss_t <- w_t * loss_t            (w detached; equivalent to scaling A)
+    placement="ratio":     r_t    <- w_t * r_t inside both the min and the clip
+
+Normalisation never uses the local micro-batch size: callers pass the token and sequence counts of the
+whole optimisation batch (all micro-batches, all ranks), so splitting a batch differently gives the same
+loss and gradient.  Pure tensor code, no Lightning import.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"]
+KLEstimator = Literal["k1", "k2", "k3"]
+Placement = Literal["surrogate", "ratio"]
+
+
+class SurrogateOutput(NamedTuple):
+    loss: Tensor  # [B, T] per-token loss (unmasked)
+    clipped_low: Tensor  # [B, T] bool: A < 0 and ratio below 1 - clip_low (no gradient)
+    clipped_high: Tensor  # [B, T] bool: A > 0 and ratio above 1 + clip_high (no gradient)
+
+
+def clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip: float | None = None
+) -> SurrogateOutput:
+    """Per-token PPO loss ``-min(r A, clip(r) A)``, with the optional dual clip for A < 0.
+
+    Args:
+        ratio: [B, T] importance ratio pi_theta / pi_old (already weighted for placement="ratio").
+        advantages: [B, T] or broadcastable ([B, 1]).
+    """
+    advantages = advantages.expand_as(ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
+    clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
+    return SurrogateOutput(-objective, clipped_low, clipped_high)
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman, 2020).
+
+    With log_ratio = ref_logp - logp:  k1 = -log_ratio,  k2 = log_ratio^2 / 2,
+    k3 = exp(log_ratio) - log_ratio - 1 (unbiased, always >= 0).  [B, T] -> [B, T].
+    """
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        # clamp keeps exp finite when the policy drifts far from the reference
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"kl estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}")
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: Aggregation,
+    num_tokens: float,
+    num_seqs: float,
+    max_len: int,
+) -> Tensor:
+    """Reduce a per-token loss to a scalar with batch-global normalisers.
+
+    Args:
+        per_token: [B, T] loss, already zero wherever a token must not contribute.
+        mask: [B, T] response mask (used for per-sequence lengths in ``seq_mean_token_mean``).
+        mode: ``token_mean`` (sum / all response tokens of the batch; DAPO),
+            ``seq_mean_token_mean`` (mean over sequences of each sequence's token mean; original GRPO),
+            ``seq_sum_const`` (sum / (num sequences * max_len); Dr. GRPO).
+        num_tokens: response tokens in the whole optimisation batch (all micro-batches and ranks).
+        num_seqs: sequences in the whole optimisation batch.
+        max_len: the constant length of ``seq_sum_const`` (the generation budget).
+    """
+    masked = per_token * mask
+    if mode == "token_mean":
+        return masked.sum() / max(num_tokens, 1.0)
+    if mode == "seq_mean_token_mean":
+        per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B]
+        return per_seq.sum() / max(num_seqs, 1.0)
+    if mode == "seq_sum_const":
+        return masked.sum() / max(num_seqs * max_len, 1.0)
+    raise ValueError(
+        f"aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_sum_const', got {mode!r}"
+    )
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: Tensor  # scalar, normalised by the batch-global counts
+    clipped_low: Tensor  # scalar: number of active tokens clipped below
+    clipped_high: Tensor  # scalar: number of active tokens clipped above
+    kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    active: Tensor,
+    *,
+    num_tokens: float,
+    num_seqs: float,
+    max_len: int,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    placement: Placement = "surrogate",
+    aggregation: Aggregation = "token_mean",
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
+    weight_kl: bool = False,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> PolicyLossOutput:
+    """The full token-weighted GRPO loss of one micro-batch.
+
+    Args:
+        logp: [B, T] log-probs of the sampled tokens under the current policy (with grad).
+        old_logp: [B, T] log-probs under the rollout policy (detached).
+        advantages: [B] sequence advantages.
+        weights: [B, T] detached token weights from a weighting strategy (0 on padding).
+        mask: [B, T] response mask.
+        active: [B, T] tokens trained in this pass (a subset of ``mask``; Lopti and top-entropy
+            training use it; otherwise equal to ``mask``).  Normalisers still count all of ``mask``.
+        ref_logp: [B, T] reference-model log-probs, required when beta > 0.
+        entropy: [B, T] differentiable token entropy, required when entropy_coef > 0.
+    """
+    weights = weights.detach()
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    adv = advantages.unsqueeze(1)  # [B, 1]
+    if placement == "ratio":
+        out = clipped_surrogate(weights * ratio, adv, clip_low, clip_high, dual_clip)
+        per_token = out.loss
+    else:
+        out = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
+        per_token = weights * out.loss
+    kl_sum = logp.new_zeros(())
+    if beta > 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        per_token = per_token + beta * (weights * kl if weight_kl else kl)
+        kl_sum = (kl.detach() * mask).sum()
+    if entropy_coef > 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the token entropy")
+        per_token = per_token - entropy_coef * entropy
+    per_token = per_token * active
+    loss = aggregate(per_token, mask, aggregation, num_tokens, num_seqs, max_len)
+    act = active.bool()
+    return PolicyLossOutput(
+        loss=loss,
+        clipped_low=(out.clipped_low & act).sum(),
+        clipped_high=(out.clipped_high & act).sum(),
+        kl=kl_sum,
+    )

@@ -1,0 +1,125 @@
+"""Loading the policy model and its tokenizer: any Hugging Face causal LM, or the embedded tiny one.
+
+``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``;
+left empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded)
+and paired with the embedded character tokenizer, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
+
+from trgrpo.tokenizer import save_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded tiny model (a Qwen2 architecture)."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_hidden_layers: int = 2
+    """Number of transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads (the key/value heads are the same number)."""
+    intermediate_size: int = 256
+    """Width of the MLP."""
+    max_position_embeddings: int = 512
+    """Longest sequence the rotary embedding is set up for."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which model and tokenizer to train."""
+
+    name_or_path: str | None = None
+    """Hub id or local folder of a causal LM; empty builds the tiny model described by ``tiny``."""
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer; empty uses ``name_or_path``, or the embedded character
+    tokenizer for the tiny model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (mixed precision is the trainer's ``precision``)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run (off unless you trust it)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (e.g. "sdpa", "flash_attention_2"); empty = default."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the embedded tiny model (used only when ``name_or_path`` is empty)."""
+
+
+def _char_tokenizer_dir() -> Path:
+    cache = Path(os.environ.get("TRGRPO_CACHE", Path(tempfile.gettempdir()) / "trgrpo-cache"))
+    path = cache / "char_tokenizer"
+    if not (path / "tokenizer.json").exists():
+        save_char_tokenizer(path)
+    return path
+
+
+def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
+    """Load the tokenizer; pads on the left (generation) and falls back from a missing pad to EOS."""
+    source = cfg.tokenizer or cfg.name_or_path or str(_char_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"model.policy.tokenizer: the tokenizer at {source!r} has neither a pad token nor an EOS "
+                "token to fall back on; use a tokenizer that defines one of them"
+            )
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"model.policy.tokenizer: the tokenizer at {source!r} has no EOS token to stop generation")
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def load_model(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """Build or load the causal LM described by ``cfg``."""
+    dtype = DTYPES[cfg.dtype]
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.tiny.seed)
+            model = AutoModelForCausalLM.from_config(tiny_model_config(cfg.tiny, tokenizer), dtype=dtype, **kwargs)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def describe(cfg: PolicyConfig) -> dict:
+    """Plain-dict form of the config (for model cards and cache keys)."""
+    return asdict(cfg)
