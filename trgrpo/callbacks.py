@@ -4,6 +4,7 @@
 completions before RL starts (a tiny random model starts near 0 accuracy; real RLVR starts from an
 instruct model).  Its result is cached under ``cache_dir`` keyed by everything that determines it, so
 reruns skip it.  ``RewardPlot`` writes ``reward_accuracy.png`` next to the logs at the end of fit.
+``HFExport`` writes the policy as a Hugging Face model folder at the end of fit (``trgrpo.export``).
 """
 
 from __future__ import annotations
@@ -136,3 +137,24 @@ class RewardPlot(L.Callback):
         fig.savefig(out, dpi=120)
         plt.close(fig)
         print(f"plot written to {out}", flush=True)
+
+
+class HFExport(L.Callback):
+    """Write the policy as a Hugging Face model folder at the end of fit (see ``trgrpo.export``).
+
+    Args:
+        dirpath: output folder (empty = ``hf_model`` in the run's log folder).
+        merge_lora: LoRA runs: write the full model with the adapters merged (the adapter goes to ``adapter/``).
+        dtype: cast the exported weights (float32, bfloat16, float16; empty = as trained).
+    """
+
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = False, dtype: str | None = None) -> None:
+        self.dirpath, self.merge_lora, self.dtype = dirpath, merge_lora, dtype
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        from trgrpo.export import export_from_trainer
+
+        out = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+        export_from_trainer(trainer, pl_module, out, merge_lora=self.merge_lora, dtype=self.dtype)
+        if trainer.is_global_zero:
+            print(f"Hugging Face model written to {out}", flush=True)

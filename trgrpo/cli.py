@@ -8,10 +8,14 @@ docstrings in ``--help``; ``--print_config`` prints a complete YAML that loads b
 
 from __future__ import annotations
 
+import importlib
 import os
 
+import torch
+import yaml
 from jsonargparse import set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 
 from trgrpo.data import PromptDataModule
 from trgrpo.module import GRPOModule
@@ -33,6 +37,43 @@ class TRGRPOCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
         }
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_strategy(cfg.trainer.strategy, [str(p) for p in cfg.get("config") or []])
+
+
+def _strategy_source(config_files: list[str]) -> str:
+    """The last config file that sets trainer.strategy (else the command line)."""
+    for path in reversed(config_files):
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError:
+            continue
+        if isinstance(data, dict) and "strategy" in (data.get("trainer") or {}):
+            return path
+    return "--trainer.strategy"
+
+
+def check_strategy(strategy, config_files: list[str]) -> None:
+    """Fail at start-up, naming the config fragment, on an unknown strategy or DeepSpeed without CUDA."""
+    if isinstance(strategy, str):
+        known = {"auto", "ddp_spawn", *StrategyRegistry.available_strategies()}
+        if strategy not in known:
+            raise ValueError(f"{_strategy_source(config_files)}: unknown trainer.strategy {strategy!r}; use a "
+                             f"fragment from configs/strategy/ or one of {sorted(known)}")
+        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    elif isinstance(strategy, DeepSpeedStrategy):
+        cls = DeepSpeedStrategy
+    else:
+        module, _, name = str(getattr(strategy, "class_path", "")).rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    is_deepspeed = isinstance(cls, type) and issubclass(cls, DeepSpeedStrategy)
+    if is_deepspeed and not torch.cuda.is_available():
+        raise ValueError(f"{_strategy_source(config_files)}: the DeepSpeed strategy needs CUDA GPUs, and none is "
+                         "visible here (torch.cuda.is_available() is False); on a CPU machine compose "
+                         "configs/strategy/ddp.yaml instead, or no strategy fragment at all")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TRGRPOCLI:

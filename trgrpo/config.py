@@ -72,6 +72,11 @@ class OptimConfig:
     """Sequences per optimiser step, per process (empty = the whole rollout batch: one step per epoch)."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward, per process (empty = the mini-batch); only changes memory use."""
+    skip_zero_advantage: bool = True
+    """Skip the forward/backward of sequences whose advantage is exactly 0 (groups with equal rewards)
+    when nothing else needs them (loss.beta = 0, loss.entropy_coef = 0, one process): their gradient is
+    exactly zero and the normalisers still count them, so the update is the same, only faster. Per-token
+    metrics (entropy, weights, clip ratios) then cover the trained sequences."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -4,7 +4,8 @@ Each training batch is ``batch_size`` prompts (per process); the module samples 
 completions for each.  Prompts are rendered to text here: raw text for base models, or chat messages
 through the tokenizer's chat template (with an optional system prompt) for instruct models.  Prompts
 longer than ``max_prompt_tokens`` are dropped when the data is loaded, with a counted warning; they are
-never truncated mid-question.
+never truncated mid-question.  The training order is sharded over processes and checkpointed, so a resumed
+run continues with the prompts an uninterrupted run would have drawn (``ResumableSampler``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from trgrpo.tasks import Task
 
@@ -24,6 +25,54 @@ log = logging.getLogger(__name__)
 def collate_rows(rows: list[dict]) -> dict[str, list]:
     """List of row dicts -> dict of column lists (the layout reward functions receive)."""
     return {key: [r.get(key) for r in rows] for key in rows[0]}
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: shuffled per epoch, sharded over processes, resumable mid-epoch.
+
+    Epoch ``e`` is ``randperm(len(rows))`` seeded with ``seed + e`` (for one process, epoch 0 is the order
+    ``DataLoader(shuffle=True)`` gives with that seed); process ``r`` of ``w`` takes every ``w``-th index from
+    ``r``, so the ``k``-th batches of all processes together are the ``k``-th batch a single process with a
+    ``w`` times larger batch would draw.  Being a ``DistributedSampler`` already, Lightning does not replace it.
+
+    ``progress()`` returns how many batches of the current epoch were trained; a checkpoint stores that
+    count (not what the loader has prefetched), and the first epoch iterated after ``load_state_dict``
+    skips those batches.
+    """
+
+    def __init__(self, rows: list, num_replicas: int, rank: int, seed: int, batch_size: int,
+                 progress: Callable[[], int]) -> None:
+        super().__init__(rows, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.progress = batch_size, progress
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] * self.batch_size:]
+        self._resume = None
+        return iter(indices)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.progress(), "batch_size": self.batch_size,
+                "num_replicas": self.num_replicas, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["batch_size"], state["num_replicas"], state["seed"]) != (self.batch_size, self.num_replicas, self.seed):
+            log.warning("resuming with a different data.batch_size, world size or data.seed than the checkpoint "
+                        "(%s): the data order restarts at the beginning of the epoch", state)
+            return
+        self._resume = (state["epoch"], state["batches"])
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose position Lightning saves in checkpoints and restores on resume."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -104,13 +153,24 @@ class PromptDataModule(L.LightningDataModule):
             )
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        # a private generator also keeps the loader from drawing its worker seed from the global RNG,
+        # which would shift the sampling stream of a resumed run
         gen = torch.Generator().manual_seed(self.seed)
         collate: Callable = collate_rows
         return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=collate, generator=gen if shuffle else None)
+                          collate_fn=collate, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.splits["train"], num_replicas=world, rank=rank, seed=self.seed,
+                                   batch_size=self.batch_size, progress=self._trained_batches)
+        return ResumableLoader(self.splits["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                               collate_fn=collate_rows, generator=torch.Generator().manual_seed(self.seed))
+
+    def _trained_batches(self) -> int:
+        """Training batches of the current epoch that have been through a training step."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits["val"], self.val_batch_size, shuffle=False, drop_last=False)

@@ -13,18 +13,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK_ROWS = 1024
+CHUNK_ELEMENTS = 1 << 22
+"""Default chunk size in logits (16 MiB of float32): about 28 rows of a 150k vocabulary, the whole batch of a
+small one, so the extra memory stays bounded whatever the vocabulary."""
+DEFAULT_CHUNK_ROWS = None
 
 
-def _row_chunks(n: int, chunk_rows: int):
-    for start in range(0, n, chunk_rows):
-        yield slice(start, min(start + chunk_rows, n))
+def _row_chunks(n: int, chunk_rows: int | None, vocab: int):
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
 
 
-def _logsumexp_rows(logits: Tensor, chunk_rows: int) -> Tensor:
+def _logsumexp_rows(logits: Tensor, chunk_rows: int | None) -> Tensor:
     """[N, V] -> [N] float32 log-sum-exp, upcasting one chunk at a time."""
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for rows in _row_chunks(logits.shape[0], chunk_rows):
+    for rows in _row_chunks(logits.shape[0], chunk_rows, logits.shape[-1]):
         out[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
     return out
 
@@ -33,7 +37,7 @@ class _SelectiveLogProb(torch.autograd.Function):
     """log softmax(logits)[ids] with a chunked, recomputing backward."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, chunk_rows: int) -> Tensor:  # [N, V], [N] -> [N]
+    def forward(ctx, logits: Tensor, ids: Tensor, chunk_rows: int | None) -> Tensor:  # [N, V], [N] -> [N]
         lse = _logsumexp_rows(logits, chunk_rows)
         picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
         ctx.save_for_backward(logits, ids, lse)
@@ -44,7 +48,7 @@ class _SelectiveLogProb(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         logits, ids, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for rows in _row_chunks(logits.shape[0], ctx.chunk_rows):
+        for rows in _row_chunks(logits.shape[0], ctx.chunk_rows, logits.shape[-1]):
             g = grad_out[rows].float().unsqueeze(-1)  # [n, 1]
             probs = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1))  # [n, V]
             chunk = -g * probs
@@ -53,7 +57,7 @@ class _SelectiveLogProb(torch.autograd.Function):
         return grad, None, None
 
 
-def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
     """Log-probability of ``ids`` under ``softmax(logits)``.
 
     Args:
@@ -67,11 +71,11 @@ def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = DEFAULT
     return flat.view(shape)
 
 
-def token_entropy(logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+def token_entropy(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
     """Entropy of softmax(logits) per position, without gradient.  [..., V] -> [...] float32."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for rows in _row_chunks(flat.shape[0], chunk_rows):
+    for rows in _row_chunks(flat.shape[0], chunk_rows, flat.shape[-1]):
         x = flat[rows].float()
         logp = torch.log_softmax(x, dim=-1)
         out[rows] = -(logp.exp() * logp).sum(-1)
@@ -83,11 +87,11 @@ def _entropy_chunk(x: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def differentiable_entropy(logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+def differentiable_entropy(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
     """Entropy with gradient (for an entropy bonus); each chunk is recomputed in backward."""
     flat = logits.reshape(-1, logits.shape[-1])
     parts = [
         torch.utils.checkpoint.checkpoint(_entropy_chunk, flat[rows], use_reentrant=False)
-        for rows in _row_chunks(flat.shape[0], chunk_rows)
+        for rows in _row_chunks(flat.shape[0], chunk_rows, flat.shape[-1])
     ]
     return torch.cat(parts).view(logits.shape[:-1])

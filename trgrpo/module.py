@@ -16,28 +16,47 @@ Lightning's ``global_step`` counts optimiser updates (one per RL step with the d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from trgrpo.advantages import compute_advantages, group_reward_spread
+from trgrpo.checkpointing import capture_rng_states, restore_rng_states
 from trgrpo.config import LossConfig, OptimConfig, check_batch_layout
+from trgrpo.evaluation import (
+    EvalConfig,
+    SampleRow,
+    level_metrics,
+    level_sums,
+    sort_levels,
+    write_sample_table,
+)
 from trgrpo.logprobs import differentiable_entropy, selective_log_softmax, token_entropy
 from trgrpo.losses import policy_loss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
 from trgrpo.rewards import RewardSpec, compute_rewards, exact_match
 from trgrpo.rollout import Rollout, SamplingConfig, generate_rollout
+from trgrpo.shared_prefix import completion_logits
 from trgrpo.weighting import TokenWeighting, UniformWeighting
 
 log = logging.getLogger(__name__)
+
+
+def completion_columns(rollout: Rollout) -> dict[str, list]:
+    """What the trainer adds to the task's columns for the rewards: token lengths and truncation."""
+    return {"completion_length": rollout.completion_mask.sum(1).long().tolist(),
+            "truncated": rollout.truncated.tolist()}
 
 
 class TokenScores(NamedTuple):
@@ -56,6 +75,7 @@ class GRPOModule(L.LightningModule):
         weighting: the token weighting strategy (empty = ``UniformWeighting``, plain GRPO).
         rewards: reward terms and their weights (empty = exact match on the ``answer`` column).
         log_entropy: compute the mean token entropy for ``train/entropy`` (one extra pass over the logits).
+        eval: held-out evaluation: sampled mean@k / pass@k and the sample table (greedy accuracy always).
     """
 
     def __init__(
@@ -67,6 +87,7 @@ class GRPOModule(L.LightningModule):
         weighting: TokenWeighting | None = None,
         rewards: list[RewardSpec] | None = None,
         log_entropy: bool = True,
+        eval: EvalConfig = EvalConfig(),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -74,12 +95,11 @@ class GRPOModule(L.LightningModule):
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.rewards = rewards if rewards else [RewardSpec(fn=exact_match)]
         self.log_entropy = log_entropy
+        self.eval_cfg = eval
         self.save_hyperparameters(ignore=["weighting", "rewards"])
-        # the tokenizer is light and needed by the data module's setup; the model waits for configure_model
-        self.tokenizer = load_tokenizer(policy)
+        self._tokenizer = None  # loaded on first use (the data module's setup), the model in configure_model
         self.policy_model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
-        self.val_accuracy = MeanMetric()
         self.eval_history: list[tuple[int, float]] = []
         self.reward_history: list[tuple[int, float]] = []
         self.timings: dict[str, float] = {}
@@ -88,22 +108,65 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
 
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer, loaded on first use (parsing a config downloads nothing)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.policy_cfg)
+        return self._tokenizer
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
         if stage == "fit" and dm is not None:
             self._layout = check_batch_layout(dm.batch_size, self.sampling.group_size, self.optim_cfg)
+            world, rows = self.trainer.world_size, len(dm.splits.get("train", []))
+            if rows // world < dm.batch_size:
+                raise ValueError(
+                    f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
+                    f"training prompts to each process, fewer than one batch of data.batch_size={dm.batch_size} "
+                    "prompts (data.batch_size is per process; each process samples whole groups for its own "
+                    "prompts): lower data.batch_size or the number of processes, or add prompts"
+                )
 
     def configure_model(self) -> None:
+        """Build the policy (and the frozen reference) here, so ZeRO-3 shards them while they are created."""
         if self.policy_model is not None:
             return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DeepSpeedStrategy):
+            self._configure_deepspeed(strategy)
         self.policy_model = load_model(self.policy_cfg, self.tokenizer)
-        if self.loss_cfg.beta > 0:
+        if self.loss_cfg.beta > 0 and self.policy_cfg.lora is None:  # LoRA: the reference is the adapter-free base
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
+
+    def _configure_deepspeed(self, strategy: DeepSpeedStrategy) -> None:
+        """Adapt the DeepSpeed config (already formatted by Lightning, not yet used) to the manual RL step.
+
+        Several ``manual_backward`` calls (micro-batches) accumulate locally and one ``opt.step()`` reduces,
+        clips and steps (``managed_gradient_accumulation: false``: the caller owns the boundary, and the loss
+        is not divided by gradient_accumulation_steps); clipping is DeepSpeed's, from ``optim.grad_clip``.
+        """
+        cfg = strategy.config
+        cfg["managed_gradient_accumulation"] = False
+        cfg["gradient_clipping"] = self.optim_cfg.grad_clip or 0.0
+        if strategy.zero_stage_3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # lets from_pretrained load weights straight into the shards (kept alive: transformers holds a weakref)
+            self._hf_ds_config = HfDeepSpeedConfig(cfg)
 
     def configure_optimizers(self):
         params = [p for p in self.policy_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas),
-                                weight_decay=self.optim_cfg.weight_decay)
+        adamw = torch.optim.AdamW
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DeepSpeedStrategy) and \
+                strategy.config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+            # ZeRO-Offload steps on the CPU; DeepSpeed refuses a torch optimizer there. Same AdamW update.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            adamw = DeepSpeedCPUAdam
+        opt = adamw(params, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas),
+                    weight_decay=self.optim_cfg.weight_decay)
         warmup = self.optim_cfg.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return [opt], [{"scheduler": sched, "interval": "step"}]
@@ -115,13 +178,11 @@ class GRPOModule(L.LightningModule):
 
         ``entropy``: None, "detached" (for metrics and strategies) or "grad" (for the entropy bonus).
         Only the completion positions reach the LM head, and no float32 [B, T, V] tensor is kept.
+        Each distinct prompt runs through the model once for all its completions (``trgrpo.shared_prefix``).
         """
         ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]  # [B, P + T]
         p = rollout.prompt_len
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        t = ids.shape[1] - p
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False,
-                       logits_to_keep=t + 1).logits[:, :-1]  # [B, T, V]
+        logits = completion_logits(model, ids, attn, p)  # [B, T, V]
         if self.sampling.temperature != 1.0:
             logits = logits / self.sampling.temperature
         logp = selective_log_softmax(logits, ids[:, p:])  # [B, T]
@@ -139,6 +200,55 @@ class GRPOModule(L.LightningModule):
         ent = torch.cat([s.entropy for s in parts]) if entropy else None
         return TokenScores(torch.cat([s.logp for s in parts]), ent)
 
+    def _reference_logp(self, rollout: Rollout, micro: int) -> Tensor:
+        """[N, T] log-probs under the frozen reference: the separate copy, or with LoRA the same model with
+        its adapters disabled (the base weights never train, so no second copy is needed)."""
+        if self.ref_model is not None:
+            return self._score_batch(self.ref_model, rollout, micro, False).logp
+        model, was_training = self.policy_model, self.policy_model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                return self._score_batch(model, rollout, micro, False).logp
+        finally:
+            model.train(was_training)
+
+    @contextmanager
+    def generation_weights(self):
+        """Whole policy weights for sampling; a no-op except under DeepSpeed ZeRO-3.
+
+        ZeRO-3 keeps 1/world of every weight per GPU and all-gathers each layer inside its forward, which
+        during decoding means one gather per layer per token, and a hang if processes decode different
+        numbers of tokens.  Here every process gathers the policy once and decodes with the gather hooks
+        removed: the cost is one all-gather of the policy per call and a full copy of its weights on each
+        GPU while sampling (docs/scaling.md).  Every process must enter together.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3) or self.policy_model is None:
+            yield
+            return
+        import deepspeed
+
+        engine = strategy.model
+        opt = getattr(engine, "optimizer", None)
+        offload = getattr(opt, "parameter_offload", opt)
+        with deepspeed.zero.GatheredParameters(list(self.policy_model.parameters()), modifier_rank=None):
+            hooked = offload is not None and hasattr(offload, "forward_hooks")
+            if hooked:  # as TRL's unwrap_model_for_generation: decode without the per-layer gather hooks
+                for p in offload.module.parameters():
+                    p.ds_active_sub_modules.clear()
+                for hook in offload.forward_hooks + offload.backward_hooks:
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                if hooked:
+                    coordinator = getattr(offload, "param_coordinator", None)
+                    if coordinator is not None and not coordinator.is_invalid_trace():
+                        coordinator._invalidate_trace()
+                    offload._register_deepspeed_module(offload.module)
+
     # ------------------------------------------------------------------ the RL step
 
     def _all_reduce_sum(self, value: Tensor) -> Tensor:
@@ -150,9 +260,11 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         g = self.sampling.group_size
         t0 = time.perf_counter()
-        rollout = generate_rollout(self.policy_model, self.tokenizer, batch["prompt"], self.sampling)
+        with self.generation_weights():
+            rollout = generate_rollout(self.policy_model, self.tokenizer, batch["prompt"], self.sampling)
         t1 = time.perf_counter()
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items() if k != "prompt"}
+        columns.update(completion_columns(rollout))
         prompts = [p for p in batch["prompt"] for _ in range(g)]
         rewards = compute_rewards(self.rewards, prompts, rollout.completions, columns)
         t2 = time.perf_counter()
@@ -175,7 +287,7 @@ class GRPOModule(L.LightningModule):
         need_old = self.optim_cfg.epochs > 1 or n > mini or multi_pass or w_strategy.needs_entropy
         t0 = time.perf_counter()
         old = self._score_batch(self.policy_model, rollout, micro, w_strategy.needs_entropy) if need_old else None
-        ref_logp = self._score_batch(self.ref_model, rollout, micro, False).logp if cfg.beta > 0 else None
+        ref_logp = self._reference_logp(rollout, micro) if cfg.beta > 0 else None
         t1 = time.perf_counter()
         passes = w_strategy.passes(old.logp, mask, old.entropy) if multi_pass or w_strategy.needs_entropy else [mask]
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -184,15 +296,23 @@ class GRPOModule(L.LightningModule):
         acc: dict = defaultdict(float)
         acc["weight_min"], acc["weight_max"] = math.inf, -math.inf
         ent_mode = "grad" if cfg.entropy_coef > 0 else ("detached" if self.log_entropy else None)
+        # a zero advantage zeroes the clipped surrogate and its gradient exactly; without KL or entropy bonus
+        # such sequences add nothing, so they are left out (the normalisers below still count them)
+        skip = self.optim_cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0 and world == 1
         for active in passes:
             for _ in range(self.optim_cfg.epochs):
                 order = self._sequence_order(n)
                 for start in range(0, n, mini):
                     idx = order[start:start + mini]
                     num_tokens = self._all_reduce_sum(mask[idx].sum()).item()
-                    for micro_idx in idx.split(micro):
+                    trained = idx[adv[idx] != 0] if skip else idx
+                    for micro_idx in trained.split(micro) if len(trained) else ():
                         self._micro_step(rollout, micro_idx, adv, mask, active, old, ref_logp, ent_mode,
                                          num_tokens, float(mini * world), world, acc)
+                    if not len(trained):  # the full pass would have left zero gradients: so does this one
+                        for p in self.policy_model.parameters():
+                            if p.requires_grad and p.grad is None:
+                                p.grad = torch.zeros_like(p)
                     acc["grad_norm"] += self._clip_and_step(opt, sched)
                     acc["updates"] += 1
         acc["_timings"] = {"old_logprobs": t1 - t0}
@@ -242,7 +362,17 @@ class GRPOModule(L.LightningModule):
                 acc["weight_at_upper"] += (sel >= self.weighting.bounds[1]).sum().item()
 
     def _clip_and_step(self, opt, sched) -> float:
-        """Clip the gradient norm, step optimiser and schedule; returns the pre-clip norm."""
+        """Clip the gradient norm, step optimiser and schedule; returns the pre-clip norm.
+
+        Under DeepSpeed the gradients live in the engine's (partitioned) buffers: ``opt.step()`` is the
+        engine's step, which reduces the accumulated micro-batches, clips at ``gradient_clipping`` (set from
+        ``optim.grad_clip`` in ``_configure_deepspeed``) and reports the global pre-clip norm.
+        """
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            opt.step()
+            sched.step()
+            norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
         params = [p for p in self.policy_model.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
@@ -253,7 +383,25 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ metrics
 
+    def _reduce_stats(self, acc: dict) -> dict:
+        """The step's statistics summed over processes (min / max for the weight range), so every ratio
+        logged is the global one; grad_norm and updates are already identical on every process."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return acc
+        same = {"grad_norm", "updates", "weight_min", "weight_max"}
+        keys = sorted(k for k, v in acc.items() if k not in same and isinstance(v, (int, float)))
+        sums = torch.tensor([float(acc[k]) for k in keys], dtype=torch.float64, device=self.device)
+        low = torch.tensor([acc["weight_min"], -acc["weight_max"]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        out = dict(acc)
+        out.update(zip(keys, sums.tolist(), strict=True))
+        out["weight_min"], out["weight_max"] = low[0].item(), -low[1].item()
+        return out
+
     def _log_step(self, rollout: Rollout, rewards, acc: dict) -> None:
+        acc = self._reduce_stats(acc)
         g = self.sampling.group_size
         total = rewards.total
         spread = group_reward_spread(total, g)
@@ -291,23 +439,68 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _greedy(self, batch: dict[str, list]) -> tuple[Rollout, list[dict], Tensor]:
+        """Greedy completions of a batch of held-out prompts, its rows, and [B] correctness."""
+        rollout = generate_rollout(self.policy_model, self.tokenizer, batch["prompt"], self.sampling, greedy=True)
+        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        scores = self.trainer.datamodule.task.verify_batch(rollout.completions, rows)
+        return rollout, rows, torch.tensor(scores, dtype=torch.float32)
+
     @torch.no_grad()
     def score_batch(self, batch: dict[str, list]) -> Tensor:
         """[B] greedy-completion correctness of a batch of held-out prompts."""
-        task = self.trainer.datamodule.task
-        rollout = generate_rollout(self.policy_model, self.tokenizer, batch["prompt"], self.sampling, greedy=True)
-        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-        return torch.tensor([task.verify(c, r) for c, r in zip(rollout.completions, rows)], dtype=torch.float32)
+        return self._greedy(batch)[2]
 
+    def _sampled_scores(self, batch: dict[str, list], rows: list[dict]) -> list[list[float]]:
+        """[B][n] correctness of ``eval.samples`` sampled completions per held-out prompt."""
+        n = self.eval_cfg.samples
+        sampling = dataclasses.replace(self.sampling, temperature=self.eval_cfg.temperature or self.sampling.temperature)
+        rollout = generate_rollout(self.policy_model, self.tokenizer, batch["prompt"], sampling, group_size=n)
+        flat = self.trainer.datamodule.task.verify_batch(rollout.completions, [r for r in rows for _ in range(n)])
+        return [flat[i * n:(i + 1) * n] for i in range(len(rows))]
+
+    def _sample_rows(self, rollout: Rollout, rows: list[dict], correct: Tensor, count: int) -> list[SampleRow]:
+        """The first ``count`` prompts of a batch for the sample table, scored by every reward term."""
+        rows, texts = rows[:count], rollout.completions[:count]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        columns.update({k: v[:count] for k, v in completion_columns(rollout).items()})
+        result = compute_rewards(self.rewards, [r["prompt"] for r in rows], texts, columns)
+        out = []
+        for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
+            scores = {name: (None if v[i].isnan() else v[i].item()) for name, v in result.per_term.items()}
+            scores["total"] = result.total[i].item()
+            out.append(SampleRow(row.get("level"), str(row.get("raw_prompt", row["prompt"])), str(row.get("answer", "")),
+                                 text, correct[i].item(), scores))
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        self._levels = sort_levels(r.get("level") for r in self.trainer.datamodule.splits["val"])
+        self._level_index = {level: i for i, level in enumerate(self._levels)}
+        self._eval_sums = torch.zeros(len(self._levels), 4, dtype=torch.float64)
+        self._table: list[SampleRow] = []
+
+    @torch.no_grad()
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.val_accuracy.update(self.score_batch(batch).to(self.device))
+        rollout, rows, correct = self._greedy(batch)
+        sampled = self._sampled_scores(batch, rows) if self.eval_cfg.k else None
+        levels = [r.get("level") for r in rows]
+        self._eval_sums += level_sums(self._level_index, levels, correct.tolist(), sampled, self.eval_cfg.k)
+        missing = self.eval_cfg.table_rows - len(self._table)
+        if missing > 0 and self.trainer.is_global_zero:
+            self._table += self._sample_rows(rollout, rows, correct, missing)
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_accuracy.compute()
-        self.val_accuracy.reset()
+        sums = self._all_reduce_sum(self._eval_sums.to(self.device)).cpu()
+        metrics = level_metrics(self._levels, sums, self.eval_cfg.k)
+        acc = metrics.pop("val/accuracy", 0.0)
         self.log("val/accuracy", acc, prog_bar=True)
+        self.log_dict(metrics)
         if self.trainer.state.fn == "fit":
-            self.eval_history.append((self.global_step, acc.item()))
+            self.eval_history.append((self.global_step, acc))
+        if self._table and self.trainer.is_global_zero:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "val_samples"
+            path = write_sample_table(folder, self.global_step, self._table)
+            log.info("held-out samples written to %s", path)
 
     def heldout_accuracy(self) -> float:
         """Greedy accuracy on the whole held-out split, shared out over processes."""
@@ -322,7 +515,8 @@ class GRPOModule(L.LightningModule):
         return (correct[0] / correct[1].clamp(min=1)).item()
 
     def _log_heldout(self, when: str) -> float:
-        acc = self.heldout_accuracy()
+        with self.generation_weights():
+            acc = self.heldout_accuracy()
         self.eval_history.append((self.global_step, acc))
         for logger in self.loggers:
             logger.log_metrics({"val/accuracy": acc}, step=self.global_step)
@@ -343,3 +537,82 @@ class GRPOModule(L.LightningModule):
         if self.trainer.is_global_zero:
             print(f"\nheld-out accuracy (greedy, {n} prompts never trained on): "
                   f"before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f})", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_validation_start(self) -> None:
+        # validation samples too: keep it off the training streams, so that a resumed run (whose checkpoint
+        # was written before the validation that followed it) and the value of val_check_interval do not
+        # change what training draws
+        self._rng_before_validation = capture_rng_states(shuffle=self._shuffle)
+        self._validation_weights = self.generation_weights()
+        self._validation_weights.__enter__()
+
+    def on_validation_end(self) -> None:
+        weights, self._validation_weights = getattr(self, "_validation_weights", None), None
+        if weights is not None:
+            weights.__exit__(None, None, None)
+        state, self._rng_before_validation = getattr(self, "_rng_before_validation", None), None
+        if state is not None:
+            restore_rng_states(state, shuffle=self._shuffle)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add every process's random state; leave out the frozen reference (rebuilt from the config)."""
+        rng = [capture_rng_states(shuffle=self._shuffle)]
+        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized():
+            rng = [None] * self.trainer.world_size
+            dist.all_gather_object(rng, capture_rng_states(shuffle=self._shuffle))
+        checkpoint["trgrpo"] = {"rng": rng, "reward_history": self.reward_history,
+                                "eval_history": self.eval_history}
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key in [k for k in state if k.startswith("ref_model.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model shape before anything is loaded; queue the random state."""
+        self._check_checkpoint_shapes(checkpoint)
+        state = checkpoint.get("state_dict")
+        if state is not None and self.ref_model is not None:
+            state.update({f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()})
+        extra = checkpoint.get("trgrpo", {})
+        self.reward_history = list(extra.get("reward_history", []))
+        self.eval_history = list(extra.get("eval_history", []))
+        rng = extra.get("rng")
+        if rng:
+            rank = self.global_rank if self._trainer is not None else 0
+            if len(rng) != (self.trainer.world_size if self._trainer is not None else 1):
+                log.warning("resuming on %d processes from a checkpoint of %d: random streams are not continued "
+                            "exactly", self.trainer.world_size, len(rng))
+            self._pending_rng = rng[rank % len(rng)]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # restored here, right before the first step after resume, so that nothing run in between (held-out
+        # evaluation, loader start-up) shifts the streams relative to the uninterrupted run
+        pending, self._pending_rng = getattr(self, "_pending_rng", None), None
+        if pending is not None:
+            restore_rng_states(pending, shuffle=self._shuffle)
+
+    def _check_checkpoint_shapes(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("policy")
+        if saved is not None:  # a dict when written through the CLI, else a PolicyConfig
+            saved = dataclasses.asdict(saved) if dataclasses.is_dataclass(saved) else dict(saved)
+            current = dataclasses.asdict(self.policy_cfg)
+            for key in ("name_or_path", "tiny", "lora"):
+                old, new = saved.get(key), current.get(key)
+                if key == "tiny" and self.policy_cfg.name_or_path:
+                    continue
+                if old != new:
+                    raise ValueError(f"--ckpt_path: the checkpoint was trained with model.policy.{key}={old}, "
+                                     f"this run has model.policy.{key}={new}; resume with the same model")
+        state = checkpoint.get("state_dict")
+        if state is None:  # DeepSpeed keeps the weights in its shard files; the policy check above applies
+            return
+        current = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith("ref_model.")}
+        current.update({k: tuple(p.ds_shape) for k, p in self.named_parameters() if hasattr(p, "ds_shape")})
+        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {current[k]}"
+                 for k, v in state.items() if k in current and tuple(v.shape) != current[k]]
+        missing = sorted(k for k in current if k not in state)
+        if wrong or missing:
+            raise ValueError("--ckpt_path: the checkpoint does not fit this model (different model shape?): "
+                             + "; ".join(wrong[:5] + [f"missing {k}" for k in missing[:5]]))

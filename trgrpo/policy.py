@@ -2,7 +2,8 @@
 
 ``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``;
 left empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded)
-and paired with the embedded character tokenizer, so nothing is downloaded.
+and paired with the embedded character tokenizer, so nothing is downloaded.  ``PolicyConfig.lora`` wraps
+the model in peft LoRA adapters (only the adapters train).
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) on the policy: only the adapters train, the base weights stay frozen."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. [q_proj, k_proj, v_proj, o_proj]) or "all-linear"."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.policy.lora.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.policy.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("model.policy.lora.target_modules must name at least one module (or 'all-linear')")
+
+
+@dataclass
 class PolicyConfig:
     """Which model and tokenizer to train."""
 
@@ -58,6 +81,9 @@ class PolicyConfig:
     """Recompute activations in backward to save memory."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the embedded tiny model (used only when ``name_or_path`` is empty)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the full model (empty = full fine-tuning). With loss.beta > 0 the
+    reference model is the same base with the adapters disabled, so no second copy is loaded."""
 
 
 def _char_tokenizer_dir() -> Path:
@@ -117,7 +143,19 @@ def load_model(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
     return model
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters; the base weights are frozen."""
+    import peft
+
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                           task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
 
 
 def describe(cfg: PolicyConfig) -> dict:

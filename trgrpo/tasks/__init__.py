@@ -2,9 +2,16 @@
 
 A task produces rows (plain dicts).  Every row has a ``prompt`` (a string, or a list of chat messages
 ``[{"role": ..., "content": ...}]``) and any reference columns its rewards and verifier read
-(``answer``, ``level``, ...).  Rows are passed to reward functions column-wise as keyword arguments.
+(``answer``, ``names``, ...).  Rows are passed to reward functions column-wise as keyword arguments.
+A task with difficulty levels puts one in each row's ``level`` column (an int or a short string);
+evaluation then reports its metrics per level as well.
 
-Choose one in YAML under ``data.task`` with ``class_path`` / ``init_args``.
+Choose one in YAML under ``data.task`` with ``class_path`` / ``init_args``:
+
+- ``trgrpo.tasks.ArithmeticTask``: two-operand integer arithmetic for the CPU demo.
+- ``trgrpo.tasks.ReasoningGymTask``: any reasoning-gym task by name, scored by its own scorer.
+- ``trgrpo.tasks.KnightsKnavesTask``: Knights and Knaves puzzles, 3 to 7 people, the published K&K reward.
+- ``trgrpo.tasks.MathTask``: math word problems from a ``datasets`` source, checked with math-verify.
 """
 
 from __future__ import annotations
@@ -25,11 +32,19 @@ class Task:
         """Correctness of one completion in [0, 1] (1 = right); the basis of ``val/accuracy``."""
         raise NotImplementedError
 
+    def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
+        """``verify`` of many completions (row ``i`` is the reference of completion ``i``); tasks whose
+        verifier has a start-up or per-call cost override it."""
+        return [self.verify(c, r) for c, r in zip(completions, rows, strict=True)]
+
     def demonstration(self, row: dict) -> str | None:
         """A correct completion for supervised warm-starting, or None when the task has none."""
         return None
 
 
 from trgrpo.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from trgrpo.tasks.knights_knaves import KnightsKnavesTask  # noqa: E402
+from trgrpo.tasks.math_data import MathTask  # noqa: E402
+from trgrpo.tasks.reasoning_gym import ReasoningGymTask  # noqa: E402
 
-__all__ = ["ArithmeticTask", "Split", "Task"]
+__all__ = ["ArithmeticTask", "KnightsKnavesTask", "MathTask", "ReasoningGymTask", "Split", "Task"]

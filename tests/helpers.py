@@ -1,0 +1,47 @@
+"""Helpers for tests that drive the real CLI in-process on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trgrpo.cli import main
+
+TINY = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_checkpointing=false",
+    "--model.policy.name_or_path=null",
+    "--model.policy.tiny.hidden_size=32",
+    "--model.policy.tiny.num_hidden_layers=1",
+    "--model.policy.tiny.num_attention_heads=2",
+    "--model.policy.tiny.intermediate_size=64",
+]
+
+
+def run_cli(tmp_path: Path, *args: str, subcommand: str = "fit", config: str | None = None, tiny: bool = True):
+    """Run ``python -m trgrpo <subcommand>`` in-process with logs under ``tmp_path``; returns the CLI."""
+    argv = [subcommand]
+    if config is not None:
+        argv += ["--config", config]
+    argv += TINY if tiny else []
+    argv += [
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    return main(list(argv) + list(args))
+
+
+def arithmetic_args(batch_size: int = 2, group_size: int = 4, max_new_tokens: int = 3) -> list[str]:
+    return [
+        "--data.task=trgrpo.tasks.ArithmeticTask",
+        "--data.task.init_args.train_size=40",
+        "--data.task.init_args.val_size=8",
+        "--data.task.init_args.max_value=9",
+        f"--data.batch_size={batch_size}",
+        "--data.val_batch_size=8",
+        f"--model.sampling.group_size={group_size}",
+        f"--model.sampling.max_new_tokens={max_new_tokens}",
+    ]

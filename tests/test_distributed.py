@@ -1,0 +1,141 @@
+"""Two-process DDP (gloo, CPU) gives the same loss and updated weights as one process on the same global batch.
+
+The global batch is 4 prompts x 4 completions.  One process takes all 4 prompts in 2 micro-batches of 8
+sequences; two processes (launched with torchrun, as on a cluster) take 2 prompts each in 2 micro-batches of
+4.  ``ResumableSampler`` deals prompt k of the single-process batch to rank k mod 2, so the union of the two
+ranks' batches is the single-process batch.  Rollouts are replaced by a fixed function of the prompt (the
+sampled tokens would differ between the runs) so that the two runs see the same completions; everything
+after generation (rewards, advantages, reference log-probs, KL, loss, all-reduce, clipping, AdamW) is real.
+
+Run by pytest; the file is also the worker script: ``python tests/test_distributed.py OUT.pt CLI_ARGS...``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=False):
+    """Completion j of prompt p: digit j+1, digit (sum of p's characters mod 10), EOS — no sampling."""
+    from trgrpo.rollout import Rollout
+
+    g = 1 if greedy else (group_size or sampling.group_size)
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    texts = [f"{j % 9 + 1}{sum(map(ord, p)) % 10}" for p in prompts for j in range(g)]
+    completion = torch.tensor([tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                               for t in texts])  # [N, 3]
+    ids = torch.cat([enc.input_ids.repeat_interleave(g, 0), completion], 1)
+    attn = torch.cat([enc.attention_mask.repeat_interleave(g, 0), torch.ones_like(completion)], 1)
+    return Rollout(input_ids=ids.to(device), attention_mask=attn.to(device),
+                   completion_mask=torch.ones(completion.shape, device=device),
+                   truncated=torch.zeros(len(texts), dtype=torch.bool, device=device),
+                   prompt_len=enc.input_ids.shape[1], completions=texts)
+
+
+def common_args(tmp: Path) -> list[str]:
+    from helpers import TINY, arithmetic_args
+
+    return ["fit", *TINY, *arithmetic_args(batch_size=4, group_size=4, max_new_tokens=3),
+            "--trainer.max_steps=2", "--trainer.precision=32-true",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp}",
+            f"--trainer.default_root_dir={tmp}",
+            "--model.optim.lr=0.01", "--model.loss.beta=0.05",
+            # the completions above start with 1..4: the format reward splits every group in two
+            '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": "^[12]\\\\d$"}}, '
+            '{"fn": "trgrpo.rewards.exact_match", "weight": 0.5}]']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], tmp: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+
+
+def _metrics(tmp: Path) -> dict[int, dict[str, float]]:
+    (path,) = tmp.glob("**/metrics.csv")
+    rows = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                rows[int(row["step"])] = {k: float(v) for k, v in row.items() if k.startswith("train/") and v}
+    return rows
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    _run([sys.executable, str(HERE / "test_distributed.py"), str(one / "w.pt"), *common_args(one),
+          "--model.optim.micro_batch_size=8"], one)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+          str(HERE / "test_distributed.py"), str(two / "w.pt"), *common_args(two),
+          "--data.batch_size=2", "--model.optim.micro_batch_size=4",
+          "--trainer.strategy=ddp", "--trainer.devices=2"], two)
+
+    # the first step's gradient (summed over processes and micro-batches) is the same; AdamW is blind to a
+    # wrong gradient scale, so this and grad_norm are what catch a normaliser divided twice
+    g1, g2 = torch.load(one / "w.pt.grad"), torch.load(two / "w.pt.grad")
+    assert sorted(g1) == sorted(g2) and max(g.abs().max().item() for g in g1.values()) > 1e-3
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-7, msg=k)
+    # and the weights after two steps (tiny gradients near AdamW's eps amplify float noise: 1% of a step)
+    w0, w1, w2 = torch.load(one / "w.pt.init"), torch.load(one / "w.pt"), torch.load(two / "w.pt")
+    assert min((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-2  # every tensor moved by ~2 x lr
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
+
+    m1, m2 = _metrics(one), _metrics(two)
+    assert sorted(m1) == sorted(m2) and len(m1) == 2  # one row per step, logged once
+    for step in m1:
+        for key in ("train/loss", "train/grad_norm", "train/reward", "train/kl", "train/clip_ratio/low",
+                    "train/weight/mean", "train/completion_length"):
+            assert m2[step][key] == pytest.approx(m1[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert m1[0]["train/grad_norm"] > 0
+
+
+if __name__ == "__main__":
+    out_path, cli_args = sys.argv[1], sys.argv[2:]
+    import trgrpo.module
+    from trgrpo.cli import main
+
+    trgrpo.module.generate_rollout = fixed_rollout
+    init = {}
+    original = trgrpo.module.GRPOModule.on_train_start
+
+    def on_train_start(self):
+        init.update({k: v.detach().clone() for k, v in self.policy_model.state_dict().items()})
+        original(self)
+
+    trgrpo.module.GRPOModule.on_train_start = on_train_start
+    grads = {}
+    clip_and_step = trgrpo.module.GRPOModule._clip_and_step
+
+    def record_first_gradient(self, opt, sched):
+        if not grads:
+            grads.update({k: p.grad.detach().clone() for k, p in self.policy_model.named_parameters()})
+        return clip_and_step(self, opt, sched)
+
+    trgrpo.module.GRPOModule._clip_and_step = record_first_gradient
+    cli = main(cli_args)
+    if cli.trainer.is_global_zero:
+        torch.save({k: v.detach().cpu() for k, v in cli.model.policy_model.state_dict().items()}, out_path)
+        torch.save(init, out_path + ".init")
+        torch.save(grads, out_path + ".grad")

@@ -1,0 +1,106 @@
+"""Peak memory of the token log-prob + entropy computation with a 150k vocabulary.
+
+The naive ``log_softmax(logits.float(), -1)`` keeps a float32 [B*T, V] tensor (and its ``exp`` for the entropy);
+``trgrpo.logprobs`` works in chunks of rows, so its extra memory is a few chunks.  Each variant runs in a fresh
+process that resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) after the logits are allocated, so
+the number is the extra peak of the computation alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from trgrpo.logprobs import selective_log_softmax, token_entropy
+
+VOCAB = 150_000
+ROWS = 512  # B * T positions: the logits alone are 512 * 150k * 4 B = 307 MB
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from trgrpo.logprobs import selective_log_softmax, token_entropy
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    variant, grad, rows, vocab = sys.argv[1], sys.argv[2] == "grad", int(sys.argv[3]), int(sys.argv[4])
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab).requires_grad_(grad)
+    ids = torch.randint(0, vocab, (rows,))
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark to the current RSS
+        f.write("5")
+    base = status("VmHWM:")
+    with torch.set_grad_enabled(grad):
+        if variant == "naive":
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            logp = selective_log_softmax(logits, ids)
+            ent = token_entropy(logits)
+    forward = status("VmHWM:") - base
+    backward = None
+    if grad:
+        logp.sum().backward()
+        backward = status("VmHWM:") - base
+    print(json.dumps({"forward": forward, "backward": backward}))
+""")
+
+
+def _clear_refs_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _extra_peak(variant: str, grad: bool) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, variant, "grad" if grad else "nograd", str(ROWS), str(VOCAB)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
+                    reason="needs Linux /proc/self/clear_refs to reset the peak-RSS mark")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "with_grad"])
+def test_extra_peak_memory_is_at_least_4x_lower_than_naive(grad):
+    naive, ours = _extra_peak("naive", grad), _extra_peak("chunked", grad)
+    logits_bytes = ROWS * VOCAB * 4
+    # the naive forward holds at least one float32 copy of the logits (log_softmax) at its peak
+    assert naive["forward"] >= 0.9 * logits_bytes
+    assert ours["forward"] * 4 <= naive["forward"], (ours, naive)  # measured here: about 8x lower
+    if grad:  # both backwards write the [B*T, V] gradient of the logits; measured: about 2.8x lower
+        assert ours["backward"] * 2 <= naive["backward"], (ours, naive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_match_naive_with_a_150k_vocabulary(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 24, VOCAB) * 3).to(dtype).requires_grad_()  # [B, T, V]
+    ids = torch.randint(0, VOCAB, (2, 24))
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    naive = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    naive_ent = -(logp_all.exp() * logp_all).sum(-1)
+    naive_grad, = torch.autograd.grad(naive.sum(), logits)
+
+    ours = selective_log_softmax(logits, ids)
+    ours_grad, = torch.autograd.grad(ours.sum(), logits)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-5)
+    torch.testing.assert_close(token_entropy(logits), naive_ent.detach(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours_grad.float(), naive_grad.float(), rtol=1e-5, atol=1e-6)

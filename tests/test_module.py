@@ -1,0 +1,107 @@
+"""The RL step end to end on the tiny model: micro-batch invariance, Lopti order, single-pass ratio."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trgrpo.module as module_mod
+from helpers import arithmetic_args, run_cli
+
+
+def _weights_after_one_step(tmp_path, *extra):
+    cli = run_cli(tmp_path, "--seed_everything=3", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--model.optim.lr=0.01", "--model.sampling.temperature=1.5", *arithmetic_args(4, 4, 4), *extra)
+    return {k: v.detach().clone() for k, v in cli.model.policy_model.state_dict().items()}
+
+
+def _assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), k
+
+
+def _assert_changed(a, b):
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_sum_const"])
+def test_update_does_not_depend_on_micro_batch_split(tmp_path, aggregation):
+    whole = _weights_after_one_step(tmp_path / "a", f"--model.loss.aggregation={aggregation}")
+    split = _weights_after_one_step(tmp_path / "b", f"--model.loss.aggregation={aggregation}",
+                                    "--model.optim.micro_batch_size=4")
+    _assert_same(whole, split)
+    init = _weights_after_one_step(tmp_path / "c", "--model.optim.lr=1e-30")
+    _assert_changed(whole, init)  # the step really moved the weights
+
+
+def test_tr_grpo_step_differs_from_uniform(tmp_path):
+    uniform = _weights_after_one_step(tmp_path / "u", "--model.weighting=UniformWeighting")
+    tr = _weights_after_one_step(tmp_path / "t", "--model.weighting=TokenRegulatedWeighting")
+    _assert_changed(uniform, tr)
+
+
+def test_single_pass_uses_no_old_logprob_forward_and_ratio_is_one(tmp_path, monkeypatch):
+    ratios = []
+    real = module_mod.policy_loss
+
+    def spy(logp, old_logp, *args, **kwargs):
+        ratios.append(torch.exp(logp - old_logp).detach())
+        return real(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(module_mod, "policy_loss", spy)
+    calls = []
+    monkeypatch.setattr(module_mod.GRPOModule, "_score_batch", lambda *a, **k: calls.append(1))
+    _weights_after_one_step(tmp_path)
+    assert not calls  # no extra forward pass for old log-probs
+    assert all(torch.equal(r, torch.ones_like(r)) for r in ratios)
+
+
+def test_lopti_updates_low_probability_tokens_first(tmp_path, monkeypatch):
+    seen = []
+    real = module_mod.policy_loss
+
+    def spy(logp, old_logp, adv, w, mask, active, **kwargs):
+        seen.append((old_logp.exp().detach(), active.clone(), mask.clone(), kwargs["num_tokens"]))
+        return real(logp, old_logp, adv, w, mask, active, **kwargs)
+
+    monkeypatch.setattr(module_mod, "policy_loss", spy)
+    _weights_after_one_step(tmp_path, "--model.weighting=Lopti", "--model.weighting.init_args.eta=0.5")
+    assert len(seen) == 2  # two sequential updates
+    (p1, a1, m1, n1), (p2, a2, m2, n2) = seen
+    assert torch.all(p1[a1.bool()] < 0.5) and torch.all(p2[a2.bool()] >= 0.5)
+    assert torch.equal(a1 + a2, m1)  # together they cover every response token once
+    assert n1 == n2 == m1.sum().item()  # each pass normalised by all response tokens
+
+
+def test_several_epochs_and_mini_batches_take_that_many_optimiser_steps(tmp_path):
+    cli = run_cli(tmp_path, "--trainer.max_steps=4", "--trainer.limit_val_batches=0", *arithmetic_args(4, 4, 3),
+                  "--model.optim.epochs=2", "--model.optim.mini_batch_size=8")
+    # 16 sequences / 8 per mini-batch * 2 epochs = 4 optimiser steps in one RL step
+    assert cli.trainer.global_step == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.sampling.group_size=1"], "group_size must be >= 2"),
+        (["--model.weighting=TokenRegulatedWeighting", "--model.weighting.init_args.lower=2"], "lower"),
+        (["--model.optim.mini_batch_size=6"], "mini_batch_size=6 must be a multiple of model.sampling.group_size"),
+        (["--model.loss.dual_clip=0.5"], "dual_clip must be > 1"),
+    ],
+)
+def test_bad_settings_fail_before_any_model_is_built(tmp_path, monkeypatch, args, message):
+    built = []
+    monkeypatch.setattr(module_mod, "load_model", lambda *a, **k: built.append(1))
+    with pytest.raises((ValueError, SystemExit)) as info:
+        run_cli(tmp_path, "--trainer.max_steps=1", *arithmetic_args(2, 4, 3), *args)
+    text = str(info.value) + str(getattr(info.value, "__context__", ""))
+    assert message in text
+    assert not built
+
+
+def test_unknown_aggregation_lists_accepted_values(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, "--trainer.max_steps=1", *arithmetic_args(), "--model.loss.aggregation=sum")
+    err = capsys.readouterr().err
+    assert "aggregation" in err and "token_mean" in err and "seq_sum_const" in err

@@ -1,0 +1,202 @@
+"""Export the trained policy as a Hugging Face model folder: weights, tokenizer and a model card.
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained(folder)`` / ``AutoTokenizer.from_pretrained``
+and is what inference engines (vLLM, SGLang, TGI, llama.cpp's converter) take: ``config.json``,
+``generation_config.json``, ``model.safetensors``, the tokenizer files, and ``README.md`` holding the
+resolved training configuration.  LoRA runs export the adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, load with peft on top of the base model); with ``--merge_lora`` the folder
+is instead a full model with the adapters merged in, and the adapter goes to ``adapter/`` inside it.
+
+From a checkpoint (a ``.ckpt`` file, or the folder of shards DeepSpeed ZeRO-2/3 writes, consolidated on
+the CPU with DeepSpeed's ``zero_to_fp32``), needing no GPU::
+
+    python -m trgrpo.export --ckpt logs/run/version_0/checkpoints/last.ckpt --out exported/ [--merge_lora]
+        [--dtype bfloat16] [--config logs/run/version_0/config.yaml]
+
+At the end of fit, with the ``trgrpo.callbacks.HFExport`` callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from trgrpo.policy import DTYPES, LoraConfig, PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+
+CARD = """---
+library_name: {library}
+tags: [trgrpo, grpo, rlvr, reinforcement-learning]
+{base}---
+
+# {title}
+
+Policy trained with trgrpo (GRPO / TR-GRPO, reinforcement learning with verifiable rewards){step}.
+{kind}
+
+```python
+{usage}
+```
+
+## Training configuration
+
+```yaml
+{config}```
+"""
+
+USAGE_FULL = """from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")"""
+
+USAGE_ADAPTER = """from peft import AutoPeftModelForCausalLM   # needs the base model named in adapter_config.json
+model = AutoPeftModelForCausalLM.from_pretrained("{out}")"""
+
+
+def plain(obj):
+    """Dataclasses / namespaces / tuples -> YAML-safe dicts, lists and scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if hasattr(obj, "as_dict"):
+        return plain(obj.as_dict())
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def model_card(config: dict | str, lora: bool, merged: bool, base: str | None, step: int | None, out: str) -> str:
+    text = config if isinstance(config, str) else yaml.safe_dump(plain(config), sort_keys=False)
+    adapter_only = lora and not merged
+    kind = ("LoRA adapter weights only." if adapter_only else
+            "Full weights with the LoRA adapters merged in." if lora else "Full weights.")
+    return CARD.format(
+        library="peft" if adapter_only else "transformers", base=f"base_model: {base}\n" if base else "",
+        title=Path(out).name, step=f", {step} optimiser steps" if step is not None else "", kind=kind,
+        usage=(USAGE_ADAPTER if adapter_only else USAGE_FULL).format(out=out), config=text,
+    )
+
+
+def export_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, config: dict | str,
+                  merge_lora: bool = False, dtype: str | None = None, step: int | None = None) -> Path:
+    """Write ``model`` (a transformers causal LM or a peft ``PeftModel``) as a Hugging Face folder ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = hasattr(model, "peft_config")
+    if dtype is not None:
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+    if lora:
+        adapter_dir = out / "adapter" if merge_lora else out
+        model.save_pretrained(adapter_dir)
+        if merge_lora:
+            copy.deepcopy(model).merge_and_unload().save_pretrained(out)
+            tokenizer.save_pretrained(adapter_dir)
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    (out / "README.md").write_text(model_card(config, lora, merge_lora, base, step, str(out)))
+    return out
+
+
+def policy_config(saved) -> PolicyConfig:
+    """The PolicyConfig of a checkpoint (the CLI stores it as a plain dict)."""
+    if isinstance(saved, PolicyConfig):
+        return saved
+    values = {f.name: saved[f.name] for f in dataclasses.fields(PolicyConfig) if f.name in saved}
+    values["tiny"] = TinyModelConfig(**values.get("tiny") or {})
+    values["lora"] = LoraConfig(**values["lora"]) if values.get("lora") else None
+    return PolicyConfig(**values)
+
+
+def read_checkpoint(ckpt: str | Path) -> dict:
+    """A Lightning checkpoint as a dict; a DeepSpeed folder of shards is consolidated to float32 first."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return torch.load(ckpt, map_location="cpu", weights_only=False)
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return convert_zero_checkpoint_to_fp32_state_dict(ckpt, Path(tmp) / "consolidated.ckpt")
+
+
+def _find_run_config(ckpt: Path) -> Path | None:
+    """The config.yaml LightningCLI saved for the run (logs/<name>/<version>/config.yaml), if any."""
+    for parent in list(ckpt.resolve().parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return parent / "config.yaml"
+    return None
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = False, dtype: str | None = None,
+                      config: str | Path | None = None) -> Path:
+    """Rebuild the policy of a GRPOModule checkpoint from its hyper-parameters, load its weights, export."""
+    checkpoint = read_checkpoint(ckpt)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "policy" not in hparams:
+        raise ValueError(f"--ckpt {ckpt}: not a trgrpo GRPOModule checkpoint (no policy config in its hyper-parameters)")
+    policy_cfg = policy_config(hparams["policy"])
+    tokenizer = load_tokenizer(policy_cfg)
+    model = load_model(policy_cfg, tokenizer)
+    prefix = "policy_model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"--ckpt {ckpt}: the weights do not fit the model its config describes: {err}") from err
+    config_path = Path(config) if config else _find_run_config(Path(ckpt))
+    card_config = config_path.read_text() if config_path else {"model": hparams}
+    return export_policy(model, tokenizer, out, card_config, merge_lora=merge_lora, dtype=dtype,
+                         step=checkpoint.get("global_step"))
+
+
+def export_from_trainer(trainer, module, out: str | Path, merge_lora: bool = False, dtype: str | None = None) -> None:
+    """Export the module's current policy; every process must call this (ZeRO-3 writes its shards first)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    out = Path(out)
+    run_config = Path(trainer.log_dir or "") / "config.yaml" if trainer.log_dir else None
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+        # the weights exist only as shards: write a checkpoint and consolidate it in a clean process
+        shards = out.with_name(f".{out.name}.zero3")
+        trainer.save_checkpoint(shards, weights_only=True)
+        if trainer.is_global_zero:
+            cmd = [sys.executable, "-m", "trgrpo.export", "--ckpt", str(shards), "--out", str(out)]
+            cmd += ["--merge_lora"] * merge_lora + (["--dtype", dtype] if dtype else [])
+            cmd += ["--config", str(run_config)] if run_config and run_config.is_file() else []
+            subprocess.run(cmd, check=True)
+        trainer.strategy.barrier("HFExport")
+        return
+    if trainer.is_global_zero:
+        config = run_config.read_text() if run_config and run_config.is_file() else {"model": dict(module.hparams)}
+        export_policy(module.policy_model, module.tokenizer, out, config, merge_lora=merge_lora, dtype=dtype,
+                      step=trainer.global_step)
+    trainer.strategy.barrier("HFExport")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m trgrpo.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file, or DeepSpeed checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
+    parser.add_argument("--merge_lora", action="store_true", help="LoRA runs: write the merged full model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)")
+    parser.add_argument("--config", default=None, help="run config.yaml for the model card (default: found "
+                        "next to the checkpoint, else the checkpoint's hyper-parameters)")
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.ckpt, args.out, merge_lora=args.merge_lora, dtype=args.dtype, config=args.config)
+    print(f"exported to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Fast rollout sampling for Qwen2 / Qwen3 / Llama-style models: one prefill per prompt, a preallocated
+KV cache and a lean decode loop.
+
+``model.generate`` is general, and its generality costs on the small models and batches of RL rollouts:
+every decoded token goes through cache objects, mask construction, logits-processor and stopping-criteria
+plumbing, and a GRPO batch repeats the prompt G times, so the prompt is prefilled G times.  Here:
+
+1. each distinct prompt is prefilled once by the model's own forward (any attention kernel, any rope);
+2. its keys and values are copied G times into one preallocated cache of the final length;
+3. each decode step runs the decoder layers directly on the model's weights (fused q/k/v and gate/up
+   projections, rotary tables computed once for the whole rollout, one SDPA call per layer), then the
+   same logits warpers and ``torch.multinomial`` call as ``generate``.
+
+For the same random state the tokens match ``generate`` on the G-times-repeated prompts (greedy tokens are
+identical; sampled ones too unless a float rounding difference moves a probability across the uniform draw,
+see ``tests/test_generation.py``).  Architectures the decode loop does not know fall back to
+``generate`` (``fast_generation_supported``).  Pure torch + transformers, no Lightning import.
+
+    python -c "from trgrpo.generation import fast_generation_supported; help(fast_generation_supported)"
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from trgrpo.shared_prefix import cache_layers, model_cache
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+class _LayerWeights(NamedTuple):
+    """Weights of one decoder layer, with q/k/v and gate/up concatenated for one matmul each."""
+
+    ln1: Tensor  # [H]
+    ln1_eps: float
+    qkv_w: Tensor  # [(nh + 2 nkv) * hd, H]
+    qkv_b: Tensor | None
+    q_norm: torch.nn.Module | None  # Qwen3 per-head norms
+    k_norm: torch.nn.Module | None
+    o_w: Tensor  # [H, nh * hd]
+    o_b: Tensor | None
+    ln2: Tensor
+    ln2_eps: float
+    gate_up_w: Tensor  # [2 I, H]
+    gate_up_b: Tensor | None
+    down_w: Tensor  # [H, I]
+    down_b: Tensor | None
+    act: torch.nn.Module
+    scale: float  # attention softmax scale
+
+
+def _decoder(model: torch.nn.Module):
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM, or None."""
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    return inner if inner is not None and all(hasattr(inner, n) for n in needed) else None
+
+
+def fast_generation_supported(model: torch.nn.Module) -> bool:
+    """True when :func:`sample_completions` can decode ``model`` (plain Qwen2/Qwen3/Llama, full attention)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    dec = _decoder(model)
+    if dec is None or not hasattr(model, "lm_head") or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    for layer in dec.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        # LoRA / quantised wrappers are not plain Linear layers: leave them to generate()
+        if any(type(p) is not torch.nn.Linear for p in projections):
+            return False
+        if getattr(attn, "sliding_window", None) is not None:
+            return False
+    return type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is None
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> Tensor | None:
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                      for lin in linears])
+
+
+def _layer_weights(layer) -> _LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return _LayerWeights(
+        ln1=layer.input_layernorm.weight, ln1_eps=layer.input_layernorm.variance_epsilon,
+        qkv_w=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        qkv_b=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        o_w=attn.o_proj.weight, o_b=attn.o_proj.bias,
+        ln2=layer.post_attention_layernorm.weight, ln2_eps=layer.post_attention_layernorm.variance_epsilon,
+        gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+        gate_up_b=_cat_bias(mlp.gate_proj, mlp.up_proj),
+        down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias, act=mlp.act_fn, scale=attn.scaling,
+    )
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # the same operations as the HF RMSNorm modules, so the numbers match
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding (rotate-half convention) of x [N, heads, hd] with cos/sin [N, 1, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Warpers:
+    """The logits processing ``generate`` applies for these settings, in its order."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, eos_token_id: int, ignore_eos: bool,
+                 greedy: bool) -> None:
+        self.greedy, self.eos, self.ignore_eos = greedy, eos_token_id, ignore_eos
+        self.warpers = []
+        if not greedy:
+            if temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                self.warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+
+    def next_tokens(self, logits: Tensor) -> Tensor:
+        """[N, V] float32 logits -> [N] token ids (sampled or greedy)."""
+        if self.ignore_eos:  # as MinNewTokensLengthLogitsProcessor does, before the warpers
+            logits[:, self.eos] = -float("inf")
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        for warp in self.warpers:
+            logits = warp(None, logits)
+        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+
+
+class _DecodeState(NamedTuple):
+    prefix_keys: list[Tensor]  # per layer [U, nkv, P, hd]: each distinct prompt once
+    prefix_values: list[Tensor]
+    prefix_bias: Tensor | None  # [U, 1, 1, P] additive mask (-inf on prompt padding), None without padding
+    keys: list[Tensor]  # per layer [N, nkv, T, hd]: the completions, filled step by step
+    values: list[Tensor]
+    cos: Tensor  # [N, T, 1, hd] rotary tables of the completion positions
+    sin: Tensor
+
+
+def _prefill(model, dec, prompt_ids: Tensor, prompt_mask: Tensor, g: int, budget: int):
+    """Run the model once on each distinct prompt; returns ([N, V] first logits, the decode state)."""
+    n = prompt_ids.shape[0] * g
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    logits = out.logits[:, -1].to(dtype=torch.float32).repeat_interleave(g, dim=0)  # [N, V]
+    layers = cache_layers(model_cache(out))
+    pk, pv = [layer.keys for layer in layers], [layer.values for layer in layers]  # [U, nkv, P, hd]
+    keys = [k.new_empty(n, k.shape[1], budget, k.shape[3]) for k in pk]
+    values = [v.new_empty(n, v.shape[1], budget, v.shape[3]) for v in pv]
+    bias = None
+    if not bool(prompt_mask.all()):
+        bias = torch.zeros(prompt_mask.shape, dtype=pk[0].dtype, device=prompt_ids.device)
+        bias = bias.masked_fill(prompt_mask == 0, -float("inf"))[:, None, None, :]
+    start = prompt_mask.sum(-1).repeat_interleave(g, dim=0)  # [N] position of the first completion token
+    pos = start.unsqueeze(1) + torch.arange(budget, device=prompt_ids.device)  # [N, T]
+    cos, sin = dec.rotary_emb(pk[0], pos)  # [N, T, hd]
+    return logits, _DecodeState(pk, pv, bias, keys, values, cos.unsqueeze(2), sin.unsqueeze(2))
+
+
+def _attend(q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """One decode query per row over its prompt (shared by the G rows of a group) and its own completion.
+
+    q [N, nh, hd]; pk, pv [U, nkv, P, hd]; bias [U, 1, 1, P] or None; k, v [N, nkv, t, hd] -> [N, nh * hd].
+    The prompt keys are read once per group instead of once per row (cascade attention).
+    """
+    n, nh, hd = q.shape
+    u, nkv, p = pk.shape[0], pk.shape[1], pk.shape[2]
+    g, rep = n // u, nh // nkv
+    q = q * scale
+    # prompt part: the G rows (x rep query heads) of a group form one [G * rep, hd] block per kv head
+    qg = q.view(u, g, nkv, rep, hd).permute(0, 2, 1, 3, 4).reshape(u, nkv, g * rep, hd)
+    s_pre = torch.matmul(qg, pk.transpose(-1, -2))  # [U, nkv, G * rep, P]
+    if bias is not None:
+        s_pre = s_pre + bias
+    s_pre = s_pre.view(u, nkv, g, rep, p).permute(0, 2, 1, 3, 4).reshape(n, nkv, rep, p)
+    s_own = torch.matmul(q.view(n, nkv, rep, hd), k.transpose(-1, -2))  # [N, nkv, rep, t]
+    probs = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)  # [N, nkv, rep, P + t]
+    p_pre = probs[..., :p].reshape(u, g, nkv, rep, p).permute(0, 2, 1, 3, 4).reshape(u, nkv, g * rep, p)
+    o_pre = torch.matmul(p_pre, pv).view(u, nkv, g, rep, hd).permute(0, 2, 1, 3, 4)  # [U, G, nkv, rep, hd]
+    o_own = torch.matmul(probs[..., p:], v)  # [N, nkv, rep, hd]
+    return (o_pre.reshape(n, nkv, rep, hd) + o_own).view(n, nh * hd)
+
+
+def _decode_step(dec, lm_head_w: Tensor, weights: list[_LayerWeights], state: _DecodeState, tokens: Tensor,
+                 t: int, heads: tuple[int, int, int]) -> Tensor:
+    """Feed ``tokens`` [N] at completion position t; returns [N, V] float32 logits."""
+    nh, nkv, hd = heads
+    n = tokens.shape[0]
+    h = dec.embed_tokens(tokens)  # [N, H]
+    cos, sin = state.cos[:, t], state.sin[:, t]  # [N, 1, hd]
+    for i, w in enumerate(weights):
+        kc, vc = state.keys[i], state.values[i]
+        x = _rms_norm(h, w.ln1, w.ln1_eps)
+        qkv = F.linear(x, w.qkv_w, w.qkv_b).view(n, nh + 2 * nkv, hd)
+        q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
+        if w.q_norm is not None:
+            q, k = w.q_norm(q), w.k_norm(k)
+        kc[:, :, t] = _rotate(k, cos, sin)
+        vc[:, :, t] = v
+        o = _attend(_rotate(q, cos, sin), state.prefix_keys[i], state.prefix_values[i], state.prefix_bias,
+                    kc[:, :, :t + 1], vc[:, :, :t + 1], w.scale)
+        h = h + F.linear(o, w.o_w, w.o_b)
+        x = _rms_norm(h, w.ln2, w.ln2_eps)
+        gate, up = F.linear(x, w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
+        h = h + F.linear(w.act(gate) * up, w.down_w, w.down_b)
+    h = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)
+    return F.linear(h, lm_head_w).to(torch.float32)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    ignore_eos: bool = False,
+) -> Tensor:
+    """Sample ``group_size`` completions of each left-padded prompt.
+
+    Args:
+        model: a causal LM for which :func:`fast_generation_supported` is True (in eval mode).
+        prompt_ids: [num_prompts, P] left-padded prompt ids; prompt_mask: [num_prompts, P].
+        ignore_eos: EOS is never sampled (its logit is -inf), so every completion is ``max_new_tokens`` long.
+    Returns:
+        [num_prompts * group_size, T] generated ids, completions of one prompt contiguous, ``pad_token_id``
+        after a sequence's EOS; T <= max_new_tokens (the loop stops once every sequence has ended).
+    """
+    dec = _decoder(model)
+    cfg = model.config
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy)
+    logits, state = _prefill(model, dec, prompt_ids, prompt_mask, group_size, max_new_tokens)
+    weights = [_layer_weights(layer) for layer in dec.layers]
+    n = logits.shape[0]
+    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
+    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
+    for t in range(max_new_tokens):
+        tokens = warpers.next_tokens(logits)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
+        out[:, t] = tokens
+        unfinished &= tokens != eos_token_id
+        if t + 1 == max_new_tokens or not bool(unfinished.any()):
+            return out[:, :t + 1]
+        logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, (nh, nkv, hd))
+    return out
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "fast_generation_supported", "sample_completions"]
