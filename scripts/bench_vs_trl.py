@@ -209,15 +209,16 @@ def run_ours(spec: RunSpec) -> dict:
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             clock.take()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            total = time.perf_counter() - self.t0
+            total, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
             phases = clock.take()
             t = pl_module.timings
             rollout = captured["args"][0]
             records.append({
                 "total": total,
+                "cpu": cpu,
                 "generation": t["generation"],
                 "reward": t["reward"],
                 "logprob_forward": phases.get("logprob_forward", 0.0),
@@ -292,15 +293,16 @@ def run_trl(spec: RunSpec) -> dict:
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, st, control, **kwargs):
             clock.take()
-            state["t0"] = time.perf_counter()
+            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, st, control, **kwargs):
-            total = time.perf_counter() - state["t0"]
+            total, cpu = time.perf_counter() - state["t0"], time.process_time() - state["c0"]
             phases = clock.take()
             after_step = time.perf_counter() - state.get("train_step_end", state["t0"])
             c = state["completion_mask"]
             records.append({
                 "total": total,
+                "cpu": cpu,
                 "generation": phases.get("generation", 0.0),
                 "reward": phases.get("reward", 0.0),
                 "logprob_forward": phases.get("logprob_forward", 0.0),
@@ -375,26 +377,23 @@ def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
 
 
 def model_flops(size: str, params: int, sequences: int, prompts: int, prompt_len: float, completion_len: float,
-                prefill_rows: int) -> dict:
-    """Forward FLOPs: 2 * matmul params per token (+ attention); training is 3x the forward.
+                shared_prompts: bool) -> dict:
+    """FLOPs each trainer executes: 2 * matmul parameters per token and 4 * hidden * context per token and layer
+    for attention in a forward; a backward costs twice the forward.
 
-    Generation counts the prefill of ``prefill_rows`` prompts plus one decode step per completion token;
-    training counts the forward and backward over all prompt + completion positions (LM head on the
-    completion positions only, as both trainers do).
+    With ``shared_prompts`` (ours) each prompt is computed once per group, in the prefill and in the training
+    forward/backward; otherwise (TRL) once per sequence.  The LM head runs on completion positions only.
     """
     d = SIZES[size]
     h, layers = d["hidden_size"], d["num_hidden_layers"]
     vocab_params = params - layers * (4 * h * h + 3 * h * d["intermediate_size"]) - (2 * layers + 1) * h
     body = params - vocab_params  # the tied embedding is a lookup in the body and a matmul in the head
     p, t = prompt_len, completion_len
-
-    def attention(queries_from: float, queries_to: float) -> float:  # sum of context lengths, x 4 h per layer
-        return 4 * h * layers * (queries_to ** 2 - queries_from ** 2) / 2
-
-    gen = 2 * body * prefill_rows * p + attention(0, p) * prefill_rows
-    gen += 2 * params * sequences * t + attention(p, p + t) * sequences
-    train = 3 * (2 * body * sequences * (p + t) + 2 * vocab_params * sequences * t + attention(0, p + t) * sequences)
-    return {"generation": gen, "training": train}
+    prompt_rows = prompts if shared_prompts else sequences
+    attn = 4 * h * layers
+    prompt = 2 * body * prompt_rows * p + attn * prompt_rows * p * p / 2
+    completion = (2 * body + 2 * vocab_params) * sequences * t + attn * sequences * (t * p + t * t / 2)
+    return {"generation": prompt + completion, "training": 3 * (prompt + completion)}
 
 
 def run_child(spec: RunSpec, timeout: float) -> dict:
@@ -413,7 +412,7 @@ PHASES = ["generation", "reward", "logprob_forward", "backward_optimizer", "othe
 def summarise(runs: list[dict]) -> dict:
     recs = [r for run in runs for r in run["records"]]
     med = {k: statistics.median(r[k] for r in recs) for k in
-           ["total", "generation", "reward", "logprob_forward", "backward_optimizer"]}
+           ["total", "cpu", "generation", "reward", "logprob_forward", "backward_optimizer"]}
     med["other"] = max(med["total"] - sum(med[k] for k in PHASES[:-1]), 0.0)
     tokens = statistics.median(r["completion_tokens"] for r in recs)
     seqs = recs[0]["sequences"]
@@ -455,9 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     import trl
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}", flush=True)
+          f"trl {trl.__version__}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
     results: dict = {"sizes": {}}
     for size in args.sizes.split(","):
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
@@ -465,8 +466,6 @@ def main(argv: list[str] | None = None) -> None:
         d = SIZES[size]
         print(f"\n[{size}] {params / 1e6:.2f}M parameters, {d['prompts']} prompts x G={d['group_size']}, "
               f"max completion {d['max_new_tokens']} tokens", flush=True)
-        if args.threads:
-            torch.set_num_threads(args.threads)
         rates = [matmul_gflops()]
         size_out: dict = {"params": params, "scenarios": {}}
         for scenario in args.scenarios.split(","):
@@ -485,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
             size_out["scenarios"][scenario] = {t: summarise(v) for t, v in runs.items()}
         size_out["matmul_gflops"] = statistics.median(rates)
         results["sizes"][size] = size_out
+    print(f"\nload average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -494,14 +494,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(results: dict) -> None:
     print("\n| size | scenario | trainer | steps/s | completion tok/s | mean len | zero-spread groups | "
-          "peak RSS MB | gen s | reward s | logp fwd s | bwd+opt s | other s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak RSS MB | step s | CPU s | gen s | reward s | logp fwd s | bwd+opt s | other s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, so in results["sizes"].items():
         for scenario, trainers in so["scenarios"].items():
             for name, s in trainers.items():
                 print(f"| {size} | {scenario} | {name} | {s['steps_per_s']:.3f} | {s['tokens_per_s']:.0f} | "
                       f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
-                      + " | ".join(f"{s[k]:.3f}" for k in PHASES) + " |")
+                      f"{s['total']:.3f} | {s['cpu']:.3f} | " + " | ".join(f"{s[k]:.3f}" for k in PHASES) + " |")
     print("\nFLOP/s of our step (fixed scenario) against the measured float32 matmul rate:")
     for size, so in results["sizes"].items():
         sc = so["scenarios"].get("fixed")
@@ -511,7 +511,7 @@ def report(results: dict) -> None:
             s = sc[name]
             n, p, t = s["sequences"], s["prompt_len"], s["mean_completion_len"]
             groups = n // SIZES[size]["group_size"]
-            fl = model_flops(size, so["params"], n, groups, p, t, groups if name == "ours" else n)
+            fl = model_flops(size, so["params"], n, groups, p, t, shared_prompts=name == "ours")
             gen = fl["generation"] / s["generation"] / 1e9
             train = fl["training"] / (s["logprob_forward"] + s["backward_optimizer"]) / 1e9
             rate = so["matmul_gflops"]
@@ -546,14 +546,14 @@ def plot(results: dict, path: str) -> None:
     sizes = [s for s in results["sizes"] if "fixed" in results["sizes"][s]["scenarios"]]
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
-    for ax, size in zip(axes[0], sizes):
+    for ax, size in zip(axes[0], sizes, strict=True):
         sc = results["sizes"][size]["scenarios"]["fixed"]
         names = ["ours", "trl"]
         bottom = [0.0] * len(names)
-        for phase, color in zip(PHASES, colors):
+        for phase, color in zip(PHASES, colors, strict=True):
             vals = [sc[n][phase] for n in names]
             ax.bar(["trgrpo", "TRL"], vals, bottom=bottom, color=color, label=phase.replace("_", " "))
-            bottom = [b + v for b, v in zip(bottom, vals)]
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
         ax.set_title(f"{size} model, fixed length: step time by phase")
         ax.set_ylabel("seconds per step (median)")
     axes[0][0].legend(loc="upper left", fontsize=8)

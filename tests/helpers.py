@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+
 from trgrpo.cli import main
 
 TINY = [
@@ -45,3 +47,23 @@ def arithmetic_args(batch_size: int = 2, group_size: int = 4, max_new_tokens: in
         f"--model.sampling.group_size={group_size}",
         f"--model.sampling.max_new_tokens={max_new_tokens}",
     ]
+
+
+def digit_share(prompts, completions, **_):
+    """A dense reward a random policy already scores unevenly on: the share of digits in 4 characters."""
+    return [sum(ch.isdigit() for ch in c) / 4.0 for c in completions]
+
+
+DENSE_REWARD = "--model.rewards=[{fn: helpers.digit_share}]"
+
+
+class GradRecorder(L.Callback):
+    """Keeps a copy of the policy's gradients at the first optimiser step."""
+
+    def __init__(self) -> None:
+        self.grads: dict | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.grads is None:
+            self.grads = {k: p.grad.detach().clone() for k, p in pl_module.policy_model.named_parameters()
+                          if p.grad is not None}

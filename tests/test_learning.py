@@ -9,11 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from helpers import run_cli
-
-
-def digit_share(prompts, completions, **_):
-    return [sum(ch.isdigit() for ch in c) / 4.0 for c in completions]
+from helpers import DENSE_REWARD, run_cli
 
 
 def _reward_curve(log_dir: Path) -> list[float]:
@@ -34,7 +30,7 @@ def test_reward_rises_on_a_learnable_task(tmp_path):
         "--model.sampling.group_size=8",
         "--model.sampling.max_new_tokens=4",
         "--model.optim.lr=0.003",
-        "--model.rewards=[{fn: test_learning.digit_share}]",
+        DENSE_REWARD,
         "--model.weighting=TokenRegulatedWeighting",
     )
     curve = _reward_curve(Path(cli.trainer.log_dir))

@@ -6,13 +6,21 @@ import pytest
 import torch
 
 import trgrpo.module as module_mod
-from helpers import arithmetic_args, run_cli
+from helpers import DENSE_REWARD, GradRecorder, arithmetic_args, run_cli
+
+
+def _one_step(tmp_path, *extra):
+    """(gradients at the first optimiser step, weights after one RL step)."""
+    cli = run_cli(tmp_path, "--seed_everything=3", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--model.optim.lr=0.01", "--model.sampling.temperature=1.5", *arithmetic_args(4, 4, 4), DENSE_REWARD,
+                  "--trainer.callbacks+=helpers.GradRecorder", *extra)
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, GradRecorder)]
+    weights = {k: v.detach().clone() for k, v in cli.model.policy_model.state_dict().items()}
+    return recorder.grads, weights
 
 
 def _weights_after_one_step(tmp_path, *extra):
-    cli = run_cli(tmp_path, "--seed_everything=3", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                  "--model.optim.lr=0.01", "--model.sampling.temperature=1.5", *arithmetic_args(4, 4, 4), *extra)
-    return {k: v.detach().clone() for k, v in cli.model.policy_model.state_dict().items()}
+    return _one_step(tmp_path, *extra)[1]
 
 
 def _assert_same(a, b, atol=1e-6):
@@ -27,18 +35,27 @@ def _assert_changed(a, b):
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_sum_const"])
 def test_update_does_not_depend_on_micro_batch_split(tmp_path, aggregation):
-    whole = _weights_after_one_step(tmp_path / "a", f"--model.loss.aggregation={aggregation}")
-    split = _weights_after_one_step(tmp_path / "b", f"--model.loss.aggregation={aggregation}",
-                                    "--model.optim.micro_batch_size=4")
-    _assert_same(whole, split)
-    init = _weights_after_one_step(tmp_path / "c", "--model.optim.lr=1e-30")
-    _assert_changed(whole, init)  # the step really moved the weights
+    grads, _ = _one_step(tmp_path / "a", f"--model.loss.aggregation={aggregation}")
+    split, _ = _one_step(tmp_path / "b", f"--model.loss.aggregation={aggregation}", "--model.optim.micro_batch_size=4")
+    _assert_same(grads, split, atol=1e-7)
+    assert any(g.abs().max() > 1e-4 for g in grads.values())  # a real, non-zero gradient
 
 
-def test_tr_grpo_step_differs_from_uniform(tmp_path):
-    uniform = _weights_after_one_step(tmp_path / "u", "--model.weighting=UniformWeighting")
-    tr = _weights_after_one_step(tmp_path / "t", "--model.weighting=TokenRegulatedWeighting")
-    _assert_changed(uniform, tr)
+def test_one_step_moves_the_weights(tmp_path):
+    before = _weights_after_one_step(tmp_path / "a", "--model.optim.lr=1e-30")
+    after = _weights_after_one_step(tmp_path / "b")
+    _assert_changed(before, after)
+
+
+def test_tr_grpo_gradient_differs_from_uniform(tmp_path):
+    uniform, _ = _one_step(tmp_path / "u", "--model.weighting=UniformWeighting")
+    # a random policy gives every token p ~ 1/110, below where the default weight starts to rise (and so
+    # the default TR-GRPO step equals the uniform one); a steep tau makes the weight vary there
+    tr, _ = _one_step(tmp_path / "t", "--model.weighting=TokenRegulatedWeighting", "--model.weighting.init_args.tau=0.005",
+                      "--model.weighting.init_args.lower=0.0", "--model.weighting.init_args.upper=2.0")
+    same, _ = _one_step(tmp_path / "d", "--model.weighting=TokenRegulatedWeighting")
+    assert any(not torch.allclose(uniform[k], tr[k], atol=1e-7) for k in uniform)
+    _assert_same(uniform, same, atol=1e-7)
 
 
 def test_single_pass_uses_no_old_logprob_forward_and_ratio_is_one(tmp_path, monkeypatch):

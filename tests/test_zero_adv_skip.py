@@ -18,7 +18,7 @@ G = 4
 
 def parity_reward(prompts, completions, dead, **kwargs):
     """Live groups: parity of the characters' code sum (varies inside a group); dead groups: always 0."""
-    return [0.0 if d else float(sum(map(ord, c)) % 2) for c, d in zip(completions, dead)]
+    return [0.0 if d else float(sum(map(ord, c)) % 2) for c, d in zip(completions, dead, strict=True)]
 
 
 def _rows(dead_pattern: list[list[bool]]) -> list[dict]:

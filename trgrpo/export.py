@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def export_from_trainer(trainer, module, out: str | Path, merge_lora: bool = Fal
             cmd += ["--merge_lora"] * merge_lora + (["--dtype", dtype] if dtype else [])
             cmd += ["--config", str(run_config)] if run_config and run_config.is_file() else []
             subprocess.run(cmd, check=True)
+            shutil.rmtree(shards)
         trainer.strategy.barrier("HFExport")
         return
     if trainer.is_global_zero:

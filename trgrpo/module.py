@@ -136,6 +136,8 @@ class GRPOModule(L.LightningModule):
         if isinstance(strategy, DeepSpeedStrategy):
             self._configure_deepspeed(strategy)
         self.policy_model = load_model(self.policy_cfg, self.tokenizer)
+        if isinstance(strategy, DeepSpeedStrategy):
+            self.policy_model.register_forward_pre_hook(self._start_zero_micro_step)
         if self.loss_cfg.beta > 0 and self.policy_cfg.lora is None:  # LoRA: the reference is the adapter-free base
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
 
@@ -148,12 +150,24 @@ class GRPOModule(L.LightningModule):
         """
         cfg = strategy.config
         cfg["managed_gradient_accumulation"] = False
+        cfg["zero_allow_untested_optimizer"] = True
         cfg["gradient_clipping"] = self.optim_cfg.grad_clip or 0.0
         if strategy.zero_stage_3:
             from transformers.integrations import HfDeepSpeedConfig
 
             # lets from_pretrained load weights straight into the shards (kept alive: transformers holds a weakref)
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
+
+    def _start_zero_micro_step(self, module, args) -> None:
+        """Forward pre-hook on the policy under DeepSpeed: do what ``DeepSpeedEngine.forward`` does first.
+
+        Lightning runs the whole training step inside one engine forward, so the engine never sees the
+        micro-batches; without this ZeRO-3 counts them all as micro-step 0 and each backward overwrites the
+        previous micro-batch's gradient instead of adding to it.
+        """
+        optimizer = getattr(self.trainer.strategy.model, "optimizer", None)
+        if hasattr(optimizer, "clear_backward_seen_flag"):
+            optimizer.clear_backward_seen_flag()
 
     def configure_optimizers(self):
         params = [p for p in self.policy_model.parameters() if p.requires_grad]

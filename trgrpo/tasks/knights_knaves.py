@@ -59,7 +59,7 @@ def parse_kk_answer(answer: str, names: list[str], knight: str = "knight", knave
         return None
     out = []
     for name in names:
-        m = re.search(rf"\b{re.escape(name)}\b\s+is\s+an?\s+({roles_rx})\b", answer, flags=re.IGNORECASE)
+        m = re.search(rf"(?<!\w){re.escape(name)}(?!\w)\s+is\s+an?\s+({roles_rx})\b", answer, flags=re.IGNORECASE)
         if m is None:
             return None
         out.append(m.group(1).lower())

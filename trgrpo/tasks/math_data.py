@@ -129,13 +129,15 @@ class _Worker:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self._buffer = b""
-        self.start()
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the process (``wait_ready`` then waits for it to import math-verify)."""
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, root], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0)
         self._buffer = b""
+
+    def wait_ready(self) -> None:
         deadline, line = time.monotonic() + self.start_timeout, None
         try:
             while line is None and wait([self.proc.stdout], timeout=max(0.0, deadline - time.monotonic())):
@@ -145,6 +147,10 @@ class _Worker:
         if line is None or line[0] != "ready":
             self.kill()
             raise RuntimeError("the math-verify worker process did not start (is math-verify installed?)")
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
 
     @property
     def stdout(self):
@@ -165,9 +171,13 @@ class _Worker:
         return json.loads(line)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
 
     def restart(self) -> None:
         self.kill()
@@ -187,6 +197,10 @@ class VerifierPool:
             raise ValueError(f"math verifier: workers must be >= 1 and timeout > 0, got {workers}, {timeout}")
         self.timeout = timeout
         self.workers = [_Worker() for _ in range(workers)]
+        for worker in self.workers:  # start them side by side: each takes about a second to import sympy
+            worker.launch()
+        for worker in self.workers:
+            worker.wait_ready()
         self._lock = threading.Lock()
 
     def map(self, jobs: list[tuple[str, str, str | None]]) -> list[tuple[str, Any]]:

@@ -1,0 +1,219 @@
+"""Strategy fragments: every one composes with a base config; DeepSpeed is refused without CUDA; bad keys fail.
+
+DeepSpeed itself only runs on CUDA in Lightning, but DeepSpeed's CPU accelerator can run ZeRO-2/3 with one
+process.  ``test_zero_on_cpu_matches_a_plain_run`` uses it through a three-method ``DeepSpeedStrategy``
+subclass that skips Lightning's CUDA checks, to run the real code paths of the fragments (sharded
+construction, generation on gathered ZeRO-3 weights, micro-batch accumulation, DeepSpeed clipping,
+sharded checkpoints written atomically, export from the shards) and compare with a run without DeepSpeed.
+The file is also that run's script: ``python tests/test_strategy_configs.py FRAGMENT FACTS.json CLI_ARGS...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import TINY, arithmetic_args, run_cli
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from trgrpo.cli import main
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
+DEEPSPEED = [f for f in FRAGMENTS if f.name.startswith("deepspeed")]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def test_the_four_fragments_exist():
+    assert [f.name for f in FRAGMENTS] == ["ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                                           "deepspeed_zero3_offload.yaml"]
+
+
+def test_ddp_fragment_composes_with_a_base_config():
+    cli = main(["--config", DEMO, "--config", str(ROOT / "configs/strategy/ddp.yaml"),
+                "--trainer.logger=false"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.model.policy_cfg.gradient_checkpointing is False
+    assert cli.model.sampling.group_size == 8  # the base config's settings survive
+
+
+@pytest.mark.parametrize("fragment", DEEPSPEED, ids=lambda p: p.stem)
+def test_deepspeed_fragment_builds_its_strategy(fragment):
+    """Each fragment's keys are real DeepSpeedStrategy arguments and give the intended ZeRO config."""
+    data = yaml.safe_load(fragment.read_text())
+    strategy = data["trainer"]["strategy"]
+    module, _, name = strategy["class_path"].rpartition(".")
+    built = getattr(importlib.import_module(module), name)(**strategy["init_args"])
+    assert isinstance(built, DeepSpeedStrategy)
+    zero = built.config["zero_optimization"]
+    assert zero["stage"] == (2 if "zero2" in fragment.name else 3)
+    assert ("offload_optimizer" in zero and "offload_param" in zero) == ("offload" in fragment.name)
+    assert data["trainer"]["precision"] == "bf16-mixed"
+    assert data["model"]["policy"]["gradient_checkpointing"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+@pytest.mark.parametrize("fragment", DEEPSPEED, ids=lambda p: p.stem)
+def test_deepspeed_fragment_without_cuda_fails_at_start_naming_it(fragment):
+    with pytest.raises(ValueError, match=rf"{fragment.name}: the DeepSpeed strategy needs CUDA GPUs"):
+        main(["--config", DEMO, "--config", str(fragment)], run=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_deepspeed_by_name_on_the_command_line_fails_too():
+    with pytest.raises(ValueError, match="--trainer.strategy: the DeepSpeed strategy needs CUDA"):
+        main(["--config", DEMO, "--trainer.strategy=deepspeed_stage_3"], run=False)
+
+
+def test_unknown_strategy_name_fails_naming_it():
+    with pytest.raises(ValueError, match="unknown trainer.strategy 'deepspeed_stage_9'"):
+        main(["--config", DEMO, "--trainer.strategy=deepspeed_stage_9"], run=False)
+
+
+def test_unknown_key_in_a_fragment_fails_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DeepSpeedStrategy\n"
+                   "    init_args: {stag: 3}\n")
+    with pytest.raises(SystemExit):
+        main(["--config", DEMO, "--config", str(bad)], run=False)
+    assert "'stag' is not accepted" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- ZeRO on DeepSpeed's CPU accelerator
+
+ZERO_RUN = [*TINY, *arithmetic_args(batch_size=2, group_size=4), "--trainer.max_steps=2",
+            "--model.optim.micro_batch_size=4", "--model.loss.beta=0.05", "--model.optim.lr=0.01",
+            '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]']
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The tiny model saved as a Hugging Face folder: both runs load the same weights with from_pretrained."""
+    from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+
+    path = tmp_path_factory.mktemp("pretrained")
+    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64))
+    tok = load_tokenizer(cfg)
+    load_model(cfg, tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
+    import csv
+
+    (path,) = logs.glob("**/metrics.csv")
+    with open(path) as f:
+        return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+                for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage):
+    from safetensors.torch import load_file
+
+    from trgrpo.export import export_checkpoint
+
+    model = [f"--model.policy.name_or_path={pretrained}"]
+    plain = run_cli(tmp_path / "plain", *ZERO_RUN, *model)
+    reference = {k: v.detach() for k, v in plain.model.policy_model.state_dict().items()}
+
+    run = tmp_path / "zero"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
+           "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "no-jit-builds")}
+    cmd = [sys.executable, str(HERE / "test_strategy_configs.py"), f"deepspeed_zero{stage}.yaml",
+           str(run / "facts.json"), "fit", *ZERO_RUN, *model, "--trainer.precision=32-true",
+           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run}",
+           f"--trainer.default_root_dir={run}", "--trainer.enable_checkpointing=true",
+           "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+           f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.save_last=true",
+           "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
+           "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={run / 'hf'}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+
+    facts = json.loads((run / "facts.json").read_text())
+    if stage == 3:  # built inside configure_model: every weight was a shard from its creation on
+        assert facts["policy_sharded"] and facts["ref_sharded"]
+    assert facts["ref_frozen_eval"] and facts["managed_gradient_accumulation"] is False
+    assert facts["gradient_clipping"] == 1.0 and facts["gradient_checkpointing"]
+
+    # same gradients (pre-clip norm), losses, KL and samples as without DeepSpeed, step by step: two
+    # micro-batches per step accumulate (a lost micro-batch changes grad_norm), generation sees the weights
+    expected, got = _train_rows(tmp_path / "plain"), _train_rows(run)
+    assert sorted(got) == sorted(expected) == [0, 1]
+    for step in expected:
+        for key in ("train/loss", "train/grad_norm", "train/kl", "train/reward", "train/completion_length"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-8), (step, key)
+    assert expected[1]["train/kl"] > 0
+
+    exported = load_file(run / "hf" / "model.safetensors")
+    for k, v in exported.items():  # AdamW amplifies float noise on near-zero gradients: ~0.1% of a step
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-4, msg=k)
+    last = run / "ckpt" / "last.ckpt"
+    assert last.is_symlink() and last.is_dir()  # a folder of shards, published through a symlink
+    again = export_checkpoint(last, tmp_path / "from-shards")  # on the CPU, from the ZeRO shards
+    for k, v in load_file(again / "model.safetensors").items():
+        torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
+
+
+if __name__ == "__main__":
+    fragment, facts_path, cli_args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no C++ build for one process
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeedStrategy minus Lightning's CUDA assumptions (device checks, device index)."""
+
+        def setup_environment(self):
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self):
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            import argparse
+
+            import deepspeed
+
+            engine, opt, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=-1), config=self.config, model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+                lr_scheduler=lr_scheduler, dist_init_required=False)
+            return engine, opt
+
+    import trgrpo.cli
+    import trgrpo.module
+
+    trgrpo.cli.torch.cuda.is_available = lambda: True  # past the CLI's start-up check
+    configure_model = trgrpo.module.GRPOModule.configure_model
+
+    def configure_and_record(self):
+        configure_model(self)
+        cfg = self.trainer.strategy.config
+        Path(facts_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(facts_path).write_text(json.dumps({
+            "policy_sharded": all(p.numel() == 0 and hasattr(p, "ds_id") for p in self.policy_model.parameters()),
+            "ref_sharded": all(p.numel() == 0 and hasattr(p, "ds_id") for p in self.ref_model.parameters()),
+            "ref_frozen_eval": not self.ref_model.training and
+            not any(p.requires_grad for p in self.ref_model.parameters()),
+            "managed_gradient_accumulation": cfg["managed_gradient_accumulation"],
+            "gradient_clipping": cfg["gradient_clipping"],
+            "gradient_checkpointing": self.policy_model.is_gradient_checkpointing,
+        }))
+
+    trgrpo.module.GRPOModule.configure_model = configure_and_record
+    trgrpo.cli.main([*cli_args[:1], "--config", str(ROOT / "configs/strategy" / fragment), *cli_args[1:],
+                     "--trainer.accelerator=cpu", "--trainer.devices=1",
+                     "--trainer.strategy.class_path=__main__.CPUDeepSpeedStrategy"])
