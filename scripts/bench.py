@@ -17,9 +17,15 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 WEIGHTINGS = {"uniform": "UniformWeighting", "tr_grpo": "TokenRegulatedWeighting"}
+
+
+def digit_share(prompts, completions, **_):
+    """A dense reward with spread in every group, so that every step trains on every sequence."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -39,8 +45,9 @@ def worker(args: argparse.Namespace) -> None:
             records.append({"step": time.perf_counter() - self.t0, **pl_module.timings})
 
     cli = main([
-        "fit", "--seed_everything=0",
+        "--seed_everything=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='trgrpo-bench-')}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
         f"--trainer.max_steps={args.steps + 1}",
@@ -51,6 +58,9 @@ def worker(args: argparse.Namespace) -> None:
         f"--model.policy.tiny.intermediate_size={4 * args.hidden}", "--model.optim.lr=1e-4",
         f"--model.weighting={WEIGHTINGS[args.worker]}",
     ], run=False)
+    from trgrpo.rewards import RewardSpec
+
+    cli.model.rewards = [RewardSpec(fn=digit_share)]
     cli.trainer.callbacks.append(Timer())
     # the RL step only: no held-out evaluation around fit
     cli.model.on_train_start = lambda: None

@@ -139,28 +139,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def now() -> tuple[float, float]:
+    """(wall, CPU) seconds: CPU time of this process is what other processes on the machine cannot inflate
+    when torch runs one thread."""
+    return time.perf_counter(), time.process_time()
+
+
 class PhaseClock:
-    """Accumulates wall time of wrapped callables per phase name."""
+    """Accumulates wall and CPU seconds of wrapped callables per phase name."""
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def add(self, phase: str, start: tuple[float, float]) -> None:
+        w, c = now()
+        self.wall[phase] = self.wall.get(phase, 0.0) + w - start[0]
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + c - start[1]
 
     def wrap(self, fn, phase: str):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            start = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
+                self.add(phase, start)
         return timed
 
-    def take(self) -> dict[str, float]:
-        out, self.totals = self.totals, {}
+    def take(self) -> dict[str, dict[str, float]]:
+        out = {"wall": self.wall, "cpu": self.cpu}
+        self.wall, self.cpu = {}, {}
         return out
 
 
 # ---------------------------------------------------------------------------------------- our trainer
+
+def rollout_stats(completion_mask, prompt_len: int) -> dict:
+    return {"completion_tokens": float(completion_mask.sum()), "sequences": completion_mask.shape[0],
+            "prompt_len": prompt_len, "max_len": completion_mask.shape[1]}
+
 
 def run_ours(spec: RunSpec) -> dict:
     import lightning as L
@@ -192,7 +210,12 @@ def run_ours(spec: RunSpec) -> dict:
         rewards=[RewardSpec(fn=coin_flip_reward)],
         log_entropy=True,
     )
+    import trgrpo.module as module_code
+
     clock = PhaseClock()
+    # the phases, timed around the functions the real training step calls
+    module_code.generate_rollout = clock.wrap(module_code.generate_rollout, "generation")
+    module_code.compute_rewards = clock.wrap(module_code.compute_rewards, "reward")
     module.score_tokens = clock.wrap(module.score_tokens, "logprob_forward")
     module.manual_backward = clock.wrap(module.manual_backward, "backward_optimizer")
     module._clip_and_step = clock.wrap(module._clip_and_step, "backward_optimizer")
@@ -209,27 +232,15 @@ def run_ours(spec: RunSpec) -> dict:
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             clock.take()
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
+            self.start = now()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            total, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-            phases = clock.take()
-            t = pl_module.timings
+            clock.add("total", self.start)
             rollout = captured["args"][0]
-            records.append({
-                "total": total,
-                "cpu": cpu,
-                "generation": t["generation"],
-                "reward": t["reward"],
-                "logprob_forward": phases.get("logprob_forward", 0.0),
-                "backward_optimizer": phases.get("backward_optimizer", 0.0),
-                "completion_tokens": rollout.completion_mask.sum().item(),
-                "sequences": rollout.input_ids.shape[0],
-                "prompt_len": rollout.prompt_len,
-                "max_len": rollout.completion_mask.shape[1],
-            })
+            records.append({**clock.take(), **rollout_stats(rollout.completion_mask, rollout.prompt_len)})
             if batch_idx == steps - 1 and spec.extra.get("weighting_check"):
-                records[-1]["weighting_check"] = weighting_check(pl_module, captured["args"], update)
+                reps = 5 if spec.size == "demo" else 3
+                records[-1]["weighting_check"] = weighting_check(pl_module, captured["args"], update, reps)
 
     torch.manual_seed(spec.seed)
     module.configure_model()
@@ -242,21 +253,29 @@ def run_ours(spec: RunSpec) -> dict:
     return {"records": records, "rss_after_load_mb": base}
 
 
-def weighting_check(module, args, update, reps: int = 9) -> dict:
-    """Median time of the update phase with uniform vs TR-GRPO weighting on one fixed rollout, alternated."""
+def weighting_check(module, args, update, reps: int = 5) -> dict:
+    """The update phase with uniform vs TR-GRPO weighting on one fixed rollout, alternated in one process.
+
+    Returns median wall and CPU seconds of ``update`` and the seconds spent inside ``weights()`` per update.
+    """
     from trgrpo.weighting import TokenRegulatedWeighting, UniformWeighting
 
     strategies = {"uniform": UniformWeighting(), "tr_grpo": TokenRegulatedWeighting()}
-    times: dict[str, list[float]] = {k: [] for k in strategies}
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in strategies}
     saved = module.weighting
-    for i in range(reps * 2):
+    for i in range(reps * 2 + 2):  # the first pair warms up and is not counted
         name = list(strategies)[i % 2]
-        module.weighting = strategies[name]
-        t0 = time.perf_counter()
+        clock = PhaseClock()
+        strategy = strategies[name]
+        strategy.weights = clock.wrap(type(strategy).weights.__get__(strategy), "weights")
+        module.weighting = strategy
+        t0, c0 = time.perf_counter(), time.process_time()
         update(*args)
-        times[name].append(time.perf_counter() - t0)
+        if i >= 2:
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0, clock.wall.get("weights", 0.0)))
     module.weighting = saved
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {f"{k}_{part}": statistics.median(x[j] for x in v) for k, v in times.items()
+            for j, part in enumerate(["wall", "cpu", "weights"])}
 
 
 # ---------------------------------------------------------------------------------------- TRL
@@ -293,25 +312,12 @@ def run_trl(spec: RunSpec) -> dict:
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, st, control, **kwargs):
             clock.take()
-            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
+            state["start"] = now()
 
         def on_step_end(self, args, st, control, **kwargs):
-            total, cpu = time.perf_counter() - state["t0"], time.process_time() - state["c0"]
-            phases = clock.take()
-            after_step = time.perf_counter() - state.get("train_step_end", state["t0"])
-            c = state["completion_mask"]
-            records.append({
-                "total": total,
-                "cpu": cpu,
-                "generation": phases.get("generation", 0.0),
-                "reward": phases.get("reward", 0.0),
-                "logprob_forward": phases.get("logprob_forward", 0.0),
-                "backward_optimizer": phases.get("backward", 0.0) + after_step,
-                "completion_tokens": float(c.sum()),
-                "sequences": c.shape[0],
-                "prompt_len": state["prompt_len"],
-                "max_len": c.shape[1],
-            })
+            clock.add("total", state["start"])
+            clock.add("backward_optimizer", state["train_step_end"])  # clipping, optimiser and scheduler steps
+            records.append({**clock.take(), **rollout_stats(state["completion_mask"], state["prompt_len"])})
 
     torch.manual_seed(spec.seed)
     trainer = GRPOTrainer(model=spec.folder, reward_funcs=coin_flip_reward, args=args,
@@ -320,7 +326,7 @@ def run_trl(spec: RunSpec) -> dict:
     trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "reward")
     trainer._get_per_token_logps_and_entropies = clock.wrap(trainer._get_per_token_logps_and_entropies,
                                                              "logprob_forward")
-    trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward")
+    trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward_optimizer")
     score = trainer._generate_and_score_completions
 
     def capture(*a, **k):
@@ -334,7 +340,7 @@ def run_trl(spec: RunSpec) -> dict:
 
     def timed_training_step(*a, **k):
         out = training_step(*a, **k)
-        state["train_step_end"] = time.perf_counter()
+        state["train_step_end"] = now()
         return out
 
     trainer.training_step = timed_training_step
@@ -411,16 +417,18 @@ PHASES = ["generation", "reward", "logprob_forward", "backward_optimizer", "othe
 
 def summarise(runs: list[dict]) -> dict:
     recs = [r for run in runs for r in run["records"]]
-    med = {k: statistics.median(r[k] for r in recs) for k in
-           ["total", "cpu", "generation", "reward", "logprob_forward", "backward_optimizer"]}
-    med["other"] = max(med["total"] - sum(med[k] for k in PHASES[:-1]), 0.0)
+    out: dict = {}
+    for kind in ("wall", "cpu"):
+        med = {k: statistics.median(r[kind].get(k, 0.0) for r in recs) for k in ["total", *PHASES[:-1]]}
+        med["other"] = max(med["total"] - sum(med[k] for k in PHASES[:-1]), 0.0)
+        out[kind] = med
+        out[f"tokens_per_s_{kind}"] = statistics.median(r["completion_tokens"] / r[kind]["total"] for r in recs)
     tokens = statistics.median(r["completion_tokens"] for r in recs)
     seqs = recs[0]["sequences"]
     return {
-        **med,
+        **out,
         "steps": len(recs),
-        "steps_per_s": 1.0 / med["total"],
-        "tokens_per_s": statistics.median(r["completion_tokens"] / r["total"] for r in recs),
+        "steps_per_s": 1.0 / out["wall"]["total"],
         "mean_completion_len": tokens / seqs,
         "prompt_len": statistics.median(r["prompt_len"] for r in recs),
         "sequences": seqs,
@@ -493,47 +501,60 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(results: dict) -> None:
-    print("\n| size | scenario | trainer | steps/s | completion tok/s | mean len | zero-spread groups | "
-          "peak RSS MB | step s | CPU s | gen s | reward s | logp fwd s | bwd+opt s | other s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, so in results["sizes"].items():
-        for scenario, trainers in so["scenarios"].items():
-            for name, s in trainers.items():
-                print(f"| {size} | {scenario} | {name} | {s['steps_per_s']:.3f} | {s['tokens_per_s']:.0f} | "
-                      f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
-                      f"{s['total']:.3f} | {s['cpu']:.3f} | " + " | ".join(f"{s[k]:.3f}" for k in PHASES) + " |")
-    print("\nFLOP/s of our step (fixed scenario) against the measured float32 matmul rate:")
+    for kind, title in (("wall", "wall-clock seconds"), ("cpu", "CPU seconds of the process")):
+        print(f"\nMedian per step, {title}:\n")
+        print("| size | scenario | trainer | steps/s | completion tok/s | mean completion len | zero-spread groups "
+              "| peak RSS MB | step | generation | reward | log-prob fwd | bwd + optimiser | other |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for size, so in results["sizes"].items():
+            for scenario, trainers in so["scenarios"].items():
+                for name, s in trainers.items():
+                    m = s[kind]
+                    print(f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | {s['tokens_per_s_' + kind]:.0f} | "
+                          f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
+                          + " | ".join(f"{m[k]:.3f}" for k in ["total", *PHASES]) + " |")
+    print("\nFLOP/s in the fixed scenario against the measured float32 matmul rate (FLOPs each trainer executes):")
     for size, so in results["sizes"].items():
         sc = so["scenarios"].get("fixed")
         if not sc:
             continue
+        rate = so["matmul_gflops"]
         for name in ("ours", "trl"):
             s = sc[name]
             n, p, t = s["sequences"], s["prompt_len"], s["mean_completion_len"]
-            groups = n // SIZES[size]["group_size"]
-            fl = model_flops(size, so["params"], n, groups, p, t, shared_prompts=name == "ours")
-            gen = fl["generation"] / s["generation"] / 1e9
-            train = fl["training"] / (s["logprob_forward"] + s["backward_optimizer"]) / 1e9
-            rate = so["matmul_gflops"]
-            print(f"  {size:5s} {name:5s} generation {gen:6.1f} GFLOP/s ({gen / rate:4.0%}), training (fwd+bwd+opt) "
-                  f"{train:6.1f} GFLOP/s ({train / rate:4.0%}) of {rate:.1f} GFLOP/s matmul")
-    print("\nTR-GRPO weighting vs uniform (update phase, same rollout, alternated):")
+            fl = model_flops(size, so["params"], n, n // SIZES[size]["group_size"], p, t, shared_prompts=name == "ours")
+            line = f"  {size:5s} {name:5s}"
+            for kind in ("wall", "cpu"):
+                m = s[kind]
+                gen = fl["generation"] / m["generation"] / 1e9
+                train = fl["training"] / (m["logprob_forward"] + m["backward_optimizer"]) / 1e9
+                line += (f"  [{kind}] generation {gen:5.1f} GFLOP/s ({gen / rate:4.0%}), training {train:5.1f} "
+                         f"GFLOP/s ({train / rate:4.0%})")
+            print(line)
+        print(f"  {size:5s} matmul rate {rate:.1f} GFLOP/s (1024^2 float32 torch.matmul, median of the run)")
+    print("\nTR-GRPO weighting vs uniform (our update phase on one fixed rollout, alternated, median):")
     for size, so in results["sizes"].items():
         wc = so["scenarios"].get("fixed", {}).get("ours", {}).get("weighting_check")
         if wc:
-            print(f"  {size:5s} uniform {wc['uniform']:.4f}s  tr_grpo {wc['tr_grpo']:.4f}s  "
-                  f"ratio {wc['tr_grpo'] / wc['uniform']:.3f}")
-    print("\nRatios (ours / TRL; throughput higher is better, memory lower is better):")
+            print(f"  {size:5s} uniform {wc['uniform_wall']:.3f}s wall / {wc['uniform_cpu']:.3f}s CPU, tr_grpo "
+                  f"{wc['tr_grpo_wall']:.3f}s / {wc['tr_grpo_cpu']:.3f}s: x{wc['tr_grpo_wall'] / wc['uniform_wall']:.3f} "
+                  f"wall, x{wc['tr_grpo_cpu'] / wc['uniform_cpu']:.3f} CPU; inside weights(): "
+                  f"{wc['tr_grpo_weights'] * 1e3:.2f} ms vs {wc['uniform_weights'] * 1e3:.2f} ms per update")
+    print("\nRatios, ours / TRL (throughput: completion tokens generated and trained per second; higher is better. "
+          "Peak RSS: lower is better):")
     for size, so in results["sizes"].items():
         for scenario, trainers in so["scenarios"].items():
             ours, ref = trainers["ours"], trainers["trl"]
-            line = (f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}  "
-                    f"steps/s x{ours['steps_per_s'] / ref['steps_per_s']:.2f}  "
+            line = (f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
+                    f"wall (x{ours['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU)  "
+                    f"steps/s x{ref['wall']['total'] / ours['wall']['total']:.2f}  "
                     f"peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}")
             if "ours_noskip" in trainers:
                 ns = trainers["ours_noskip"]
-                line += (f"  (without skipping: throughput x{ns['tokens_per_s'] / ref['tokens_per_s']:.2f}; "
-                         f"skipping alone x{ours['tokens_per_s'] / ns['tokens_per_s']:.2f})")
+                line += (f"; without skipping x{ns['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} wall "
+                         f"(x{ns['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU), skipping alone "
+                         f"x{ours['tokens_per_s_wall'] / ns['tokens_per_s_wall']:.2f} wall "
+                         f"(x{ours['tokens_per_s_cpu'] / ns['tokens_per_s_cpu']:.2f} CPU)")
             print(line + ("   <- headline" if scenario == "fixed" else ""))
 
 
@@ -544,21 +565,22 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [s for s in results["sizes"] if "fixed" in results["sizes"][s]["scenarios"]]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7), squeeze=False)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
-    for ax, size in zip(axes[0], sizes, strict=True):
-        sc = results["sizes"][size]["scenarios"]["fixed"]
-        names = ["ours", "trl"]
-        bottom = [0.0] * len(names)
-        for phase, color in zip(PHASES, colors, strict=True):
-            vals = [sc[n][phase] for n in names]
-            ax.bar(["trgrpo", "TRL"], vals, bottom=bottom, color=color, label=phase.replace("_", " "))
-            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_title(f"{size} model, fixed length: step time by phase")
-        ax.set_ylabel("seconds per step (median)")
+    for row, kind in enumerate(("wall", "cpu")):
+        for ax, size in zip(axes[row], sizes, strict=True):
+            sc = results["sizes"][size]["scenarios"]["fixed"]
+            bottom = [0.0, 0.0]
+            for phase, color in zip(PHASES, colors, strict=True):
+                vals = [sc[n][kind][phase] for n in ("ours", "trl")]
+                ax.bar(["trgrpo", "TRL GRPOTrainer"], vals, bottom=bottom, color=color,
+                       label=phase.replace("_", " "))
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+            ax.set_title(f"{size} model ({results['sizes'][size]['params'] / 1e6:.1f}M), fixed length")
+            ax.set_ylabel(f"{'wall-clock' if kind == 'wall' else 'CPU'} s per step (median)")
     axes[0][0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

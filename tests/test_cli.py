@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import TINY, run_cli
+
 from trgrpo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -88,7 +88,9 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
           str(HERE / "test_distributed.py"), str(two / "w.pt"), *common_args(two),
           "--data.batch_size=2", "--model.optim.micro_batch_size=4",
-          "--trainer.strategy=ddp", "--trainer.devices=2"], two)
+          "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.enable_checkpointing=true",
+          "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+          f"--trainer.callbacks.dirpath={two / 'ckpt'}", "--trainer.callbacks.save_last=true"], two)
 
     # the first step's gradient (summed over processes and micro-batches) is the same; AdamW is blind to a
     # wrong gradient scale, so this and grad_norm are what catch a normaliser divided twice
@@ -102,6 +104,12 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
 
+    # the checkpoint holds each process's random state and the sharded data position
+    ckpt = torch.load(two / "ckpt" / "last.ckpt", weights_only=False)
+    assert len(ckpt["trgrpo"]["rng"]) == 2 and "ref_model.model.norm.weight" not in ckpt["state_dict"]
+    (loader,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader == {"epoch": 0, "batches": 2, "batch_size": 2, "num_replicas": 2, "seed": 0}
+
     m1, m2 = _metrics(one), _metrics(two)
     assert sorted(m1) == sorted(m2) and len(m1) == 2  # one row per step, logged once
     for step in m1:
@@ -109,6 +117,35 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
                     "train/weight/mean", "train/completion_length"):
             assert m2[step][key] == pytest.approx(m1[step][key], rel=1e-4, abs=1e-6), (step, key)
     assert m1[0]["train/grad_norm"] > 0
+
+
+def test_a_world_size_leaving_a_process_without_a_whole_batch_fails_before_training():
+    """data.batch_size is per process: 12 prompts over 4 processes leave 3 each, not a batch of 4 groups."""
+    from types import SimpleNamespace
+
+    from trgrpo.module import GRPOModule
+    from trgrpo.rollout import SamplingConfig
+
+    module = GRPOModule(sampling=SamplingConfig(group_size=4))
+    datamodule = SimpleNamespace(batch_size=4, splits={"train": [{}] * 12})
+    module.trainer = SimpleNamespace(world_size=4, datamodule=datamodule)
+    with pytest.raises(ValueError, match=r"world size 4 .* leaves 3 of the 12 training prompts to each process, "
+                                         r"fewer than one batch of data.batch_size=4"):
+        module.setup("fit")
+    module.trainer = SimpleNamespace(world_size=3, datamodule=datamodule)
+    module.setup("fit")  # 4 prompts each: fine
+
+
+def test_processes_draw_disjoint_prompts_whose_union_is_the_single_process_batch():
+    from trgrpo.data import ResumableSampler
+
+    rows = list(range(40))
+    single = list(ResumableSampler(rows, num_replicas=1, rank=0, seed=3, batch_size=4, progress=lambda: 0))
+    ranks = [list(ResumableSampler(rows, num_replicas=2, rank=r, seed=3, batch_size=2, progress=lambda: 0))
+             for r in (0, 1)]
+    for k in range(10):  # batch k of one process with 4 prompts = batches k of two processes with 2 each
+        assert sorted(single[4 * k:4 * k + 4]) == sorted(ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2])
+    assert not set(ranks[0]) & set(ranks[1])
 
 
 if __name__ == "__main__":

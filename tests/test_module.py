@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DENSE_REWARD, GradRecorder, arithmetic_args, run_cli
 
 import trgrpo.module as module_mod
-from helpers import DENSE_REWARD, GradRecorder, arithmetic_args, run_cli
 
 
 def _one_step(tmp_path, *extra):

@@ -119,15 +119,20 @@ def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage):
+@pytest.mark.parametrize("stage, lora", [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3-lora"])
+def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora):
+    import copy
+
     from safetensors.torch import load_file
 
     from trgrpo.export import export_checkpoint
 
     model = [f"--model.policy.name_or_path={pretrained}"]
+    if lora:  # the exports below are then the merged models
+        model += ["--model.policy.lora.r=4", "--model.policy.lora.alpha=8", "--model.policy.lora.target_modules=all-linear"]
     plain = run_cli(tmp_path / "plain", *ZERO_RUN, *model)
-    reference = {k: v.detach() for k, v in plain.model.policy_model.state_dict().items()}
+    policy = copy.deepcopy(plain.model.policy_model).merge_and_unload() if lora else plain.model.policy_model
+    reference = {k: v.detach() for k, v in policy.state_dict().items()}
 
     run = tmp_path / "zero"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
@@ -139,14 +144,19 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage):
            "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
            f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.save_last=true",
            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
-           "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={run / 'hf'}"]
+           "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={run / 'hf'}",
+           f"--trainer.callbacks.merge_lora={str(lora).lower()}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
     facts = json.loads((run / "facts.json").read_text())
     if stage == 3:  # built inside configure_model: every weight was a shard from its creation on
-        assert facts["policy_sharded"] and facts["ref_sharded"]
-    assert facts["ref_frozen_eval"] and facts["managed_gradient_accumulation"] is False
+        assert facts["policy_sharded"] and facts["ref_sharded"] is not False
+    if lora:  # the reference is the policy with its adapters disabled: no second model
+        assert facts["ref_sharded"] is None and facts["ref_frozen_eval"] is None
+    else:
+        assert facts["ref_frozen_eval"]
+    assert facts["managed_gradient_accumulation"] is False
     assert facts["gradient_clipping"] == 1.0 and facts["gradient_checkpointing"]
 
     # same gradients (pre-clip norm), losses, KL and samples as without DeepSpeed, step by step: two
@@ -163,7 +173,7 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage):
         torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-4, msg=k)
     last = run / "ckpt" / "last.ckpt"
     assert last.is_symlink() and last.is_dir()  # a folder of shards, published through a symlink
-    again = export_checkpoint(last, tmp_path / "from-shards")  # on the CPU, from the ZeRO shards
+    again = export_checkpoint(last, tmp_path / "from-shards", merge_lora=lora)  # on the CPU, from the shards
     for k, v in load_file(again / "model.safetensors").items():
         torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
 
@@ -201,13 +211,13 @@ if __name__ == "__main__":
 
     def configure_and_record(self):
         configure_model(self)
-        cfg = self.trainer.strategy.config
+        cfg, ref = self.trainer.strategy.config, self.ref_model
         Path(facts_path).parent.mkdir(parents=True, exist_ok=True)
         Path(facts_path).write_text(json.dumps({
             "policy_sharded": all(p.numel() == 0 and hasattr(p, "ds_id") for p in self.policy_model.parameters()),
-            "ref_sharded": all(p.numel() == 0 and hasattr(p, "ds_id") for p in self.ref_model.parameters()),
-            "ref_frozen_eval": not self.ref_model.training and
-            not any(p.requires_grad for p in self.ref_model.parameters()),
+            "ref_sharded": None if ref is None else all(p.numel() == 0 and hasattr(p, "ds_id") for p in ref.parameters()),
+            "ref_frozen_eval": None if ref is None else not ref.training and
+            not any(p.requires_grad for p in ref.parameters()),
             "managed_gradient_accumulation": cfg["managed_gradient_accumulation"],
             "gradient_clipping": cfg["gradient_clipping"],
             "gradient_checkpointing": self.policy_model.is_gradient_checkpointing,

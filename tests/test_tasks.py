@@ -121,6 +121,16 @@ def test_knights_knaves_levels_roles_and_disjoint():
     assert task.verify(row["answer"], row) == 0.0  # right roles but no tags
 
 
+def test_knights_knaves_short_names():
+    task = KnightsKnavesTask(n_people=[2, 4], train_size=30, val_size=5, short_names=True)
+    train, val = task.rows("train"), task.rows("val")
+    assert not _questions(train) & _questions(val)  # compared after renaming
+    for r in train + val:
+        assert r["names"] == ["Ann", "Bob", "Cid", "Dan"][: r["level"]]
+        assert f"You meet {r['level']} inhabitants: " + ", ".join(r["names"][:-1]) in r["prompt"]
+        assert task.verify(task.demonstration(r), r) == 1.0
+
+
 def test_knights_knaves_mixed_roles_keep_reasoning_gym_terms():
     rows = KnightsKnavesTask(n_people=[3], train_size=20, val_size=2, roles="mixed").rows("train")
     assert {r["knight_term"] for r in rows} - {"knight"}  # reasoning-gym varies the pair

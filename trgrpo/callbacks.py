@@ -100,7 +100,7 @@ class SupervisedWarmStart(L.Callback):
         ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
         lab = torch.full((len(seqs), width), -100, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, lbl) in enumerate(zip(seqs, labels)):
+        for i, (s, lbl) in enumerate(zip(seqs, labels, strict=True)):
             ids[i, : len(s)], lab[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), torch.tensor(lbl), 1
         return model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=lab.to(device)).loss
 
@@ -120,13 +120,13 @@ class RewardPlot(L.Callback):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        steps, rewards = zip(*pl_module.reward_history)
+        steps, rewards = zip(*pl_module.reward_history, strict=True)
         ax.plot(steps, rewards, color="tab:blue", alpha=0.8, label="train/reward")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("mean reward", color="tab:blue")
         if pl_module.eval_history:
             ax2 = ax.twinx()
-            es, acc = zip(*sorted(pl_module.eval_history))
+            es, acc = zip(*sorted(pl_module.eval_history), strict=True)
             ax2.plot(es, acc, "o-", color="tab:red", label="val/accuracy (greedy, held-out)")
             ax2.set_ylabel("held-out accuracy", color="tab:red")
             ax2.set_ylim(0, 1)

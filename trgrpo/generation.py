@@ -73,6 +73,8 @@ def fast_generation_supported(model: torch.nn.Module) -> bool:
     dec = _decoder(model)
     if dec is None or not hasattr(model, "lm_head") or getattr(cfg, "pretraining_tp", 1) != 1:
         return False
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return False
     for layer in dec.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
@@ -195,7 +197,8 @@ def _attend(q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v
         s_pre = s_pre + bias
     s_pre = s_pre.view(u, nkv, g, rep, p).permute(0, 2, 1, 3, 4).reshape(n, nkv, rep, p)
     s_own = torch.matmul(q.view(n, nkv, rep, hd), k.transpose(-1, -2))  # [N, nkv, rep, t]
-    probs = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)  # [N, nkv, rep, P + t]
+    # softmax in float32 as the eager attention of transformers does, for bfloat16 / float16 models
+    probs = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1, dtype=torch.float32).to(v.dtype)
     p_pre = probs[..., :p].reshape(u, g, nkv, rep, p).permute(0, 2, 1, 3, 4).reshape(u, nkv, g * rep, p)
     o_pre = torch.matmul(p_pre, pv).view(u, nkv, g, rep, hd).permute(0, 2, 1, 3, 4)  # [U, G, nkv, rep, hd]
     o_own = torch.matmul(probs[..., p:], v)  # [N, nkv, rep, hd]

@@ -504,7 +504,7 @@ class GRPOModule(L.LightningModule):
             self._table += self._sample_rows(rollout, rows, correct, missing)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._all_reduce_sum(self._eval_sums.to(self.device)).cpu()
+        sums = self._all_reduce_sum(self._eval_sums.float().to(self.device)).double().cpu()  # float32: MPS, NCCL
         metrics = level_metrics(self._levels, sums, self.eval_cfg.k)
         acc = metrics.pop("val/accuracy", 0.0)
         self.log("val/accuracy", acc, prog_bar=True)

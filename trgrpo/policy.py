@@ -8,6 +8,8 @@ the model in peft LoRA adapters (only the adapters train).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -52,6 +54,8 @@ class LoraConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt (e.g. [q_proj, k_proj, v_proj, o_proj]) or "all-linear"."""
+    seed: int = 0
+    """Seed of the adapters' random initialisation."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -155,7 +159,25 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                            task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, lora)
+    with torch.random.fork_rng(devices=[]):
+        model = peft.get_peft_model(model, lora)
+        # initialise the adapters again, from their own seed: the same values with or without ZeRO-3 (whose
+        # shards peft's initialisation misses) and without drawing from the global RNG (sampling)
+        adapters = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+        sharded = [p for _, p in adapters if hasattr(p, "ds_id")]
+        torch.manual_seed(cfg.seed)
+        gather = contextlib.nullcontext()
+        if sharded:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=0)
+        with gather, torch.no_grad():
+            for name, p in adapters:  # peft's default: A Kaiming-uniform, B zero (the adapter starts as identity)
+                if ".lora_A." in name:
+                    torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                else:
+                    p.zero_()
+    return model
 
 
 def describe(cfg: PolicyConfig) -> dict:

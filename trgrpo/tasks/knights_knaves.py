@@ -24,7 +24,7 @@ from typing import Literal
 
 from trgrpo.rewards import THINK_TAGS, has_think_answer_format, with_prefilled_think
 from trgrpo.tasks import Split, Task
-from trgrpo.tasks.reasoning_gym import draw_levels, fill_template
+from trgrpo.tasks.reasoning_gym import draw_levels, fill_template, normalise
 
 CLASSIC = {"knight": "knight", "knave": "knave", "a_knight": "a knight", "a_knave": "a knave",
            "Knight": "Knight", "Knave": "Knave"}
@@ -40,6 +40,17 @@ def to_classic_roles(text: str, terms: dict[str, str]) -> str:
     mapping = dict(pairs)
     rx = re.compile("|".join(rf"\b{re.escape(src)}\b" for src, _ in pairs))  # longest alternatives first
     return rx.sub(lambda m: mapping[m.group(0)], text)
+
+
+SHORT_NAMES = ["Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lea"]
+
+
+def rename_people(text: str, names: list[str]) -> tuple[str, list[str]]:
+    """``text`` with the i-th person renamed to ``SHORT_NAMES[i]`` (one pass, so no name is renamed twice)."""
+    new = SHORT_NAMES[: len(names)]
+    mapping = dict(zip(names, new, strict=True))
+    rx = re.compile("|".join(rf"\b{re.escape(n)}\b" for n in sorted(names, key=len, reverse=True)))
+    return rx.sub(lambda m: mapping[m.group(0)], text), new
 
 
 def solution_text(names: list[str], roles: list[str]) -> str:
@@ -121,6 +132,8 @@ class KnightsKnavesTask(Task):
         roles: ``knight_knave`` rewrites every puzzle to knights and knaves (as the published data);
             ``mixed`` keeps reasoning-gym's varied role pairs (sage/fool, hero/villain, ...).
         prompt_template: the prompt, with ``{question}`` replaced by the puzzle text.
+        short_names: rename the people Ann, Bob, Cid, ... in order (the puzzle is unchanged); for tiny
+            models, which then need not copy names from the prompt to give a readable answer.
         seed: seed of the training puzzles; held-out puzzles use ``seed + 2**30`` and skip training ones.
     """
 
@@ -133,6 +146,7 @@ class KnightsKnavesTask(Task):
         width_constraint: int = 2,
         roles: Literal["knight_knave", "mixed"] = "knight_knave",
         prompt_template: str = "{question}",
+        short_names: bool = False,
         seed: int = 0,
     ) -> None:
         levels = list(n_people) if n_people is not None else [3, 4, 5, 6, 7]
@@ -149,16 +163,23 @@ class KnightsKnavesTask(Task):
             raise ValueError(f"data.task.init_args.prompt_template must contain {{question}}, got {prompt_template!r}")
         self.n_people, self.train_size, self.val_size = sorted(set(levels)), train_size, val_size
         self.depth_constraint, self.width_constraint = depth_constraint, width_constraint
-        self.roles, self.prompt_template, self.seed = roles, prompt_template, seed
+        self.roles, self.prompt_template, self.short_names, self.seed = roles, prompt_template, short_names, seed
         self._cache: dict[str, list[dict]] = {}
 
-    def _row(self, item: dict, level: int) -> dict:
+    def _puzzle(self, item: dict) -> tuple[str, list[str], dict[str, str]]:
+        """(question, names, role terms) as the model sees them: roles and names rewritten if asked."""
         meta = item["metadata"]
         terms = {k: str(v) for k, v in meta["knight_knave_terms"].items()}
-        question = item["question"]
+        question, names = item["question"], [str(n) for n in meta["names"]]
         if self.roles == "knight_knave":
             question, terms = to_classic_roles(question, terms), dict(CLASSIC)
-        names = [str(n) for n in meta["names"]]
+        if self.short_names:
+            question, names = rename_people(question, names)
+        return question, names, terms
+
+    def _row(self, item: dict, level: int) -> dict:
+        question, names, terms = self._puzzle(item)
+        meta = item["metadata"]
         roles = [terms["knight"] if ok else terms["knave"] for ok in meta["solution"]]
         return {"prompt": fill_template(self.prompt_template, question), "question": question,
                 "answer": solution_text(names, roles), "names": names, "roles": roles,
@@ -168,7 +189,9 @@ class KnightsKnavesTask(Task):
         if not self._cache:
             options = {n: {"n_people": n, "depth_constraint": self.depth_constraint,
                            "width_constraint": self.width_constraint} for n in self.n_people}
-            train, val = draw_levels("knights_knaves", options, self.train_size, self.val_size, self.seed)
+            # rewritten puzzles are compared, so two that differ only in names or role words count as one
+            train, val = draw_levels("knights_knaves", options, self.train_size, self.val_size, self.seed,
+                                     key=lambda item: normalise(self._puzzle(item)[0]))
             self._cache = {split_name: [self._row(it, n) for n, items in by_level.items() for it in items]
                            for split_name, by_level in (("train", train), ("val", val))}
         return self._cache[split]

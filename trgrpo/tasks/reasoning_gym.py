@@ -66,8 +66,14 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def draw_split(dataset, size: int, exclude: set[str], what: str) -> list[dict]:
-    """``size`` items of ``dataset`` in index order, skipping those whose question is in ``exclude``."""
+def question_key(item: dict) -> str:
+    """The default identity of an item for the disjointness check: its normalised question."""
+    return normalise(item["question"])
+
+
+def draw_split(dataset, size: int, exclude: set[str], what: str,
+               key: Callable[[dict], str] = question_key) -> list[dict]:
+    """``size`` items of ``dataset`` in index order, skipping those whose ``key`` is in ``exclude``."""
     items, i, budget = [], 0, 10 * size + 100
     while len(items) < size:
         if i >= budget:
@@ -77,26 +83,28 @@ def draw_split(dataset, size: int, exclude: set[str], what: str) -> list[dict]:
             )
         item = dataset[i]
         i += 1
-        if normalise(item["question"]) not in exclude:
+        if key(item) not in exclude:
             items.append(item)
     return items
 
 
 def draw_levels(
     name: str, level_options: dict[str | int | None, dict[str, Any]], train_size: int, val_size: int, seed: int,
+    key: Callable[[dict], str] = question_key,
 ) -> tuple[dict, dict]:
     """Items per level: (train, val), dicts of level -> items.
 
     Training items of every level come from ``seed``; held-out items from ``seed + VAL_SEED_OFFSET``,
-    skipping any question that is a training question of any level.
+    skipping any whose ``key`` (the question as the model will see it) is that of a training item of
+    any level.
     """
     train = {}
     for label, opts in level_options.items():
         ds = make_dataset(name, opts, seed, train_size)
         train[label] = [ds[i] for i in range(train_size)]
-    seen = {normalise(item["question"]) for items in train.values() for item in items}
+    seen = {key(item) for items in train.values() for item in items}
     val = {label: draw_split(make_dataset(name, opts, seed + VAL_SEED_OFFSET, 10 * val_size + 100), val_size, seen,
-                             f"held-out {name}" + (f" level {label}" if label is not None else ""))
+                             f"held-out {name}" + (f" level {label}" if label is not None else ""), key)
            for label, opts in level_options.items()}
     return train, val
 
