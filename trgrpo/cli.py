@@ -3,7 +3,8 @@
 Built on LightningCLI (jsonargparse): every constructor argument of ``GRPOModule`` (``--model.*``),
 ``PromptDataModule`` (``--data.*``) and ``Trainer`` (``--trainer.*``) is an option, documented from the
 docstrings in ``--help``; ``--print_config`` prints a complete YAML that loads back.  Strategy fragments
-(DDP, DeepSpeed ZeRO) compose with a second ``--config``.
+(DDP, DeepSpeed ZeRO) compose with a second ``--config`` (docs/scaling.md); an unknown strategy name, or a
+DeepSpeed fragment on a machine without CUDA, is refused at start-up naming the fragment (``check_strategy``).
 """
 
 from __future__ import annotations

@@ -260,7 +260,8 @@ def sample_completions(
     """
     dec = _decoder(model)
     cfg = model.config
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    nh = cfg.num_attention_heads
+    nkv = getattr(cfg, "num_key_value_heads", None) or nh
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
     warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy)
     logits, state = _prefill(model, dec, prompt_ids, prompt_mask, group_size, max_new_tokens)

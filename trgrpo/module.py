@@ -12,6 +12,10 @@ Each training step takes a batch of prompts and:
 Normalisers (response tokens, sequences) are counted over the whole optimiser batch and all
 processes before any micro-batch runs, so the gradient does not depend on how the batch is split.
 Lightning's ``global_step`` counts optimiser updates (one per RL step with the defaults).
+
+Scale and long runs (docs/scaling.md): the models are built in ``configure_model`` (sharded at creation under
+ZeRO-3, sampled from gathered weights via ``generation_weights``); under DeepSpeed the engine accumulates the
+micro-batches and clips; checkpoints add every process's random state and leave out the frozen reference.
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ class GRPOModule(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         if stage == "fit" and dm is not None:
             self._layout = check_batch_layout(dm.batch_size, self.sampling.group_size, self.optim_cfg)
-            world, rows = self.trainer.world_size, len(dm.splits.get("train", []))
-            if rows // world < dm.batch_size:
+            world, rows = self.trainer.world_size, len(getattr(dm, "splits", {}).get("train", []))
+            if rows and rows // world < dm.batch_size:
                 raise ValueError(
                     f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
                     f"training prompts to each process, fewer than one batch of data.batch_size={dm.batch_size} "
@@ -157,6 +161,9 @@ class GRPOModule(L.LightningModule):
 
             # lets from_pretrained load weights straight into the shards (kept alive: transformers holds a weakref)
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self._backwards_since_step = getattr(self, "_backwards_since_step", 0) + 1
 
     def _start_zero_micro_step(self, module, args) -> None:
         """Forward pre-hook on the policy under DeepSpeed: do what ``DeepSpeedEngine.forward`` does first.
@@ -383,6 +390,14 @@ class GRPOModule(L.LightningModule):
         ``optim.grad_clip`` in ``_configure_deepspeed``) and reports the global pre-clip norm.
         """
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            if not getattr(self, "_backwards_since_step", 0):
+                # every sequence was left out (zero advantage): the engine cannot step on no backward at all,
+                # so give it the zero gradient the plain path steps with, through a zero loss on one token
+                for p in self.policy_model.parameters():
+                    p.grad = None  # gradients live in the engine's buffers, not in .grad (ZeRO-3: shard-sized)
+                ids = torch.full((1, 1), self.tokenizer.eos_token_id, device=self.device)
+                self.manual_backward(self.policy_model(input_ids=ids).logits.sum() * 0.0)
+            self._backwards_since_step = 0
             opt.step()
             sched.step()
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()

@@ -7,9 +7,10 @@ default) each puzzle is rewritten to knights and knaves as in the published data
 
 The model answers as ``<think>...</think><answer>...</answer>`` and the reward is the sum of two terms,
 ``trgrpo.rewards.think_answer_format`` (+1 / -1) and ``kk_answer_reward``: +2 when every person's role
-in the ``<answer>`` block is right, -1.5 when one is wrong, -2 when the roles cannot be read from it
+in the ``<answer>`` block is right, -1.5 when any is wrong, -2 when the roles cannot be read from it
 (a name missing, or a different number of role words than people).  As in Logic-RL, the answer is not
-graded when the format is broken (the term is None there and counts 0 in the total)::
+graded when the format is broken (the term is None there and counts 0 in the total), so the totals are
+3 (right), -0.5 (wrong), -1 (unreadable or badly formatted); ``kk_reward`` is the same as one term::
 
     model:
       rewards:
