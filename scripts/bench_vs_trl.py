@@ -16,12 +16,16 @@ Scenarios (each at two model sizes):
                separately together with ours without skipping.
 
 Every (scenario, trainer) run is a fresh process (so its peak RSS is its own), the trainers alternate,
-the first steps of each process are warm-up and are not timed, and medians over all timed steps are
-reported.  The float32 matmul rate of the machine is measured in the same invocation.
+the first step of each process is warm-up and is not timed, and medians over all timed steps (6 per
+trainer and scenario by default) are reported, in wall-clock seconds and in CPU seconds of the process.
+The float32 matmul rate of the machine is measured in the same invocation.  On a machine other jobs share,
+run with ``--threads 1``: a single-threaded process is only time-sliced by the others, so its CPU time
+still measures its own work, while two OpenMP threads stall each other whenever one is descheduled.
 
-    pip install -e '.[bench]'                # TRL
-    python scripts/bench_vs_trl.py           # full run, both sizes (about 25 minutes on 2 CPU cores)
-    python scripts/bench_vs_trl.py --sizes demo --steps 3 --rounds 1   # quick look
+    pip install -e '.[bench]'                # adds TRL; torch, transformers, lightning stay as they are
+    python scripts/bench_vs_trl.py --json docs/bench_vs_trl.json --plot docs/bench_vs_trl.png
+    python scripts/bench_vs_trl.py --threads 1    # shared machine (how docs/benchmarks.md was recorded)
+    python scripts/bench_vs_trl.py --sizes demo --scenarios fixed --steps 2 --rounds 1   # quick look
 """
 
 from __future__ import annotations
