@@ -48,10 +48,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+def demo_model_shape() -> dict:
+    """The tiny model of configs/demo.yaml (``model.policy.tiny``), so "demo" follows that file."""
+    import yaml
+
+    tiny = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]["policy"]["tiny"]
+    return {k: int(tiny[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+
+
 SIZES = {
-    # the demo model of configs/demo.yaml
-    "demo": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                 prompts=16, group_size=8, max_new_tokens=48),
+    # the demo model of configs/demo.yaml, with a longer completion budget than the demo's
+    "demo": dict(**demo_model_shape(), prompts=16, group_size=8, max_new_tokens=48),
     # about 30M parameters (the character vocabulary of ~120 tokens, so nearly all of it is in the layers)
     "30m": dict(hidden_size=512, num_hidden_layers=7, num_attention_heads=8, intermediate_size=2048,
                 prompts=8, group_size=8, max_new_tokens=48),
