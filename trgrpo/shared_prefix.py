@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import transformers
 from torch import Tensor
 
 
@@ -49,8 +50,13 @@ def _checkpointed(model: torch.nn.Module) -> bool:
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the cache: ``cache`` from transformers 5, ``past_key_values`` before."""
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    # wrappers that pass **kwargs through (PEFT) take the name of the installed transformers
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def full_completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
