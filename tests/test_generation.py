@@ -1,6 +1,8 @@
-"""The fast sampler (``trgrpo.generation``) against ``model.generate``: same tokens for the same seed."""
+"""The fast sampler (``trgrpo.fastpath.sampler``) against ``model.generate``: same tokens for the same seed."""
 
 from __future__ import annotations
+
+from typing import get_args
 
 import pytest
 import torch
@@ -13,9 +15,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from trgrpo.generation import fast_generation_supported
+from trgrpo.fastpath.sampler import fast_generation_supported
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-from trgrpo.rollout import SamplingConfig, generate_rollout
+from trgrpo.rollout import (
+    ENGINES,
+    EngineName,
+    FastEngine,
+    HFEngine,
+    Rollout,
+    SamplingConfig,
+    generate_rollout,
+)
 
 # prompts of different lengths, so the batch is left-padded
 PROMPTS = ["12+34=", "7+5=", "The sum of 99 and 1 is ", "3+3="]
@@ -115,3 +125,40 @@ def test_training_mode_is_restored(tokenizer):
     model = _qwen2(tokenizer).train()
     generate_rollout(model, tokenizer, PROMPTS, SamplingConfig(group_size=2, max_new_tokens=3))
     assert model.training
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_single_turn_rollouts_train_every_completion_token(tokenizer, engine):
+    torch.manual_seed(1)
+    r = generate_rollout(_qwen2(tokenizer), tokenizer, PROMPTS, SamplingConfig(group_size=3, max_new_tokens=12,
+                                                                               engine=engine, temperature=5.0))
+    assert r.trainable_mask.dtype == r.completion_mask.dtype
+    assert torch.equal(r.trainable_mask, r.completion_mask)
+    assert r.sampler_logp is None or r.sampler_logp.shape == r.completion_mask.shape
+
+
+def test_a_hand_built_rollout_trains_its_completion_mask():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    r = Rollout(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long),
+                completion_mask=mask, truncated=torch.zeros(2, dtype=torch.bool), prompt_len=1, completions=["", ""])
+    assert r.trainable_mask is mask and r.sampler_logp is None
+    tool = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # a context-only token is not trained
+    assert r._replace(trainable_mask=tool).trainable_mask is tool
+
+
+def test_every_engine_name_has_an_engine_and_selects_it(tokenizer, monkeypatch):
+    assert set(get_args(EngineName)) == set(ENGINES)
+    assert ENGINES["fast"] is FastEngine and ENGINES["hf"] is HFEngine
+    with pytest.raises(ValueError, match="model.sampling.engine"):
+        SamplingConfig(engine="vllm")
+    calls = []
+
+    class RecordingEngine(HFEngine):  # any class with generate(...) -> Rollout plugs in
+        def generate(self, model, tokenizer, prompts, sampling, group_size, greedy):
+            calls.append((group_size, greedy))
+            return super().generate(model, tokenizer, prompts, sampling, group_size, greedy)
+
+    monkeypatch.setitem(ENGINES, "hf", RecordingEngine)
+    r = generate_rollout(_qwen2(tokenizer), tokenizer, PROMPTS[:2], SamplingConfig(group_size=2, max_new_tokens=3,
+                                                                                   engine="hf"))
+    assert calls == [(2, False)] and r.input_ids.shape[0] == 4

@@ -1,4 +1,4 @@
-"""Scoring with each distinct prompt run once (``trgrpo.shared_prefix``) equals the plain forward."""
+"""Scoring with each distinct prompt run once (``trgrpo.fastpath.shared_prefix``) equals the plain forward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import trgrpo.shared_prefix as sp
+import trgrpo.fastpath.shared_prefix as sp
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 from trgrpo.rollout import SamplingConfig, generate_rollout
 

@@ -15,8 +15,9 @@ import pytest
 from trgrpo.data import PromptDataModule
 from trgrpo.policy import PolicyConfig, load_tokenizer
 from trgrpo.tasks import KnightsKnavesTask, MathTask, ReasoningGymTask, Task
+from trgrpo.tasks.common import normalise
 from trgrpo.tasks.knights_knaves import to_classic_roles
-from trgrpo.tasks.reasoning_gym import draw_split, normalise, reasoning_gym_reward
+from trgrpo.tasks.reasoning_gym import draw_split, reasoning_gym_reward
 from trgrpo.tokenizer import save_char_tokenizer
 
 OTHER_ROLES = r"\b(pioneer|laggard|saint|sinner|hero|villain|angel|devil|altruist|egoist|sage|fool)s?\b"

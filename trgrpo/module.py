@@ -46,12 +46,12 @@ from trgrpo.evaluation import (
     sort_levels,
     write_sample_table,
 )
+from trgrpo.fastpath.shared_prefix import completion_logits
 from trgrpo.logprobs import differentiable_entropy, selective_log_softmax, token_entropy
 from trgrpo.losses import policy_loss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
 from trgrpo.rewards import RewardSpec, compute_rewards, exact_match
 from trgrpo.rollout import Rollout, SamplingConfig, generate_rollout
-from trgrpo.shared_prefix import completion_logits
 from trgrpo.weighting import TokenWeighting, UniformWeighting
 
 log = logging.getLogger(__name__)

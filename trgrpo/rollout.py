@@ -6,23 +6,31 @@ Layout of a rollout of N = num_prompts * G sequences (completions of one prompt 
     attention_mask  [N, P + T]   1 on real prompt and completion tokens (EOS included)
     completion_mask [N, T]       1 on completion tokens up to and including the first EOS
     truncated       [N]          True when no EOS was produced within max_new_tokens
+    trainable_mask  [N, T]       1 on completion tokens the policy sampled and is trained on (single-turn:
+                                 completion_mask; 0 on tokens a later turn inserts, such as tool output)
+    sampler_logp    [N, T]       the sampler's own log-prob of each completion token, or None
 
-Two sampling engines give the same tokens for the same random state: ``fast`` (``trgrpo.generation``:
-one prefill per prompt shared by its G samples, a preallocated KV cache, a lean decode loop; Qwen2, Qwen3
-and Llama-style models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM).
-``fast`` falls back to ``hf`` for a model it does not support.
+A rollout engine (``RolloutEngine``) turns prompts into a ``Rollout``; ``model.sampling.engine`` names it.
+The two here give the same tokens for the same random state: ``fast`` (``trgrpo.fastpath.sampler``: one
+prefill per prompt shared by its G samples, a preallocated KV cache, a lean decode loop; Qwen2, Qwen3 and
+Llama-style models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM).
+``fast`` falls back to ``hf`` for a model it does not support.  Another engine (vLLM, say) is a class with
+a ``generate`` method, listed in ``ENGINES`` and in ``EngineName``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from trgrpo.generation import fast_generation_supported, sample_completions
+from trgrpo.fastpath.sampler import fast_generation_supported, sample_completions
+
+EngineName = Literal["fast", "hf"]
+"""The rollout engines, keys of ``ENGINES``."""
 
 
 @dataclass
@@ -39,7 +47,7 @@ class SamplingConfig:
     """Nucleus sampling mass."""
     top_k: int = 0
     """Keep only the k most likely tokens (0 = off)."""
-    engine: Literal["fast", "hf"] = "fast"
+    engine: EngineName = "fast"
     """Sampler: "fast" (one prefill per prompt, preallocated KV cache, lean decode loop; Qwen2/Qwen3/Llama,
     falls back to "hf" for other models) or "hf" (``model.generate``; any causal LM). Same tokens for the
     same seed."""
@@ -56,17 +64,36 @@ class SamplingConfig:
             raise ValueError(f"model.sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.engine not in ("fast", "hf"):
-            raise ValueError(f"model.sampling.engine must be 'fast' or 'hf', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"model.sampling.engine must be one of {sorted(ENGINES)}, got {self.engine!r}")
 
 
-class Rollout(NamedTuple):
+class _RolloutFields(NamedTuple):
     input_ids: Tensor  # [N, P + T]
     attention_mask: Tensor  # [N, P + T]
     completion_mask: Tensor  # [N, T] float
     truncated: Tensor  # [N] bool
     prompt_len: int  # P
     completions: list[str]  # N decoded completions (special tokens removed)
+    trainable_mask: Tensor | None = None  # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
+    sampler_logp: Tensor | None = None  # [N, T] float log-probs under the engine that sampled; None: not reported
+
+
+class Rollout(_RolloutFields):
+    """N sampled sequences laid out for the loss (shapes in the module docstring).
+
+    ``trainable_mask`` is 1 on the completion tokens the policy sampled and is trained on, 0 on padding and
+    on context-only tokens inside a completion (tool output in a multi-turn rollout); left out, it is
+    ``completion_mask``, as for every single-turn rollout.  ``sampler_logp`` is the log-prob each completion
+    token had under the engine that sampled it (for importance-sampling correction against an external
+    engine), None when the engine does not report it (``fast`` and ``hf``).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):  # a NamedTuple body cannot define __new__; its subclass can
+        self = super().__new__(cls, *args, **kwargs)
+        return self if self.trainable_mask is not None else self._replace(trainable_mask=self.completion_mask)
 
 
 def completion_mask_from_ids(completion: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
@@ -77,6 +104,90 @@ def completion_mask_from_ids(completion: Tensor, eos_token_id: int) -> tuple[Ten
     positions = torch.arange(completion.shape[1], device=completion.device)
     mask = positions.unsqueeze(0) <= first.unsqueeze(1)
     return mask.float(), ~has_eos
+
+
+def encode_prompts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]):
+    """The prompts left-padded on the model's device: ``.input_ids`` and ``.attention_mask`` [U, P]."""
+    device = next(model.parameters()).device
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+def assemble_rollout(tokenizer: PreTrainedTokenizerBase, prompt_ids: Tensor, prompt_mask: Tensor,
+                     completion: Tensor, group_size: int, sampler_logp: Tensor | None = None) -> Rollout:
+    """A single-turn ``Rollout`` from [U, P] prompts and their [U * G, T] sampled ids (padding after EOS)."""
+    ids = prompt_ids.repeat_interleave(group_size, dim=0)  # [N, P]
+    attn = prompt_mask.repeat_interleave(group_size, dim=0)
+    mask, truncated = completion_mask_from_ids(completion, tokenizer.eos_token_id)
+    completion = torch.where(mask.bool(), completion, torch.full_like(completion, tokenizer.pad_token_id))
+    return Rollout(
+        input_ids=torch.cat([ids, completion], dim=1),
+        attention_mask=torch.cat([attn, mask.long()], dim=1),
+        completion_mask=mask,
+        truncated=truncated,
+        prompt_len=ids.shape[1],
+        completions=tokenizer.batch_decode(completion, skip_special_tokens=True),
+        trainable_mask=mask,
+        sampler_logp=sampler_logp,
+    )
+
+
+class RolloutEngine(Protocol):
+    """A sampler: ``group_size`` completions of each prompt (one greedy completion each with ``greedy``).
+
+    Called by :func:`generate_rollout` under ``torch.no_grad()`` with ``model`` in eval mode; returns
+    the prompts' ``group_size`` completions contiguous, in prompt order.
+    """
+
+    def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                 sampling: SamplingConfig, group_size: int, greedy: bool) -> Rollout: ...
+
+
+class HFEngine:
+    """``model.generate`` on the G-times-repeated prompts: any causal LM."""
+
+    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
+        enc = encode_prompts(model, tokenizer, prompts)
+        ids = enc.input_ids.repeat_interleave(group_size, dim=0)  # [N, P]
+        attn = enc.attention_mask.repeat_interleave(group_size, dim=0)
+        gen_cfg = GenerationConfig(
+            do_sample=not greedy,
+            temperature=sampling.temperature if not greedy else None,
+            top_p=sampling.top_p if not greedy else None,
+            top_k=sampling.top_k if not greedy else None,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
+        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, out[:, ids.shape[1]:], group_size)
+
+
+class FastEngine:
+    """``trgrpo.fastpath.sampler``: one prefill per prompt and a lean decode loop (Qwen2/Qwen3/Llama); the
+    same tokens as :class:`HFEngine`, to which it falls back for other models."""
+
+    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
+        if not fast_generation_supported(model):
+            return HFEngine().generate(model, tokenizer, prompts, sampling, group_size, greedy)
+        enc = encode_prompts(model, tokenizer, prompts)
+        completion = sample_completions(
+            model, enc.input_ids, enc.attention_mask, group_size, sampling.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            greedy=greedy, ignore_eos=sampling.ignore_eos,
+        )  # [N, T]
+        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion, group_size)
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine}
+"""``model.sampling.engine`` -> the engine class; every name of ``EngineName`` has one."""
+
+
+def make_engine(sampling: SamplingConfig) -> RolloutEngine:
+    """The engine ``sampling.engine`` names."""
+    return ENGINES[sampling.engine]()
 
 
 @torch.no_grad()
@@ -90,51 +201,9 @@ def generate_rollout(
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt (or one greedy completion with ``greedy``)."""
     g = 1 if greedy else (group_size or sampling.group_size)
-    device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     was_training = model.training
     model.eval()
     try:
-        if sampling.engine == "fast" and fast_generation_supported(model):
-            completion = sample_completions(
-                model, enc.input_ids, enc.attention_mask, g, sampling.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                greedy=greedy, ignore_eos=sampling.ignore_eos,
-            )  # [N, T]
-        else:
-            completion = _hf_generate(model, tokenizer, enc.input_ids.repeat_interleave(g, dim=0),
-                                      enc.attention_mask.repeat_interleave(g, dim=0), sampling, greedy)
+        return make_engine(sampling).generate(model, tokenizer, prompts, sampling, g, greedy)
     finally:
         model.train(was_training)
-    ids = enc.input_ids.repeat_interleave(g, dim=0)  # [N, P]
-    attn = enc.attention_mask.repeat_interleave(g, dim=0)
-    prompt_len = ids.shape[1]
-    mask, truncated = completion_mask_from_ids(completion, tokenizer.eos_token_id)
-    completion = torch.where(mask.bool(), completion, torch.full_like(completion, tokenizer.pad_token_id))
-    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(
-        input_ids=torch.cat([ids, completion], dim=1),
-        attention_mask=torch.cat([attn, mask.long()], dim=1),
-        completion_mask=mask,
-        truncated=truncated,
-        prompt_len=prompt_len,
-        completions=texts,
-    )
-
-
-def _hf_generate(model, tokenizer, ids: Tensor, attn: Tensor, sampling: SamplingConfig, greedy: bool) -> Tensor:
-    """``model.generate`` on already repeated prompts [N, P]; returns the [N, T] generated ids."""
-    gen_cfg = GenerationConfig(
-        do_sample=not greedy,
-        temperature=sampling.temperature if not greedy else None,
-        top_p=sampling.top_p if not greedy else None,
-        top_k=sampling.top_k if not greedy else None,
-        max_new_tokens=sampling.max_new_tokens,
-        min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
-    return out[:, ids.shape[1]:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from trgrpo.tasks import Split, Task
+from trgrpo.tasks.base import Split, Task
 
 
 class ArithmeticTask(Task):

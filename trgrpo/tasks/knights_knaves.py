@@ -24,8 +24,9 @@ import re
 from typing import Literal
 
 from trgrpo.rewards import THINK_TAGS, has_think_answer_format, with_prefilled_think
-from trgrpo.tasks import Split, Task
-from trgrpo.tasks.reasoning_gym import draw_levels, fill_template, normalise
+from trgrpo.tasks.base import Split, Task
+from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
+from trgrpo.tasks.reasoning_gym import draw_levels
 
 CLASSIC = {"knight": "knight", "knave": "knave", "a_knight": "a knight", "a_knave": "a knave",
            "Knight": "Knight", "Knave": "Knave"}
@@ -160,8 +161,7 @@ class KnightsKnavesTask(Task):
                              f"got {depth_constraint}, {width_constraint}")
         if roles not in ("knight_knave", "mixed"):
             raise ValueError(f"data.task.init_args.roles must be knight_knave or mixed, got {roles!r}")
-        if "{question}" not in prompt_template:
-            raise ValueError(f"data.task.init_args.prompt_template must contain {{question}}, got {prompt_template!r}")
+        check_prompt_template(prompt_template)
         self.n_people, self.train_size, self.val_size = sorted(set(levels)), train_size, val_size
         self.depth_constraint, self.width_constraint = depth_constraint, width_constraint
         self.roles, self.prompt_template, self.short_names, self.seed = roles, prompt_template, short_names, seed

@@ -38,8 +38,8 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from trgrpo.rewards import SampleFailures
-from trgrpo.tasks import Split, Task
-from trgrpo.tasks.reasoning_gym import fill_template, normalise
+from trgrpo.tasks.base import Split, Task
+from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,7 @@ class MathTask(Task):
         if val_split is None and not val_size:
             raise ValueError("data.task.init_args.val_size is required when val_split is empty "
                              "(that many training rows are held out)")
-        if "{question}" not in prompt_template:
-            raise ValueError(f"data.task.init_args.prompt_template must contain {{question}}, got {prompt_template!r}")
+        check_prompt_template(prompt_template)
         if answer_pattern is not None:
             try:
                 re.compile(answer_pattern)

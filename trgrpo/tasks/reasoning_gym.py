@@ -31,7 +31,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from trgrpo.tasks import Split, Task
+from trgrpo.tasks.base import Split, Task
+from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
 VAL_SEED_OFFSET = 2**30
 """Held-out items use ``seed + VAL_SEED_OFFSET``: far from the training seeds ``seed + i``."""
@@ -59,11 +60,6 @@ def make_dataset(name: str, options: dict[str, Any], seed: int, size: int, key: 
         return reasoning_gym.create_dataset(name, seed=seed, size=size, **options)
     except (AssertionError, ValueError, TypeError) as exc:
         raise ValueError(f"{key}.options: reasoning-gym rejected {options} for {name!r}: {exc}") from exc
-
-
-def normalise(text: str) -> str:
-    """Whitespace-insensitive key used to check that held-out questions are not training questions."""
-    return " ".join(text.split())
 
 
 def question_key(item: dict) -> str:
@@ -116,11 +112,6 @@ def draw_level_rows(name: str, level_options: dict, train_size: int, val_size: i
     return {split: [to_row(it, name, level_options[label], template, label) for label, items in items_by.items()
                     for it in items]
             for split, items_by in (("train", train), ("val", val))}
-
-
-def fill_template(template: str, question: str) -> str:
-    """``template`` with ``{question}`` replaced (plain replacement: LaTeX braces stay as they are)."""
-    return template.replace("{question}", question)
 
 
 def extract_tagged(completion: str, tag: str | None) -> str | None:
@@ -199,8 +190,7 @@ class ReasoningGymTask(Task):
     ) -> None:
         if train_size < 1 or val_size < 1:
             raise ValueError(f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}")
-        if "{question}" not in prompt_template:
-            raise ValueError(f"data.task.init_args.prompt_template must contain {{question}}, got {prompt_template!r}")
+        check_prompt_template(prompt_template)
         self.name, self.options, self.levels = name, dict(options or {}), levels
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
         self.prompt_template, self.answer_tag = prompt_template, answer_tag

@@ -18,7 +18,7 @@ identical; sampled ones too unless a float rounding difference moves a probabili
 see ``tests/test_generation.py``).  Architectures the decode loop does not know fall back to
 ``generate`` (``fast_generation_supported``).  Pure torch + transformers, no Lightning import.
 
-    python -c "from trgrpo.generation import fast_generation_supported; help(fast_generation_supported)"
+    python -c "from trgrpo.fastpath.sampler import fast_generation_supported; help(fast_generation_supported)"
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from trgrpo.shared_prefix import cache_layers, model_cache
+from trgrpo.fastpath.shared_prefix import cache_layers, model_cache
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 

@@ -1,0 +1,150 @@
+"""Imports run one way, pure math <- components <- module <- CLI, and pure math never imports Lightning.
+
+Every file of ``trgrpo/`` is parsed with ``ast`` (nothing is imported) and each import of a ``trgrpo``
+module is checked against ``LAYERS``.  Imports under ``if TYPE_CHECKING:`` load nothing at run time and
+are not checked.  A new module fails ``test_every_module_has_a_layer`` until it is given a layer here.
+
+    python -m pytest tests/test_layering.py -q
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "trgrpo"
+
+PURE_MATH, COMPONENTS, MODULE, CLI = 0, 1, 2, 3
+LAYER_NAMES = ["pure math", "components", "module", "cli"]
+
+# module (dotted, relative to trgrpo; a package name covers everything in it) -> layer
+LAYERS: dict[str, int] = {
+    "__init__": PURE_MATH,  # trgrpo/__init__.py: every import of trgrpo.x runs it first
+    "advantages": PURE_MATH,
+    "losses": PURE_MATH,
+    "logprobs": PURE_MATH,
+    "weighting": PURE_MATH,
+    "stats": PURE_MATH,
+    "update": PURE_MATH,
+    "scoring": PURE_MATH,
+    "fastpath": PURE_MATH,  # the fast sampler and shared-prompt forwards
+    "config": COMPONENTS,
+    "rollout": COMPONENTS,
+    "rewards": COMPONENTS,
+    "tasks": COMPONENTS,
+    "tokenizer": COMPONENTS,
+    "policy": COMPONENTS,
+    "evaluation": COMPONENTS,
+    "checkpointing": COMPONENTS,
+    "data": COMPONENTS,
+    "callbacks": COMPONENTS,
+    "progress": COMPONENTS,
+    "export": COMPONENTS,  # also ``python -m trgrpo.export``, but the HFExport callback calls it
+    "module": MODULE,
+    "backend": MODULE,  # the DeepSpeed glue the module delegates to (imports Lightning's strategies)
+    "cli": CLI,
+    "__main__": CLI,
+}
+
+LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
+
+
+def module_name(path: Path) -> str:
+    """trgrpo/tasks/base.py -> "tasks.base"; trgrpo/tasks/__init__.py -> "tasks"; trgrpo/__init__.py -> "__init__"."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a module, from its own entry or that of the nearest package above it."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    return None
+
+
+def _is_module(dotted: str) -> bool:
+    """Whether ``trgrpo.a.b`` is a module or package of the tree (rather than a name defined in one)."""
+    path = PACKAGE.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
+def _import_nodes(node: ast.AST):
+    """Import statements anywhere in the file (functions too), except under ``if TYPE_CHECKING:``."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif _type_checking(child):
+            for other in child.orelse:
+                yield from _import_nodes(other)
+        else:
+            yield from _import_nodes(child)
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute dotted module) of every import in a file; ``from pkg import mod`` names ``pkg.mod``."""
+    package = ["trgrpo", *path.relative_to(PACKAGE).parent.parts]
+    out = []
+    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+            continue
+        base = node.module or ""
+        if node.level:  # relative: from the file's package, one level up per extra dot
+            base = ".".join([*package[:len(package) - node.level + 1], *filter(None, [node.module])])
+        for alias in node.names:
+            full = f"{base}.{alias.name}"
+            out.append((node.lineno, full if full.startswith("trgrpo") and _is_module(full) else base))
+    return list(dict.fromkeys(out))
+
+
+def _files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.relative_to(PACKAGE.parent)}:{line}"
+
+
+def test_every_module_has_a_layer():
+    missing = [f"{path.relative_to(PACKAGE.parent)} ({module_name(path)!r})" for path in _files()
+               if layer_of(module_name(path)) is None]
+    assert not missing, ("modules without a layer; add each to LAYERS in tests/test_layering.py "
+                         f"({', '.join(LAYER_NAMES)}): " + "; ".join(missing))
+
+
+def test_pure_math_does_not_import_lightning():
+    bad = [f"{_where(path, line)} imports {target}" for path in _files()
+           if layer_of(module_name(path)) == PURE_MATH for line, target in imports(path)
+           if target.split(".")[0] in LIGHTNING]
+    assert not bad, "pure-math modules must not import Lightning: " + "; ".join(bad)
+
+
+def test_imports_point_down_the_layers():
+    bad = []
+    for path in _files():
+        layer = layer_of(module_name(path))
+        for line, target in imports(path):
+            if target != "trgrpo" and not target.startswith("trgrpo."):
+                continue
+            other = layer_of(target.removeprefix("trgrpo").removeprefix(".") or "__init__")
+            if layer is not None and other is not None and other > layer:
+                bad.append(f"{_where(path, line)} ({LAYER_NAMES[layer]}) imports {target} ({LAYER_NAMES[other]})")
+    assert not bad, ("a lower layer imports a higher one (order: " + " < ".join(LAYER_NAMES) + "): "
+                     + "; ".join(bad))
+
+
+def test_the_import_reader():
+    assert module_name(PACKAGE / "tasks" / "base.py") == "tasks.base" and layer_of("tasks.base") == COMPONENTS
+    assert module_name(PACKAGE / "__init__.py") == "__init__" and layer_of("fastpath.sampler") == PURE_MATH
+    assert (33, "trgrpo.fastpath.shared_prefix") in imports(PACKAGE / "fastpath" / "sampler.py")
+    assert any(target == "trgrpo.tasks.base" for _, target in imports(PACKAGE / "tasks" / "arithmetic.py"))
