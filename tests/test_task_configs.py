@@ -1,7 +1,9 @@
 """The task configs: published values, and one smoke step of each through the real CLI on the tiny model.
 
 The GPU configs keep ``Qwen/Qwen2.5-3B-Instruct`` in the file; the smoke runs swap it for the embedded
-tiny model (``--model.policy.name_or_path=null``) and the embedded character tokenizer, on CPU.
+tiny model (``--model.policy.name_or_path=null``) and the embedded character tokenizer, on CPU.  The K&K
+variants are the base recipe composed with a weighting fragment (tests/test_weighting_configs.py checks every
+base with every fragment).
 
     python -m pytest tests/test_task_configs.py -q
 """
@@ -18,13 +20,11 @@ import yaml
 from trgrpo.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-KK_3B = {"trgrpo": ("TokenRegulatedWeighting", {"alpha": 2.0, "tau": 0.1111111111, "mu": 0.25, "lower": 1.0,
-                                                "upper": 1.4}),
-         "grpo": ("UniformWeighting", None),
-         "ar": ("AdvantageReweighting", {"alpha": 0.3}),
-         "lopti": ("Lopti", {"eta": 0.5, "low_first": True}),
-         "ar_lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.3})}
-GPU_CONFIGS = [f"kk_qwen2.5_3b_{v}.yaml" for v in KK_3B] + ["math_gsm8k_qwen2.5_3b_trgrpo.yaml"]
+KK_3B = CONFIGS / "kk_qwen2.5_3b.yaml"
+MATH_3B = CONFIGS / "math_gsm8k_qwen2.5_3b.yaml"
+TR_GRPO = ("TokenRegulatedWeighting", {"alpha": 2.0, "tau": 0.1111111111, "mu": 0.25, "lower": 1.0, "upper": 1.4})
+# the published K&K comparison: weighting fragment -> updates per RL step (Lopti trains in two passes)
+KK_VARIANTS = {"tr_grpo": 1, "grpo": 1, "ar": 1, "lopti": 2, "ar_lopti": 2, "tr_grpo_ratio": 1, "high_entropy": 1}
 
 TINY = [
     "--model.policy.name_or_path=null",
@@ -62,9 +62,8 @@ def _columns(rows: list[dict]) -> set[str]:
     return {k for r in rows for k, v in r.items() if v not in ("", None)}
 
 
-@pytest.mark.parametrize("variant", list(KK_3B))
-def test_kk_3b_configs_mirror_the_published_setup(variant):
-    cfg = yaml.safe_load((CONFIGS / f"kk_qwen2.5_3b_{variant}.yaml").read_text())
+def test_kk_3b_config_mirrors_the_published_setup():
+    cfg = yaml.safe_load(KK_3B.read_text())
     model, data = cfg["model"], cfg["data"]
     assert model["policy"]["name_or_path"] == "Qwen/Qwen2.5-3B-Instruct"
     assert (data["batch_size"], model["sampling"]["group_size"], model["sampling"]["temperature"]) == (64, 8, 0.7)
@@ -77,15 +76,21 @@ def test_kk_3b_configs_mirror_the_published_setup(variant):
     assert task["init_args"]["n_people"] == [3, 4, 5, 6, 7] and task["init_args"]["train_size"] * 5 == 4500
     assert [r["fn"] for r in model["rewards"]] == ["trgrpo.rewards.think_answer_format",
                                                   "trgrpo.tasks.knights_knaves.kk_answer_reward"]
-    name, args = KK_3B[variant]
-    assert model["weighting"]["class_path"] == f"trgrpo.weighting.{name}"
-    assert model["weighting"].get("init_args") == args
-    # the variants differ only in the weighting (and the log folder name)
-    base = yaml.safe_load((CONFIGS / "kk_qwen2.5_3b_grpo.yaml").read_text())
-    for c in (cfg, base):
-        c["model"].pop("weighting")
-        c["trainer"]["logger"]["init_args"].pop("name")
-    assert cfg == base
+    # alone, the base runs TR-GRPO; the variants are fragments composed after it, so they differ from it in
+    # the weighting only (tests/test_weighting_configs.py) and log to the base's folder unless renamed
+    name, args = TR_GRPO
+    assert model["weighting"] == {"class_path": f"trgrpo.weighting.{name}", "init_args": args}
+    assert cfg["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": "kk_qwen2.5_3b"}
+
+
+def test_math_config_shares_the_kk_optimisation_settings():
+    kk, math = yaml.safe_load(KK_3B.read_text()), yaml.safe_load(MATH_3B.read_text())
+    for key in ("policy", "optim"):
+        assert math["model"][key] == kk["model"][key]
+    assert {k: v for k, v in math["model"]["loss"].items() if k != "aggregation"} == \
+        {k: v for k, v in kk["model"]["loss"].items() if k != "aggregation"}
+    assert math["model"]["weighting"] == kk["model"]["weighting"]
+    assert math["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": "math_gsm8k_qwen2.5_3b"}
 
 
 def _run(args: list[str], tmp_path: Path):
@@ -94,11 +99,11 @@ def _run(args: list[str], tmp_path: Path):
     return main(args + logs)
 
 
-@pytest.mark.parametrize("name", GPU_CONFIGS[:5])
-def test_kk_3b_config_smoke_step(name, tmp_path):
-    cli = _run(["fit", "--config", str(CONFIGS / name), *TINY, "--data.task.init_args.train_size=1",
-                "--data.task.init_args.val_size=1"], tmp_path)
-    assert cli.trainer.global_step == (2 if "lopti" in name else 1)  # Lopti: two updates per RL step
+@pytest.mark.parametrize("variant", list(KK_VARIANTS))
+def test_kk_3b_config_smoke_step(variant, tmp_path):
+    cli = _run(["fit", "--config", str(KK_3B), "--config", str(CONFIGS / "weighting" / f"{variant}.yaml"), *TINY,
+                "--data.task.init_args.train_size=1", "--data.task.init_args.val_size=1"], tmp_path)
+    assert cli.trainer.global_step == KK_VARIANTS[variant]
     assert cli.model.policy_cfg.name_or_path is None
     rows = _logged(tmp_path)
     assert {"train/rewards/format", "train/rewards/answer", "train/reward", "val/accuracy"} <= _columns(rows)
@@ -108,7 +113,7 @@ def test_math_config_smoke_step(tmp_path):
     data = tmp_path / "gsm.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}\n#### {2 * i}"})
                               for i in range(6)))
-    cli = _run(["fit", "--config", str(CONFIGS / "math_gsm8k_qwen2.5_3b_trgrpo.yaml"), *TINY,
+    cli = _run(["fit", "--config", str(MATH_3B), *TINY,
                 f"--data.task.init_args.path={data}", "--data.task.init_args.name=null",
                 "--data.task.init_args.val_split=null", "--data.task.init_args.val_size=2",
                 f"--data.task.init_args.cache_dir={tmp_path / 'hf'}"], tmp_path)
