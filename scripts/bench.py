@@ -42,7 +42,10 @@ def worker(args: argparse.Namespace) -> None:
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            records.append({"step": time.perf_counter() - self.t0, **pl_module.timings})
+            t = pl_module.last_stats.timings()
+            # "update" as reported here includes the no-grad old / reference log-prob passes
+            records.append({"step": time.perf_counter() - self.t0, "generation": t.generation, "reward": t.reward,
+                            "update": t.old_logprobs + t.update})
 
     cli = main([
         "--seed_everything=0",

@@ -228,15 +228,15 @@ def run_ours(spec: RunSpec) -> dict:
     # the phases, timed around the functions the real training step calls
     module_code.generate_rollout = clock.wrap(module_code.generate_rollout, "generation")
     module_code.compute_rewards = clock.wrap(module_code.compute_rewards, "reward")
-    module.score_tokens = clock.wrap(module.score_tokens, "logprob_forward")
+    module.scorer.score = clock.wrap(module.scorer.score, "logprob_forward")
     module.manual_backward = clock.wrap(module.manual_backward, "backward_optimizer")
-    module._clip_and_step = clock.wrap(module._clip_and_step, "backward_optimizer")
+    module.optimiser_step = clock.wrap(module.optimiser_step, "backward_optimizer")
     captured: dict = {}
     update = module.update
 
-    def capture_update(rollout, adv, mask):
-        captured["args"] = (rollout, adv, mask)
-        return update(rollout, adv, mask)
+    def capture_update(rollout, inputs):
+        captured["args"] = (rollout, inputs)
+        return update(rollout, inputs)
 
     module.update = capture_update
     records: list[dict] = []

@@ -123,17 +123,16 @@ def test_a_world_size_leaving_a_process_without_a_whole_batch_fails_before_train
     """data.batch_size is per process: 12 prompts over 4 processes leave 3 each, not a batch of 4 groups."""
     from types import SimpleNamespace
 
-    from trgrpo.module import GRPOModule
-    from trgrpo.rollout import SamplingConfig
+    from trgrpo.data import PromptDataModule
+    from trgrpo.tasks import ArithmeticTask
 
-    module = GRPOModule(sampling=SamplingConfig(group_size=4))
-    datamodule = SimpleNamespace(batch_size=4, splits={"train": [{}] * 12})
-    module.trainer = SimpleNamespace(world_size=4, datamodule=datamodule)
+    datamodule = PromptDataModule(task=ArithmeticTask(), batch_size=4)
+    datamodule.trainer = SimpleNamespace(world_size=4)
     with pytest.raises(ValueError, match=r"world size 4 .* leaves 3 of the 12 training prompts to each process, "
                                          r"fewer than one batch of data.batch_size=4"):
-        module.setup("fit")
-    module.trainer = SimpleNamespace(world_size=3, datamodule=datamodule)
-    module.setup("fit")  # 4 prompts each: fine
+        datamodule.check_prompt_count(12)
+    datamodule.trainer = SimpleNamespace(world_size=3)
+    datamodule.check_prompt_count(12)  # 4 prompts each: fine
 
 
 def test_processes_draw_disjoint_prompts_whose_union_is_the_single_process_batch():
@@ -163,14 +162,14 @@ if __name__ == "__main__":
 
     trgrpo.module.GRPOModule.on_train_start = on_train_start
     grads = {}
-    clip_and_step = trgrpo.module.GRPOModule._clip_and_step
+    optimiser_step = trgrpo.module.GRPOModule.optimiser_step
 
     def record_first_gradient(self, opt, sched):
         if not grads:
             grads.update({k: p.grad.detach().clone() for k, p in self.policy_model.named_parameters()})
-        return clip_and_step(self, opt, sched)
+        return optimiser_step(self, opt, sched)
 
-    trgrpo.module.GRPOModule._clip_and_step = record_first_gradient
+    trgrpo.module.GRPOModule.optimiser_step = record_first_gradient
     cli = main(cli_args)
     if cli.trainer.is_global_zero:
         torch.save({k: v.detach().cpu() for k, v in cli.model.policy_model.state_dict().items()}, out_path)

@@ -28,7 +28,8 @@ LAYERS: dict[str, int] = {
     "update": PURE_MATH,
     "scoring": PURE_MATH,
     "fastpath": PURE_MATH,  # the fast sampler and shared-prompt forwards
-    "config": COMPONENTS,
+    "config": PURE_MATH,  # option dataclasses of the loss and the optimiser (no Lightning)
+    "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "rollout": COMPONENTS,
     "rewards": COMPONENTS,
     "tasks": COMPONENTS,
@@ -148,3 +149,15 @@ def test_the_import_reader():
     assert module_name(PACKAGE / "__init__.py") == "__init__" and layer_of("fastpath.sampler") == PURE_MATH
     assert (33, "trgrpo.fastpath.shared_prefix") in imports(PACKAGE / "fastpath" / "sampler.py")
     assert any(target == "trgrpo.tasks.base" for _, target in imports(PACKAGE / "tasks" / "arithmetic.py"))
+
+
+MAX_LINES = 450  # any file of the package
+MAX_MODULE_LINES = 300  # module.py orchestrates; the work lives in the modules it delegates to
+
+
+def test_files_stay_short():
+    long = [f"{path.relative_to(PACKAGE.parent)}: {n} lines" for path in _files()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"files over {MAX_LINES} lines (split them by concern): " + "; ".join(long)
+    n = len((PACKAGE / "module.py").read_text().splitlines())
+    assert n < MAX_MODULE_LINES, f"trgrpo/module.py has {n} lines; move work out of the LightningModule"

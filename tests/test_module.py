@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import DENSE_REWARD, GradRecorder, arithmetic_args, run_cli
 
+import trgrpo.losses as losses_mod
 import trgrpo.module as module_mod
+from trgrpo.scoring import TokenScorer
 
 
 def _one_step(tmp_path, *extra):
@@ -23,10 +25,16 @@ def _weights_after_one_step(tmp_path, *extra):
     return _one_step(tmp_path, *extra)[1]
 
 
-def _assert_same(a, b, atol=1e-6):
+def _assert_same(a, b):
+    """Same tensors up to float32 summation-order noise.
+
+    A gradient entry is a sum whose terms partly cancel, so its rounding error scales with the tensor's largest
+    entry (from ~5e-5 to ~0.1 across these tensors; measured ~2e-7 of it), not with the entry itself.
+    """
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol), k
+        scale = b[k].abs().max().item()
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5 * scale, msg=k)
 
 
 def _assert_changed(a, b):
@@ -37,7 +45,7 @@ def _assert_changed(a, b):
 def test_update_does_not_depend_on_micro_batch_split(tmp_path, aggregation):
     grads, _ = _one_step(tmp_path / "a", f"--model.loss.aggregation={aggregation}")
     split, _ = _one_step(tmp_path / "b", f"--model.loss.aggregation={aggregation}", "--model.optim.micro_batch_size=4")
-    _assert_same(grads, split, atol=1e-7)
+    _assert_same(grads, split)
     assert any(g.abs().max() > 1e-4 for g in grads.values())  # a real, non-zero gradient
 
 
@@ -55,40 +63,40 @@ def test_tr_grpo_gradient_differs_from_uniform(tmp_path):
                       "--model.weighting.init_args.lower=0.0", "--model.weighting.init_args.upper=2.0")
     same, _ = _one_step(tmp_path / "d", "--model.weighting=TokenRegulatedWeighting")
     assert any(not torch.allclose(uniform[k], tr[k], atol=1e-7) for k in uniform)
-    _assert_same(uniform, same, atol=1e-7)
+    _assert_same(uniform, same)
 
 
 def test_single_pass_uses_no_old_logprob_forward_and_ratio_is_one(tmp_path, monkeypatch):
     ratios = []
-    real = module_mod.policy_loss
+    real = losses_mod.policy_loss
 
     def spy(logp, old_logp, *args, **kwargs):
         ratios.append(torch.exp(logp - old_logp).detach())
         return real(logp, old_logp, *args, **kwargs)
 
-    monkeypatch.setattr(module_mod, "policy_loss", spy)
+    monkeypatch.setattr(losses_mod, "policy_loss", spy)
     calls = []
-    monkeypatch.setattr(module_mod.GRPOModule, "_score_batch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(TokenScorer, "score_all", lambda *a, **k: calls.append(1))
     _weights_after_one_step(tmp_path)
     assert not calls  # no extra forward pass for old log-probs
-    assert all(torch.equal(r, torch.ones_like(r)) for r in ratios)
+    assert all(torch.equal(r, torch.ones_like(r)) for r in ratios)  # exp(x - x) = exp(0): exactly 1
 
 
 def test_lopti_updates_low_probability_tokens_first(tmp_path, monkeypatch):
     seen = []
-    real = module_mod.policy_loss
+    real = losses_mod.policy_loss
 
     def spy(logp, old_logp, adv, w, mask, active, **kwargs):
         seen.append((old_logp.exp().detach(), active.clone(), mask.clone(), kwargs["num_tokens"]))
         return real(logp, old_logp, adv, w, mask, active, **kwargs)
 
-    monkeypatch.setattr(module_mod, "policy_loss", spy)
+    monkeypatch.setattr(losses_mod, "policy_loss", spy)
     _weights_after_one_step(tmp_path, "--model.weighting=Lopti", "--model.weighting.init_args.eta=0.5")
     assert len(seen) == 2  # two sequential updates
     (p1, a1, m1, n1), (p2, a2, m2, n2) = seen
     assert torch.all(p1[a1.bool()] < 0.5) and torch.all(p2[a2.bool()] >= 0.5)
-    assert torch.equal(a1 + a2, m1)  # together they cover every response token once
-    assert n1 == n2 == m1.sum().item()  # each pass normalised by all response tokens
+    assert torch.equal(a1 + a2, m1)  # together they cover every response token once (0/1 masks: exact)
+    assert n1 == n2 == m1.sum().item()  # each pass normalised by all response tokens (a count: exact)
 
 
 def test_several_epochs_and_mini_batches_take_that_many_optimiser_steps(tmp_path):

@@ -5,6 +5,7 @@ completions before RL starts (a tiny random model starts near 0 accuracy; real R
 instruct model).  Its result is cached under ``cache_dir`` keyed by everything that determines it, so
 reruns skip it.  ``RewardPlot`` writes ``reward_accuracy.png`` next to the logs at the end of fit.
 ``HFExport`` writes the policy as a Hugging Face model folder at the end of fit (``trgrpo.export``).
+``HeldoutAccuracy`` measures greedy held-out accuracy before and after RL (``GRPOModule`` adds it itself).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from trgrpo.checkpointing import capture_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +29,27 @@ log = logging.getLogger(__name__)
 class SupervisedWarmStart(L.Callback):
     """Supervised warm-start on the task's demonstrations, cached, run once before RL.
 
+    It reports on stdout (rank 0, flushed): a line when it starts, the mean loss about every tenth of
+    the steps, a line when it ends with the cache path, or one line naming the cached weights it loads
+    instead.  ``verbose`` left empty follows the trainer's progress bar (``trainer.enable_progress_bar:
+    false`` silences it, as in the tests); the lines always go to the ``trgrpo.callbacks`` logger at INFO.
+
     Args:
         steps: optimiser steps of supervised training.
         lr: AdamW learning rate.
         batch_size: sequences per step.
         cache_dir: folder of cached warm-started weights (one file per distinct setting).
         seed: seed of the batch order.
+        verbose: print progress to stdout (true / false; empty = when the trainer shows a progress bar).
     """
 
     def __init__(self, steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
-                 cache_dir: str = ".cache/trgrpo/warmstart", seed: int = 0) -> None:
+                 cache_dir: str = ".cache/trgrpo/warmstart", seed: int = 0, verbose: bool | None = None) -> None:
         if steps < 0:
             raise ValueError(f"SupervisedWarmStart.steps must be >= 0, got {steps}")
         self.steps, self.lr, self.batch_size, self.cache_dir, self.seed = steps, lr, batch_size, cache_dir, seed
+        self.verbose = verbose
+        self._print = False
 
     def _cache_path(self, module, rows: list[dict]) -> Path:
         key = {
@@ -50,25 +62,37 @@ class SupervisedWarmStart(L.Callback):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return Path(self.cache_dir) / f"warmstart-{digest}.pt"
 
+    def _report(self, message: str) -> None:
+        log.info(message)
+        if self._print:
+            print(message, flush=True)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.steps == 0 or trainer.ckpt_path:
             return
+        shown = trainer.progress_bar_callback is not None if self.verbose is None else self.verbose
+        self._print = shown and trainer.is_global_zero
         rows = trainer.datamodule.splits["train"]
         path = self._cache_path(pl_module, rows)
         model = pl_module.policy_model
         if path.exists():
             model.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True))
-            log.info("supervised warm-start: loaded cached weights from %s", path)
+            self._report(f"supervised warm-start: using cached weights {path} (delete the file to train again)")
             return
-        log.info("supervised warm-start: %d steps on task demonstrations (cached to %s)", self.steps, path)
-        self._train(pl_module, rows)
+        self._report(f"supervised warm-start: {self.steps} steps of {self.batch_size} task demonstrations "
+                     f"before RL (lr {self.lr}); cached afterwards, so reruns skip it")
+        start = time.perf_counter()
+        loss = self._train(pl_module, rows)
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, path)
+        self._report(f"supervised warm-start: done in {time.perf_counter() - start:.0f}s, loss {loss:.4f}; "
+                     f"weights cached to {path}")
 
-    def _train(self, module, rows: list[dict]) -> None:
+    def _train(self, module, rows: list[dict]) -> float:
+        """Run the supervised steps; returns the mean loss of the last reporting interval."""
         tok, model, task = module.tokenizer, module.policy_model, module.trainer.datamodule.task
         texts = [(r["prompt"], task.demonstration(r)) for r in rows]
         texts = [(p, d) for p, d in texts if d is not None]
@@ -76,6 +100,9 @@ class SupervisedWarmStart(L.Callback):
             raise ValueError("SupervisedWarmStart: the task provides no demonstrations")
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
+        every = max(1, self.steps // 10)
+        zero = torch.zeros((), device=module.device)
+        total, count, mean, start = zero, 0, float("nan"), time.perf_counter()
         model.train()
         for step in range(self.steps):
             pick = torch.randint(len(texts), (self.batch_size,), generator=gen).tolist()
@@ -84,8 +111,12 @@ class SupervisedWarmStart(L.Callback):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if step % 50 == 0 or step == self.steps - 1:
-                log.info("supervised warm-start step %d/%d loss %.4f", step + 1, self.steps, loss.item())
+            total, count = total + loss.detach(), count + 1  # read (a device sync) once per report only
+            if (step + 1) % every == 0 or step + 1 == self.steps:
+                mean, total, count = (total / count).item(), zero, 0
+                self._report(f"supervised warm-start: step {step + 1:>{len(str(self.steps))}}/{self.steps}  "
+                             f"loss {mean:.4f}  {time.perf_counter() - start:5.0f}s")
+        return mean
 
     @staticmethod
     def _batch_loss(tok, model, pairs, device) -> torch.Tensor:
@@ -106,12 +137,15 @@ class SupervisedWarmStart(L.Callback):
 
 
 class RewardPlot(L.Callback):
-    """Write ``reward_accuracy.png`` (train reward and held-out accuracy against step) to the log folder."""
+    """Write ``reward_accuracy.png`` (train reward and held-out accuracy against step) to the log folder.
+
+    Drawn at the end of fit, after the final held-out evaluation, so the last accuracy point is on it.
+    """
 
     def __init__(self, filename: str = "reward_accuracy.png") -> None:
         self.filename = filename
 
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or not pl_module.reward_history:
             return
         import matplotlib
@@ -158,3 +192,52 @@ class HFExport(L.Callback):
         export_from_trainer(trainer, pl_module, out, merge_lora=self.merge_lora, dtype=self.dtype)
         if trainer.is_global_zero:
             print(f"Hugging Face model written to {out}", flush=True)
+
+
+class HeldoutAccuracy(L.Callback):
+    """Greedy accuracy on the whole held-out split before RL and after it: logged as ``val/accuracy`` at
+    those steps, kept for the plot, and printed as one ``before -> after`` line at the end of fit.  Around
+    every validation it also sets the random streams aside (restored after) and gathers whole weights.
+
+    ``GRPOModule`` adds it itself (``configure_callbacks``); it does nothing without a data module.
+    """
+
+    def __init__(self) -> None:
+        self.before = float("nan")
+
+    def _evaluate(self, trainer: L.Trainer, pl_module, when: str) -> tuple[float, int]:
+        acc, count = pl_module.heldout_accuracy(trainer.datamodule.val_dataloader())
+        pl_module.eval_history.append((trainer.global_step, acc))
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/accuracy": acc}, step=trainer.global_step)
+            logger.save()
+        log.info("held-out accuracy %s RL: %.3f", when, acc)
+        return acc, count
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        # validation samples too: keep it off the training streams, so that a resumed run (whose checkpoint
+        # was written before the validation that followed it) and the value of val_check_interval do not
+        # change what training draws; sample from whole weights (ZeRO-3 gathers them once)
+        self._rng = capture_rng_states(shuffle=pl_module.shuffle_generator)
+        self._weights = pl_module.generation_weights()
+        self._weights.__enter__()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        weights, self._weights = getattr(self, "_weights", None), None
+        if weights is not None:
+            weights.__exit__(None, None, None)
+        state, self._rng = getattr(self, "_rng", None), None
+        if state is not None:
+            restore_rng_states(state, shuffle=pl_module.shuffle_generator)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.datamodule is not None:
+            self.before = self._evaluate(trainer, pl_module, "before")[0]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.datamodule is None:
+            return
+        after, count = self._evaluate(trainer, pl_module, "after")
+        if trainer.is_global_zero:
+            print(f"\nheld-out accuracy (greedy, {count} prompts never trained on): "
+                  f"before RL {self.before:.3f} -> after RL {after:.3f} ({after - self.before:+.3f})", flush=True)

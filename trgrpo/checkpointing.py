@@ -9,7 +9,8 @@ replaced atomically, so it is stored as ``.NAME.<n>`` and ``NAME`` is a symlink 
 
 ``capture_rng_states`` / ``restore_rng_states`` cover the random streams a resumed run must continue
 (torch CPU and CUDA, Python, NumPy, plus named ``torch.Generator`` objects); ``GRPOModule`` stores one
-entry per process.  The data position is the sampler's job (``trgrpo.data.ResumableSampler``).
+entry per process (``gather_rng_states``).  ``check_policy_matches`` / ``check_state_shapes`` refuse a
+checkpoint of another model before anything is loaded.  The data position is the sampler's job (``trgrpo.data.ResumableSampler``).
 
     trainer:
       callbacks:
@@ -20,6 +21,8 @@ entry per process.  The data position is the sampler's job (``trgrpo.data.Resuma
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
 import shutil
@@ -29,7 +32,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -148,3 +154,69 @@ def restore_rng_states(state: dict, **generators: torch.Generator) -> None:
             g.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(world: int, **generators: torch.Generator) -> list[dict]:
+    """Every process's random state, in rank order (one entry without a process group)."""
+    state = capture_rng_states(**generators)
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def pick_rng_state(states: list[dict], rank: int, world: int) -> dict:
+    """This process's entry of :func:`gather_rng_states` (with a warning when the world size changed)."""
+    if len(states) != world:
+        log.warning("resuming on %d processes from a checkpoint of %d: random streams are not continued exactly",
+                    world, len(states))
+    return states[rank % len(states)]
+
+
+# --------------------------------------------------------------------------- shape checks
+
+
+def check_policy_matches(saved, current: dict, from_hub: bool) -> None:
+    """Refuse to resume a checkpoint trained with another ``model.policy`` (name, tiny shape or LoRA).
+
+    ``saved``: the checkpoint's ``hyper_parameters["policy"]`` (a dict when written through the CLI, else a
+    dataclass); ``current``: this run's policy config as a dict; ``from_hub``: the policy is loaded by name,
+    so the ``tiny`` settings do not apply.
+    """
+    if saved is None:
+        return
+    saved = dataclasses.asdict(saved) if dataclasses.is_dataclass(saved) else dict(saved)
+    for key in ("name_or_path", "tiny", "lora"):
+        if key == "tiny" and from_hub:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if old != new:
+            raise ValueError(f"--ckpt_path: the checkpoint was trained with model.policy.{key}={old}, "
+                             f"this run has model.policy.{key}={new}; resume with the same model")
+
+
+def check_state_shapes(state: dict | None, current: dict[str, tuple]) -> None:
+    """Refuse a checkpoint whose tensors do not fit the model (``current``: name -> shape), before loading.
+
+    ``state`` None (DeepSpeed keeps the weights in its shard files) is not checked here.
+    """
+    if state is None:
+        return
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {current[k]}"
+             for k, v in state.items() if k in current and tuple(v.shape) != current[k]]
+    missing = sorted(k for k in current if k not in state)
+    if wrong or missing:
+        raise ValueError("--ckpt_path: the checkpoint does not fit this model (different model shape?): "
+                         + "; ".join(wrong[:5] + [f"missing {k}" for k in missing[:5]]))
+
+
+def check_checkpoint_fits(checkpoint: dict, module) -> None:
+    """Both checks above for a ``GRPOModule`` (its policy config, its parameters' shapes; ZeRO-3 shards report
+    their full shape in ``ds_shape``), the frozen reference left out."""
+    policy = module.policy_cfg
+    check_policy_matches(checkpoint.get("hyper_parameters", {}).get("policy"), dataclasses.asdict(policy),
+                         from_hub=bool(policy.name_or_path))
+    current = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("ref_model.")}
+    current.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape")})
+    check_state_shapes(checkpoint.get("state_dict"), current)

@@ -5,6 +5,9 @@ Built on LightningCLI (jsonargparse): every constructor argument of ``GRPOModule
 docstrings in ``--help``; ``--print_config`` prints a complete YAML that loads back.  Strategy fragments
 (DDP, DeepSpeed ZeRO) compose with a second ``--config`` (docs/scaling.md); an unknown strategy name, or a
 DeepSpeed fragment on a machine without CUDA, is refused at start-up naming the fragment (``check_strategy``).
+``data.batch_size`` is linked to the module (its update layout is checked when it is built), the tokenizer
+and the task's verifier are handed over once after instantiation, and an integer ``val_check_interval``
+counts RL steps across epochs (``check_val_every_n_epoch`` set to null).
 """
 
 from __future__ import annotations
@@ -39,9 +42,23 @@ class TRGRPOCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # the update layout (mini/micro-batches in whole groups) is checked when the module is built
+        parser.link_arguments("data.batch_size", "model.batch_size")
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_strategy(cfg.trainer.strategy, [str(p) for p in cfg.get("config") or []])
+        trainer = cfg.trainer
+        if isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch == 1:
+            # an RL run is bounded by max_steps, not epochs: count val_check_interval in RL steps across epochs
+            trainer.check_val_every_n_epoch = None
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # hand each side what it needs once: the tokenizer (loaded at setup) and the held-out verifier
+        self.datamodule.connect(lambda: self.model.tokenizer)
+        self.model.connect(self.datamodule.task)
 
 
 def _strategy_source(config_files: list[str]) -> str:

@@ -108,9 +108,20 @@ class PromptDataModule(L.LightningDataModule):
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
         self.splits: dict[str, list[dict]] = {}
+        self._tokenizer_source: Callable[[], object] | None = None
+
+    def connect(self, tokenizer) -> None:
+        """Hand over the policy's tokenizer (the CLI does this once): the tokenizer itself, or a function
+        returning it, called at ``setup`` (so a config that is only parsed loads nothing)."""
+        self._tokenizer_source = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "encode") \
+            else (lambda: tokenizer)
 
     def _tokenizer(self):
-        return self.trainer.lightning_module.tokenizer
+        if self._tokenizer_source is None:
+            if self.trainer is None or self.trainer.lightning_module is None:
+                raise RuntimeError("PromptDataModule: no tokenizer connected (connect(tokenizer) before setup)")
+            self.connect(lambda: self.trainer.lightning_module.tokenizer)  # Trainer.fit without the CLI
+        return self._tokenizer_source()
 
     def render(self, prompt, tokenizer) -> str:
         """A row's prompt as the exact text the policy continues."""
@@ -147,9 +158,19 @@ class PromptDataModule(L.LightningDataModule):
         for split in ("train", "val") if stage == "fit" else ("val",):
             if split not in self.splits:
                 self.splits[split] = self.load_split(split, tok)
-        if stage == "fit" and len(self.splits["train"]) < self.batch_size:
+        if stage == "fit":
+            self.check_prompt_count(len(self.splits["train"]))
+
+    def check_prompt_count(self, rows: int) -> None:
+        if rows < self.batch_size:
+            raise ValueError(f"data.batch_size={self.batch_size} exceeds the {rows} training prompts")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if rows // world < self.batch_size:
             raise ValueError(
-                f"data.batch_size={self.batch_size} exceeds the {len(self.splits['train'])} training prompts"
+                f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
+                f"training prompts to each process, fewer than one batch of data.batch_size={self.batch_size} "
+                "prompts (data.batch_size is per process; each process samples whole groups for its own "
+                "prompts): lower data.batch_size or the number of processes, or add prompts"
             )
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:

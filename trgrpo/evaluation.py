@@ -1,7 +1,8 @@
 """Held-out evaluation helpers: pass@k, mean@k, per-level aggregation and the sample table.
 
-Pure functions and a config dataclass, no Lightning: ``GRPOModule`` runs the generation and calls these.
-Per held-out prompt the module records the greedy completion's correctness and, with ``model.eval.k``,
+Pure functions, a config dataclass and ``HeldoutEvaluator`` (no Lightning), which generates on held-out
+prompts and calls the helpers; ``GRPOModule`` and the ``HeldoutAccuracy`` callback drive it.
+Per held-out prompt the evaluator records the greedy completion's correctness and, with ``model.eval.k``,
 the number ``c`` of correct completions among ``n`` samples; here those records become
 
 - ``val/accuracy``: greedy accuracy (what the K&K papers report),
@@ -16,6 +17,7 @@ A few prompts with their completions and rewards go to ``<log_dir>/val_samples/s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -25,6 +27,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from trgrpo.rewards import compute_rewards, reward_columns
+from trgrpo.rollout import generate_rollout
 
 
 @dataclass
@@ -158,3 +163,100 @@ def write_sample_table(directory: str | Path, step: int, rows: Sequence[SampleRo
         for r in rows:
             f.write(json.dumps(r._asdict(), default=str) + "\n")
     return md
+
+
+class HeldoutEvaluator:
+    """Greedy accuracy (and sampled mean@k / pass@k) of a policy on held-out prompts, per level.
+
+    Handed the task's verifier once (``connect``); generation uses the training sampling settings, with
+    ``eval.temperature`` for the sampled completions.  A validation epoch is ``start`` ->
+    ``add_batch`` per batch -> ``finish`` (metrics over every process, with ``gather`` merging the
+    processes' per-level sums); ``accuracy`` is the whole-split greedy accuracy of the before / after line.
+
+    Args:
+        cfg: ``model.eval``.
+        sampling: ``model.sampling`` (budget, temperature, engine).
+        rewards: the reward terms, scored on the sample-table rows.
+    """
+
+    def __init__(self, cfg: EvalConfig, sampling, rewards: Sequence) -> None:
+        self.cfg, self.sampling, self.rewards = cfg, sampling, list(rewards)
+        self.task = None
+        self.start()
+
+    def connect(self, task) -> None:
+        """The task whose ``verify_batch`` scores completions."""
+        self.task = task
+
+    def _verify(self, completions: list[str], rows: list[dict]) -> list[float]:
+        if self.task is None:
+            raise RuntimeError("HeldoutEvaluator: no task connected (connect(task) before evaluating)")
+        return self.task.verify_batch(completions, rows)
+
+    @torch.no_grad()
+    def greedy(self, model, tokenizer, batch: dict[str, list]):
+        """(greedy rollout, the batch's rows, [B] correctness) of a batch of held-out prompts."""
+        rollout = generate_rollout(model, tokenizer, batch["prompt"], self.sampling, greedy=True)
+        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        return rollout, rows, torch.tensor(self._verify(rollout.completions, rows), dtype=torch.float32)
+
+    @torch.no_grad()
+    def sampled(self, model, tokenizer, batch: dict[str, list], rows: list[dict]) -> list[list[float]]:
+        """[B][n] correctness of ``eval.samples`` sampled completions per held-out prompt."""
+        n = self.cfg.samples
+        sampling = dataclasses.replace(self.sampling, temperature=self.cfg.temperature or self.sampling.temperature)
+        rollout = generate_rollout(model, tokenizer, batch["prompt"], sampling, group_size=n)
+        flat = self._verify(rollout.completions, [r for r in rows for _ in range(n)])
+        return [flat[i * n:(i + 1) * n] for i in range(len(rows))]
+
+    def table_rows(self, rollout, rows: list[dict], correct: Tensor, count: int) -> list[SampleRow]:
+        """The first ``count`` prompts of a batch for the sample table, scored by every reward term."""
+        rows, texts = rows[:count], rollout.completions[:count]
+        columns = reward_columns({k: [r[k] for r in rows] for k in rows[0]}, rollout.trainable_mask[:count],
+                                 rollout.truncated[:count])
+        result = compute_rewards(self.rewards, [r["prompt"] for r in rows], texts, columns)
+        out = []
+        for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
+            scores = {name: (None if v[i].isnan() else v[i].item()) for name, v in result.per_term.items()}
+            scores["total"] = result.total[i].item()
+            out.append(SampleRow(row.get("level"), str(row.get("raw_prompt", row["prompt"])),
+                                 str(row.get("answer", "")), text, correct[i].item(), scores))
+        return out
+
+    # ------------------------------------------------------------------ one validation epoch
+
+    def start(self) -> None:
+        self._sums: dict = {}  # level -> [4] float64 sums (SUM_COLUMNS)
+        self.table: list[SampleRow] = []
+
+    def add_batch(self, model, tokenizer, batch: dict[str, list], keep_table: bool) -> None:
+        rollout, rows, correct = self.greedy(model, tokenizer, batch)
+        sampled = self.sampled(model, tokenizer, batch, rows) if self.cfg.k else None
+        levels = [r.get("level") for r in rows]
+        index = {level: i for i, level in enumerate(sort_levels(levels))}
+        sums = level_sums(index, levels, correct.tolist(), sampled, self.cfg.k)
+        for level, i in index.items():
+            self._sums[level] = self._sums.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + sums[i]
+        missing = self.cfg.table_rows - len(self.table)
+        if keep_table and missing > 0:
+            self.table += self.table_rows(rollout, rows, correct, missing)
+
+    def finish(self, gather=lambda sums: [sums]) -> dict[str, float]:
+        """Metrics of the epoch; ``gather(sums)`` returns every process's per-level sums (default: this one)."""
+        merged: dict = {}
+        for part in gather(self._sums):
+            for level, row in part.items():
+                merged[level] = merged.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + row
+        levels = sort_levels(merged)
+        sums = torch.stack([merged[level] for level in levels]) if levels else torch.zeros(0, len(SUM_COLUMNS))
+        return level_metrics(levels, sums, self.cfg.k)
+
+    def accuracy(self, model, tokenizer, batches: Iterable[dict[str, list]], reduce_sum=lambda t: t) -> tuple[float, int]:
+        """(greedy accuracy, prompts) over ``batches`` (this process's share); ``reduce_sum`` adds up the
+        [2] float64 counts of every process."""
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            scores = self.greedy(model, tokenizer, batch)[2]
+            counts += torch.tensor([scores.sum().item(), scores.numel()], dtype=torch.float64)
+        counts = reduce_sum(counts)
+        return (counts[0] / counts[1].clamp(min=1)).item(), int(counts[1].item())

@@ -180,3 +180,42 @@ def policy_loss(
         clipped_high=(out.clipped_high & act).sum(),
         kl=kl_sum,
     )
+
+
+class GRPOLoss:
+    """The token-weighted GRPO loss, configured once and called with tensors only.
+
+    Settings come from ``LossConfig`` (clip range, dual clip, KL, entropy bonus, aggregation), the weighting
+    strategy (``placement``, ``weight_kl``) and the generation budget (``max_len`` of ``seq_sum_const``);
+    a call computes :func:`policy_loss` for one micro-batch.
+    """
+
+    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                 aggregation: Aggregation = "token_mean", beta: float = 0.0, kl_estimator: KLEstimator = "k3",
+                 entropy_coef: float = 0.0, placement: Placement = "surrogate", weight_kl: bool = False,
+                 max_len: int = 1) -> None:
+        self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
+        self.aggregation, self.max_len = aggregation, max_len
+        self.beta, self.kl_estimator, self.entropy_coef = beta, kl_estimator, entropy_coef
+        self.placement, self.weight_kl = placement, weight_kl
+
+    @classmethod
+    def from_config(cls, loss, weighting, max_len: int) -> GRPOLoss:
+        """From a ``LossConfig``, a ``TokenWeighting`` and ``sampling.max_new_tokens``."""
+        return cls(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
+                   aggregation=loss.aggregation, beta=loss.beta, kl_estimator=loss.kl_estimator,
+                   entropy_coef=loss.entropy_coef, placement=weighting.placement, weight_kl=weighting.weight_kl,
+                   max_len=max_len)
+
+    def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
+                 active: Tensor, *, num_tokens: float, num_seqs: float, ref_logp: Tensor | None = None,
+                 entropy: Tensor | None = None) -> PolicyLossOutput:
+        """Shapes as in :func:`policy_loss`: [B, T] token tensors, [B] advantages.  ``entropy`` is used only
+        with an entropy bonus (a detached one passed for metrics is ignored otherwise)."""
+        return policy_loss(
+            logp, old_logp, advantages, weights, mask, active, num_tokens=num_tokens, num_seqs=num_seqs,
+            max_len=self.max_len, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+            placement=self.placement, aggregation=self.aggregation, ref_logp=ref_logp, beta=self.beta,
+            kl_estimator=self.kl_estimator, weight_kl=self.weight_kl,
+            entropy=entropy if self.entropy_coef > 0 else None, entropy_coef=self.entropy_coef,
+        )

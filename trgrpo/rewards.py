@@ -224,6 +224,16 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
     return scores, errors
 
 
+def reward_columns(batch: dict[str, list], completion_mask, truncated, group_size: int = 1) -> dict[str, list]:
+    """The columns rewards receive: the task's (each repeated for the G completions of its prompt, the
+    prompt itself left out), plus ``completion_length`` (trained tokens, from the [N, T] mask) and
+    ``truncated`` ([N] bool)."""
+    columns = {k: [v for v in vals for _ in range(group_size)] for k, vals in batch.items() if k != "prompt"}
+    columns["completion_length"] = completion_mask.sum(1).long().tolist()
+    columns["truncated"] = truncated.tolist()
+    return columns
+
+
 def compute_rewards(
     specs: Sequence[RewardSpec], prompts: list[str], completions: list[str], columns: dict[str, list]
 ) -> RewardResult:

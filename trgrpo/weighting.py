@@ -18,20 +18,12 @@ top-entropy "80/20" token training (arXiv 2506.01939).  No Lightning import.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from trgrpo.losses import Placement
-
-
-class WeightStats(NamedTuple):
-    mean: float
-    min: float
-    max: float
-    at_lower: float  # share of active tokens whose weight sits on the lower clip bound
-    at_upper: float  # share of active tokens whose weight sits on the upper clip bound
 
 
 class TokenWeighting:
@@ -69,20 +61,6 @@ class TokenWeighting:
         of ``mask``.  The default is one pass over every response token.
         """
         return [mask]
-
-    def stats(self, w: Tensor, mask: Tensor) -> WeightStats:
-        """Summary of weights over the tokens where ``mask`` is set."""
-        sel = w[mask.bool()]
-        if sel.numel() == 0:
-            return WeightStats(0.0, 0.0, 0.0, 0.0, 0.0)
-        lower, upper = self.bounds if self.bounds is not None else (float("nan"), float("nan"))
-        return WeightStats(
-            mean=sel.mean().item(),
-            min=sel.min().item(),
-            max=sel.max().item(),
-            at_lower=(sel <= lower).float().mean().item(),
-            at_upper=(sel >= upper).float().mean().item(),
-        )
 
 
 class UniformWeighting(TokenWeighting):
@@ -242,5 +220,4 @@ __all__ = [
     "TokenRegulatedWeighting",
     "TokenWeighting",
     "UniformWeighting",
-    "WeightStats",
 ]
