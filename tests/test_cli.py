@@ -25,6 +25,7 @@ def test_every_config_parses(config):
     assert cli.model is not None and cli.datamodule is not None
 
 
+@pytest.mark.slow
 def test_demo_config_smoke_step(tmp_path):
     cli = run_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--data.val_batch_size=4",
                   "--data.batch_size=2", "--model.sampling.group_size=2",

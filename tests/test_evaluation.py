@@ -45,7 +45,7 @@ def test_pass_at_k_rejects_impossible_counts():
 
 
 def test_mean_at_k():
-    assert mean_at_k([1.0, 0.0, 0.0, 1.0]) == 0.5
+    assert mean_at_k([1.0, 0.0, 0.0, 1.0]) == 0.5  # 2 / 4: exact
     with pytest.raises(ValueError):
         mean_at_k([])
 
@@ -55,6 +55,7 @@ def test_level_aggregation_by_hand():
     index = {lvl: i for i, lvl in enumerate(levels)}
     sums = level_sums(index, [3, 3, 4], greedy=[1.0, 0.0, 1.0], sampled=[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], k=2)
     # level 3: 2 prompts, 1 greedy-correct, mean@2 0.5 + 0, pass@2 1 + 0; level 4: 1 prompt, all correct
+    # (float64 sums of 0, 0.5 and 1: exact)
     assert sums.tolist() == [[2.0, 1.0, 0.5, 1.0], [1.0, 1.0, 1.0, 1.0]]
     m = level_metrics(levels, sums, k=2)
     assert m == pytest.approx({
@@ -66,7 +67,7 @@ def test_level_aggregation_by_hand():
 
 def test_without_levels_or_samples_only_overall_accuracy():
     sums = level_sums({None: 0}, [None, None], greedy=[1.0, 0.0], sampled=None, k=0)
-    assert level_metrics([None], sums, k=0) == {"val/accuracy": 0.5}
+    assert level_metrics([None], sums, k=0) == {"val/accuracy": 0.5}  # 1 / 2: exact
 
 
 def test_sums_add_up_across_batches_and_processes():

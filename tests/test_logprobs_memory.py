@@ -101,6 +101,16 @@ def test_results_match_naive_with_a_150k_vocabulary(dtype):
     ours = selective_log_softmax(logits, ids)
     ours_grad, = torch.autograd.grad(ours.sum(), logits)
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-5)
-    torch.testing.assert_close(token_entropy(logits), naive_ent.detach(), rtol=0, atol=1e-4)
-    torch.testing.assert_close(ours_grad.float(), naive_grad.float(), rtol=1e-5, atol=1e-6)
+    # Both paths compute in float32 (bfloat16 logits are upcast first), but logsumexp and log_softmax sum the
+    # 150k exps in different orders, and that order also varies between CPUs: the log-sum-exp (~16-26 here)
+    # can differ by a few float32 ulps (~2e-5 seen).  Log-probs are -10..-26: relative tolerance.
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-6)
+    # entropies are 5..8, from the same log_softmax kernel on the same rows, only chunked differently (measured:
+    # identical); relative tolerance for a float32 sum of 150k terms
+    torch.testing.assert_close(token_entropy(logits), naive_ent.detach(), rtol=1e-5, atol=1e-6)
+    # d(logp)/d(logit_j) = [j == id] - p_j: a log-sum-exp shift of d changes every p_j by the relative amount d
+    # (~2e-5), hence rtol 1e-4 in float32; atol covers the ~1e-7-sized p_j.  bfloat16 gradients are those float32
+    # values rounded to bfloat16 (8 significant bits), so a tiny float32 difference can move one to the
+    # neighbouring bfloat16 value: up to 2^-7 = 0.8% relative.
+    grad_rtol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours_grad.float(), naive_grad.float(), rtol=grad_rtol, atol=1e-6)

@@ -31,7 +31,7 @@ def test_negative_advantage_clips_low_and_dual_clip_bounds_loss():
 def test_clipped_tokens_get_no_gradient():
     ratio = torch.tensor([[0.5, 1.0, 1.5]], requires_grad=True)
     clipped_surrogate(ratio, torch.tensor([[1.0]]), 0.2, 0.28).loss.sum().backward()
-    assert ratio.grad.tolist() == [[-1.0, -1.0, 0.0]]
+    assert ratio.grad.tolist() == [[-1.0, -1.0, 0.0]]  # -A with A = 1, and the clipped branch's 0: exact
 
 
 def test_kl_estimators():
@@ -39,7 +39,7 @@ def test_kl_estimators():
     assert kl_penalty(logp, ref, "k1").item() == pytest.approx(1.0)
     assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-1) + 1 - 1)
-    assert kl_penalty(ref, ref, "k3").item() == 0.0
+    assert kl_penalty(ref, ref, "k3").item() == 0.0  # exp(0) - 0 - 1: exact
     with pytest.raises(ValueError, match="k1"):
         kl_penalty(logp, ref, "k4")  # type: ignore[arg-type]
 
@@ -49,6 +49,7 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 
 
 def test_aggregations():
+    # small integer sums, divided to representable results (3; 2, 4.5, 3.25; 1.875): exact in float32
     assert aggregate(PER_TOKEN, MASK, "token_mean", num_tokens=5, num_seqs=2, max_len=4).item() == 3.0
     # (6/3 + 9/2) / 2
     assert aggregate(PER_TOKEN, MASK, "seq_mean_token_mean", 5, 2, 4).item() == 3.25
@@ -83,7 +84,7 @@ def test_ratio_placement_stops_gradient_of_confident_positive_tokens():
     # w * r = 1.4 > 1.28: the clipped branch wins and carries no gradient
     assert out.loss.item() == pytest.approx(-1.28)
     out.loss.backward()
-    assert logp.grad.item() == 0.0
+    assert logp.grad.item() == 0.0  # the clamp's constant branch: exactly no gradient
     logp.grad = None
     surrogate = policy_loss(logp, logp.detach(), torch.tensor([1.0]), w, one, one, num_tokens=1, num_seqs=1,
                             max_len=1, clip_high=0.28, placement="surrogate")

@@ -24,6 +24,9 @@ from trgrpo.rewards import (
 from trgrpo.tasks.knights_knaves import kk_answer_reward, kk_reward, parse_kk_answer
 from trgrpo.tasks.math_data import extract_model_answer, extract_reference, last_boxed, math_verify_reward
 
+# Scores compared with == in this file are multiples of 0.25 and their sums with weights 0.5 and 2: exact in
+# binary floating point whatever the order of the additions.
+
 # --------------------------------------------------------------------------- simple built-ins
 
 

@@ -174,7 +174,9 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
     for step in expected:
         for key in ("train/loss", "train/grad_norm", "train/reward", "train/completion_length",
                     *(() if extra else ("train/kl",))):
-            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+            # float32 through other reduction orders, and step 1 runs on weights that already carry AdamW's
+            # amplified noise (below): measured up to 2.2e-6 relative
+            assert got[step][key] == pytest.approx(expected[step][key], rel=2e-5, abs=1e-7), (step, key)
     if extra:  # some group had equal rewards and was skipped, and the weights still moved
         assert max(r["train/frac_reward_zero_std"] for r in expected.values()) > 0
     else:
@@ -186,7 +188,7 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
     last = run / "ckpt" / "last.ckpt"
     assert last.is_symlink() and last.is_dir()  # a folder of shards, published through a symlink
     again = export_checkpoint(last, tmp_path / "from-shards", merge_lora=lora)  # on the CPU, from the shards
-    for k, v in load_file(again / "model.safetensors").items():
+    for k, v in load_file(again / "model.safetensors").items():  # the same stored values, no arithmetic: exact
         torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
 
 

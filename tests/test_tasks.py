@@ -39,7 +39,7 @@ def test_reasoning_gym_task_rows_disjoint_and_scored(name):
     row = val[0]
     assert row["prompt"] == row["question"] and row["rg_task"] == name
     right, wrong = task.demonstration(row), "<answer>certainly not this</answer>"
-    assert task.verify(right, row) == 1.0 and task.verify(wrong, row) == 0.0
+    assert task.verify(right, row) == 1.0 and task.verify(wrong, row) == 0.0  # verify sets exactly 1.0 / 0.0
     cols = {k: [r[k] for r in (row, row, row)] for k in ("rg_task", "rg_options", "question", "answer", "metadata")}
     scores = reasoning_gym_reward(None, [right, wrong, row["answer"]], **cols)
     assert scores[0] == 1.0 and scores[1] < 1.0 and scores[2] < 1.0  # no <answer> tag: not the answer

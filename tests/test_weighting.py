@@ -36,7 +36,7 @@ def test_tr_grpo_weights_by_hand():
 def test_literal_tau_nine_gives_constant_weight_and_default_varies():
     p = torch.linspace(0, 1, 101)
     literal = TokenRegulatedWeighting(tau=9.0).weight_of_prob(p)
-    assert torch.all(literal == 1.0)
+    assert torch.all(literal == 1.0)  # clamped to the lower bound 1.0: exact
     default = TokenRegulatedWeighting().weight_of_prob(p)
     assert default.min().item() == 1.0 and default.max().item() == pytest.approx(1.4)
     assert torch.all(default[1:] >= default[:-1])  # monotone in p
@@ -51,7 +51,7 @@ def test_tr_grpo_sources_masks_and_reverse():
     current = TokenRegulatedWeighting(source="current").weights(logp, old, adv, mask)
     assert rollout.tolist()[0][0] == pytest.approx(1.0) and rollout[0, 1].item() == pytest.approx(1.4)
     assert current[0, 0].item() == pytest.approx(1.4) and current[0, 1].item() == pytest.approx(1.216298, abs=1e-5)
-    assert rollout[0, 2].item() == 0.0 and current[0, 2].item() == 0.0  # padding weighs 0
+    assert rollout[0, 2].item() == 0.0 and current[0, 2].item() == 0.0  # padding weighs 0 (w * 0: exact)
     rev = TokenRegulatedWeighting(reverse=True).weight_of_prob(torch.tensor([0.9, 0.1]))
     assert rev[0].item() == pytest.approx(1.0) and rev[1].item() == pytest.approx(1.4)
 
@@ -71,7 +71,7 @@ def test_advantage_reweighting_by_hand():
 def test_lopti_splits_low_probability_tokens_first():
     old = torch.log(torch.tensor([[0.1, 0.6, 0.49, 0.9]]))
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    low, high = Lopti(eta=0.5).passes(old, mask, None)
+    low, high = Lopti(eta=0.5).passes(old, mask, None)  # 0/1 masks, far from the threshold: exact
     assert low.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     assert high.tolist() == [[0.0, 1.0, 0.0, 0.0]]
     first, second = Lopti(eta=0.5, low_first=False).passes(old, mask, None)
@@ -92,7 +92,7 @@ def test_weights_are_nonnegative_detached_and_zero_on_padding(strategy):
     mask = (torch.rand(4, 6) > 0.3).float()
     w = strategy.weights(logp, logp.detach(), torch.randn(4), mask)
     assert w.shape == (4, 6) and not w.requires_grad
-    assert torch.all(w >= 0) and torch.all(w[mask == 0] == 0)
+    assert torch.all(w >= 0) and torch.all(w[mask == 0] == 0)  # weights times a 0 mask: exact
 
 
 def _plain_grpo_loss(logits, ids, old_logp, adv, mask, clip):
