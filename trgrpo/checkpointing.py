@@ -16,7 +16,7 @@ checkpoint of another model before anything is loaded.  The data position is the
       callbacks:
         - class_path: trgrpo.checkpointing.AtomicModelCheckpoint
           init_args: {dirpath: checkpoints, every_n_train_steps: 50, save_last: true, save_top_k: 0}
-    python -m trgrpo fit --config configs/X.yaml --ckpt_path last
+    python -m trgrpo fit --config configs/kk_qwen2.5_3b.yaml --ckpt_path last
 """
 
 from __future__ import annotations
