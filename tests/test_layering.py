@@ -31,6 +31,10 @@ LAYERS: dict[str, int] = {
     "config": PURE_MATH,  # option dataclasses of the loss and the optimiser (no Lightning)
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "rollout": COMPONENTS,
+    "multiturn": COMPONENTS,  # multi-turn rollouts with tool calls, on the engines' continue_contexts
+    "tools": COMPONENTS,  # tool callables and environments, the agent settings
+    "callformats": COMPONENTS,  # tag (Search-R1) and chat-template tool-call formats
+    "retrieval": COMPONENTS,  # the BM25 search environment
     "rewards": COMPONENTS,
     "tasks": COMPONENTS,
     "tokenizer": COMPONENTS,
@@ -147,7 +151,7 @@ def test_imports_point_down_the_layers():
 def test_the_import_reader():
     assert module_name(PACKAGE / "tasks" / "base.py") == "tasks.base" and layer_of("tasks.base") == COMPONENTS
     assert module_name(PACKAGE / "__init__.py") == "__init__" and layer_of("fastpath.sampler") == PURE_MATH
-    assert (33, "trgrpo.fastpath.shared_prefix") in imports(PACKAGE / "fastpath" / "sampler.py")
+    assert (34, "trgrpo.fastpath.shared_prefix") in imports(PACKAGE / "fastpath" / "sampler.py")
     assert any(target == "trgrpo.tasks.base" for _, target in imports(PACKAGE / "tasks" / "arithmetic.py"))
 
 

@@ -196,8 +196,8 @@ class HeldoutEvaluator:
     @torch.no_grad()
     def greedy(self, model, tokenizer, batch: dict[str, list]):
         """(greedy rollout, the batch's rows, [B] correctness) of a batch of held-out prompts."""
-        rollout = generate_rollout(model, tokenizer, batch["prompt"], self.sampling, greedy=True)
         rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        rollout = generate_rollout(model, tokenizer, batch["prompt"], self.sampling, greedy=True, rows=rows)
         return rollout, rows, torch.tensor(self._verify(rollout.completions, rows), dtype=torch.float32)
 
     @torch.no_grad()
@@ -205,7 +205,7 @@ class HeldoutEvaluator:
         """[B][n] correctness of ``eval.samples`` sampled completions per held-out prompt."""
         n = self.cfg.samples
         sampling = dataclasses.replace(self.sampling, temperature=self.cfg.temperature or self.sampling.temperature)
-        rollout = generate_rollout(model, tokenizer, batch["prompt"], sampling, group_size=n)
+        rollout = generate_rollout(model, tokenizer, batch["prompt"], sampling, group_size=n, rows=rows)
         flat = self._verify(rollout.completions, [r for r in rows for _ in range(n)])
         return [flat[i * n:(i + 1) * n] for i in range(len(rows))]
 

@@ -152,7 +152,7 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         g = self.sampling.group_size
         t0 = time.perf_counter()
-        rollout = self.rollout(batch["prompt"])
+        rollout = self.rollout(batch["prompt"], batch)
         t1 = time.perf_counter()
         rewards = compute_rewards(self.rewards, [p for p in batch["prompt"] for _ in range(g)],
                                   rollout.completions,
@@ -165,10 +165,11 @@ class GRPOModule(L.LightningModule):
         t4 = time.perf_counter()
         self.log_step(rollout, rewards, update, StepTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
 
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """G sampled completions per prompt, from whole policy weights."""
+    def rollout(self, prompts: list[str], batch: dict[str, list] | None = None) -> Rollout:
+        """G sampled completions per prompt (multi-turn episodes with ``sampling.agent``), from whole weights."""
+        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)] if batch else None
         with self.generation_weights():
-            return generate_rollout(self.policy_model, self.tokenizer, prompts, self.sampling)
+            return generate_rollout(self.policy_model, self.tokenizer, prompts, self.sampling, rows=rows)
 
     def prepare(self, rollout: Rollout, adv: Tensor) -> UpdateInputs:
         """The update's inputs: trained-token mask, old / reference log-probs, the weighting's passes."""
@@ -221,7 +222,8 @@ class GRPOModule(L.LightningModule):
             rewards=rewards.total, per_term=rewards.per_term, reward_errors=rewards.errors,
             group_size=self.sampling.group_size, completion_mask=rollout.trainable_mask, truncated=rollout.truncated,
             update=update.reduced(self.device), lr=self.optimizers().param_groups[0]["lr"],
-            bounded_weights=self.weighting.bounds is not None, kl=self.loss_cfg.beta > 0, timings=timings)
+            bounded_weights=self.weighting.bounds is not None, kl=self.loss_cfg.beta > 0, timings=timings,
+            episodes=rollout.episodes)
         self.last_stats = stats
         n = len(rewards.total)
         self.log_dict(stats.metrics(), on_step=True, on_epoch=False, batch_size=n, sync_dist=True)

@@ -16,18 +16,28 @@ prefill per prompt shared by its G samples, a preallocated KV cache, a lean deco
 Llama-style models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM).
 ``fast`` falls back to ``hf`` for a model it does not support.  Another engine (vLLM, say) is a class with
 a ``generate`` method, listed in ``ENGINES`` and in ``EngineName``.
+
+Multi-turn rollouts with tool calls (``model.sampling.agent``, ``trgrpo.multiturn``) use one more engine
+method, ``continue_contexts``: continue each of a list of token contexts until EOS, one of some stop strings,
+or its own token budget.  The loop calls nothing else of an engine, so an engine that implements that
+primitive (vLLM: one ``generate`` with ``stop`` and per-request ``max_tokens``, prefix caching re-using the
+shared context) plugs into the same loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from trgrpo.fastpath.sampler import fast_generation_supported, sample_completions
+from trgrpo.tools import AgentConfig
+
+if TYPE_CHECKING:
+    from trgrpo.multiturn import EpisodeStats
 
 EngineName = Literal["fast", "hf"]
 """The rollout engines, keys of ``ENGINES``."""
@@ -54,6 +64,8 @@ class SamplingConfig:
     ignore_eos: bool = False
     """Never sample EOS, so every completion is max_new_tokens long (fixed-length benchmarks; marks every
     completion truncated). Equivalent to ``generate(min_new_tokens=max_new_tokens)``."""
+    agent: AgentConfig | None = None
+    """Multi-turn rollouts with tool calls (format, tools, turns, tool-token budget); empty = single-turn."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -64,6 +76,8 @@ class SamplingConfig:
             raise ValueError(f"model.sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"model.sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.engine not in ENGINES:
             raise ValueError(f"model.sampling.engine must be one of {sorted(ENGINES)}, got {self.engine!r}")
 
@@ -77,6 +91,7 @@ class _RolloutFields(NamedTuple):
     completions: list[str]  # N decoded completions (special tokens removed)
     trainable_mask: Tensor | None = None  # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
     sampler_logp: Tensor | None = None  # [N, T] float log-probs under the engine that sampled; None: not reported
+    episodes: EpisodeStats | None = None  # multi-turn: [N] tool calls, tool errors, turns; None: single-turn
 
 
 class Rollout(_RolloutFields):
@@ -131,15 +146,77 @@ def assemble_rollout(tokenizer: PreTrainedTokenizerBase, prompt_ids: Tensor, pro
     )
 
 
+class Continuation(NamedTuple):
+    """One context continued by ``RolloutEngine.continue_contexts``."""
+
+    ids: list[int]  # the new tokens, up to and including EOS or the token that completed a stop string
+    finish: Literal["eos", "stop", "length"]  # what ended it (length: its token budget)
+
+
+class StopStrings:
+    """``[N, t]`` generated ids -> ``[N]`` bool: the text of the last tokens contains one of ``stops``.
+
+    A stop string of c characters spans at most c tokens (every token decodes to at least one character),
+    so only the last ``max(c)`` tokens of each row are decoded; checked after every token, a stop string is
+    found on the token that completes it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.window = max((len(s) for s in self.stops), default=0)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if not self.stops:
+            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        texts = self.tokenizer.batch_decode(ids[:, -self.window:])
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=ids.device)
+
+    def cut(self, ids: list[int], eos_token_id: int, budget: int) -> Continuation:
+        """The continuation a generated row stands for: cut after EOS, a stop string or ``budget`` tokens."""
+        for t, tok in enumerate(ids[:budget]):
+            if tok == eos_token_id:
+                return Continuation(ids[:t + 1], "eos")
+            if self.stops and bool(self(torch.tensor([ids[max(0, t + 1 - self.window):t + 1]]))[0]):
+                return Continuation(ids[:t + 1], "stop")
+        return Continuation(ids[:budget], "length")
+
+
+def left_pad(contexts: list[list[int]], pad_token_id: int, device) -> tuple[Tensor, Tensor]:
+    """Token lists -> ([N, L] left-padded ids, [N, L] mask)."""
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), width), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[i, width - len(c):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _group_runs(contexts: list[list[int]]) -> int:
+    """k when the contexts are runs of k identical ones (the first turn: G copies of each prompt), else 1."""
+    k = 1
+    while k < len(contexts) and contexts[k] == contexts[0]:
+        k += 1
+    same = len(contexts) % k == 0 and all(contexts[i] == contexts[i - i % k] for i in range(len(contexts)))
+    return k if same else 1
+
+
 class RolloutEngine(Protocol):
     """A sampler: ``group_size`` completions of each prompt (one greedy completion each with ``greedy``).
 
     Called by :func:`generate_rollout` under ``torch.no_grad()`` with ``model`` in eval mode; returns
-    the prompts' ``group_size`` completions contiguous, in prompt order.
+    the prompts' ``group_size`` completions contiguous, in prompt order.  ``continue_contexts`` is the
+    single-turn primitive the multi-turn loop (``trgrpo.multiturn``) is built on.
     """
 
     def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                  sampling: SamplingConfig, group_size: int, greedy: bool) -> Rollout: ...
+
+    def continue_contexts(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                          contexts: list[list[int]], sampling: SamplingConfig, max_new_tokens: list[int],
+                          stop: list[str], greedy: bool) -> list[Continuation]:
+        """Continue every token context (one sample each) until EOS, a stop string or its own budget."""
+        ...
 
 
 class HFEngine:
@@ -163,6 +240,27 @@ class HFEngine:
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
         return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, out[:, ids.shape[1]:], group_size)
 
+    def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        checker = StopStrings(tokenizer, stop)
+        ids, attn = left_pad(contexts, tokenizer.pad_token_id, next(model.parameters()).device)
+        width = ids.shape[1]
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return checker(input_ids[:, width:])
+
+        gen_cfg = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
+            max_new_tokens=max(max_new_tokens), eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
+                             stopping_criteria=StoppingCriteriaList([_Stop()]))[:, width:]
+        return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
+
 
 class FastEngine:
     """``trgrpo.fastpath.sampler``: one prefill per prompt and a lean decode loop (Qwen2/Qwen3/Llama); the
@@ -179,6 +277,20 @@ class FastEngine:
             greedy=greedy, ignore_eos=sampling.ignore_eos,
         )  # [N, T]
         return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion, group_size)
+
+    def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
+        """Runs of identical contexts (the first turn) share one prefill; later turns prefill each context."""
+        if not fast_generation_supported(model):
+            return HFEngine().continue_contexts(model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy)
+        k = _group_runs(contexts)
+        checker = StopStrings(tokenizer, stop)
+        ids, attn = left_pad(contexts[::k], tokenizer.pad_token_id, next(model.parameters()).device)
+        out = sample_completions(
+            model, ids, attn, k, max(max_new_tokens), eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, greedy=greedy, stop=checker if stop else None,
+        )  # [N, t]
+        return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
 
 
 ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine}
@@ -198,12 +310,21 @@ def generate_rollout(
     sampling: SamplingConfig,
     group_size: int | None = None,
     greedy: bool = False,
+    rows: list[dict] | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions for each prompt (or one greedy completion with ``greedy``)."""
+    """Sample ``group_size`` completions for each prompt (or one greedy completion with ``greedy``).
+
+    With ``sampling.agent`` the completions are multi-turn episodes with tool calls (``trgrpo.multiturn``);
+    ``rows`` are then the prompts' task rows, handed to the tool environment (empty: ``{"prompt": p}``).
+    """
     g = 1 if greedy else (group_size or sampling.group_size)
     was_training = model.training
     model.eval()
     try:
+        if sampling.agent is not None:
+            from trgrpo.multiturn import run_episodes  # it builds on this module's engines
+
+            return run_episodes(make_engine(sampling), model, tokenizer, prompts, sampling, g, greedy, rows)
         return make_engine(sampling).generate(model, tokenizer, prompts, sampling, g, greedy)
     finally:
         model.train(was_training)

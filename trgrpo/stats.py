@@ -120,6 +120,10 @@ class StepStats:
     time_reward: float | None = _metric("train/time/reward")
     time_old_logprobs: float | None = _metric("train/time/old_logprobs")
     time_update: float | None = _metric("train/time/update")
+    tool_calls: float | None = _metric("train/tool_calls")  # multi-turn: mean tool calls per completion
+    tool_errors: float | None = _metric("train/tool_errors")  # calls that returned an error text, per step
+    turns: float | None = _metric("train/turns")  # mean model turns per completion
+    no_tool_ratio: float | None = _metric("train/no_tool_ratio")  # share of completions without any call
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
 
     def timings(self) -> StepTimings:
@@ -135,9 +139,10 @@ class StepStats:
     @classmethod
     def collect(cls, *, rewards: Tensor, per_term: dict[str, Tensor], reward_errors: int, group_size: int,
                 completion_mask: Tensor, truncated: Tensor, update: UpdateStats, lr: float,
-                bounded_weights: bool, kl: bool, timings: StepTimings) -> StepStats:
-        """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] completion mask,
-        [N] truncation flags and the step's (already reduced) ``UpdateStats``."""
+                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None) -> StepStats:
+        """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] trained-token mask
+        (tool output excluded), [N] truncation flags, the step's (already reduced) ``UpdateStats`` and, for a
+        multi-turn rollout, its ``trgrpo.multiturn.EpisodeStats`` ([N] calls, errors, turns)."""
         spread = group_reward_spread(rewards, group_size)
         tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
         any_active = update.active_tokens > 0
@@ -168,7 +173,15 @@ class StepStats:
             time_generation=timings.generation, time_reward=timings.reward,
             time_old_logprobs=timings.old_logprobs, time_update=timings.update,
             reward_terms=terms,
+            **(tool_metrics(episodes) if episodes is not None else {}),
         )
+
+
+def tool_metrics(episodes) -> dict[str, float]:
+    """The tool fields of ``StepStats`` from [N] per-completion calls, errors and turns."""
+    calls = episodes.tool_calls.float()
+    return {"tool_calls": calls.mean().item(), "tool_errors": episodes.tool_errors.sum().item(),
+            "turns": episodes.turns.float().mean().item(), "no_tool_ratio": (calls == 0).float().mean().item()}
 
 
 __all__ = ["StepStats", "StepTimings", "UpdateStats"]

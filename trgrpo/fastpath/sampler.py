@@ -23,6 +23,7 @@ see ``tests/test_generation.py``).  Architectures the decode loop does not know 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -247,6 +248,7 @@ def sample_completions(
     top_k: int = 0,
     greedy: bool = False,
     ignore_eos: bool = False,
+    stop: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Sample ``group_size`` completions of each left-padded prompt.
 
@@ -254,6 +256,8 @@ def sample_completions(
         model: a causal LM for which :func:`fast_generation_supported` is True (in eval mode).
         prompt_ids: [num_prompts, P] left-padded prompt ids; prompt_mask: [num_prompts, P].
         ignore_eos: EOS is never sampled (its logit is -inf), so every completion is ``max_new_tokens`` long.
+        stop: ``[N, t]`` ids generated so far -> ``[N]`` bool, True where a sequence ends after its last
+            token (a stop string of a multi-turn rollout); such a sequence is padded from then on, as after EOS.
     Returns:
         [num_prompts * group_size, T] generated ids, completions of one prompt contiguous, ``pad_token_id``
         after a sequence's EOS; T <= max_new_tokens (the loop stops once every sequence has ended).
@@ -274,6 +278,8 @@ def sample_completions(
         tokens = torch.where(unfinished, tokens, pad_token_id)
         out[:, t] = tokens
         unfinished &= tokens != eos_token_id
+        if stop is not None:
+            unfinished &= ~stop(out[:, :t + 1])
         if t + 1 == max_new_tokens or not bool(unfinished.any()):
             return out[:, :t + 1]
         logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, (nh, nkv, hd))
