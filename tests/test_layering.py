@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "config": PURE_MATH,  # option dataclasses of the loss and the optimiser (no Lightning)
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "rollout": COMPONENTS,
+    "sandbox": COMPONENTS,  # killable worker processes for verifiers and untrusted rewards
     "multiturn": COMPONENTS,  # multi-turn rollouts with tool calls, on the engines' continue_contexts
     "tools": COMPONENTS,  # tool callables and environments, the agent settings
     "callformats": COMPONENTS,  # tag (Search-R1) and chat-template tool-call formats

@@ -189,8 +189,10 @@ def test_failing_reward_scores_failed_counts_and_logs_once(caplog):
         res2 = compute_rewards([spec], ["p"] * 2, ["boom", "c"], {})
     assert res.total.tolist() == [1.0, -1.0, 1.0] and res.errors == 1
     assert res2.total.tolist() == [-1.0, 1.0] and res2.errors == 1
-    logged = [r for r in caplog.records if "flaky_once" in r.getMessage()]
+    logged = [r for r in caplog.records if "flaky_once" in r.getMessage() and "failed on sample" in r.getMessage()]
     assert len(logged) == 1 and "RuntimeError: cannot score boom" in logged[0].getMessage()  # first traceback, once
+    batch = [r for r in caplog.records if "flaky_once" in r.getMessage() and "on the batch" in r.getMessage()]
+    assert len(batch) == 1 and "retrying sample by sample" in batch[0].getMessage()  # the fallback, said once
 
 
 def test_hanging_reward_times_out_and_the_run_goes_on():

@@ -21,14 +21,28 @@ is loaded::
           timeout: 30
 
 Rewards are called by keyword (``prompts=..., completions=..., answer=...``, as TRL does); a function
-without ``**kwargs`` receives only the columns it names, and one that requires a column the task does not
-give stops the first step with an error naming it.  A reward that raises is retried
-sample by sample; samples that still fail score ``failure_score`` and are counted in
-``train/reward_errors``; the first traceback is logged once and the run goes on.  With ``timeout`` set,
-each call runs in a worker thread and a call that outlives it fails all the samples it was given (a
-thread cannot be killed: it is abandoned, and a C call that holds the GIL is not interrupted, which is
-why the math verifier runs math-verify in a subprocess instead).  A reward can also report failures of
-single samples without losing the others by raising ``SampleFailures``.
+without ``**kwargs`` receives only the columns it names.  ``check_rewards`` checks every reward against the
+columns of one task row before any model is loaded (the CLI runs it): a function that cannot be called with
+them, that requires a column the task does not give, or whose ``kwargs`` name no parameter of it stops the
+run at start-up with an error naming it.
+
+A reward whose batch call raises is logged once with the reason and retried sample by sample; samples that
+still fail score ``failure_score`` and are counted in ``train/reward_errors``; the first traceback is logged
+once and the run goes on.  A reward can also report failures of single samples without losing the others
+by raising ``SampleFailures``.
+
+Every call is bounded by ``timeout`` seconds (default ``DEFAULT_REWARD_TIMEOUT`` = 60; 0 or empty turns it
+off); a call that outlives it fails all the samples it was given, with a warning naming the reward each time.
+An ordinary reward runs in a worker thread for this; a thread cannot be killed, so it is abandoned, and a C
+call that holds the GIL (``9**9**9**9``) is not interrupted: a reward that evaluates model output must not run
+in the trainer.  The built-in verifiers that do (``math_verify_reward``, ``reasoning_gym_reward``) score in
+killable sandbox processes (``trgrpo.sandbox``) with their own per-sample timeout, and ``timeout`` bounds
+their whole call; ``sandbox: true`` runs a reward of your own the same way (its module must be importable
+by name; the columns are sent to the worker process, and ``memory_mb`` bounds its memory)::
+
+    model:
+      rewards:
+        - {fn: my_project.rewards.runs_model_code, sandbox: true, timeout: 20, memory_mb: 1024}
 
 Built-in rewards here are task-independent; task rewards live with their tasks
 (``trgrpo.tasks.knights_knaves.kk_answer_reward``, ``trgrpo.tasks.math_data.math_verify_reward``,
@@ -47,12 +61,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, function_path, get_pool, time_limit
+
 if TYPE_CHECKING:  # torch is imported where rewards are combined, so verifier worker processes start light
     from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float | None]]
+
+DEFAULT_REWARD_TIMEOUT = 60.0
+"""Seconds one reward call may take unless ``model.rewards[].timeout`` says otherwise (0 = no limit)."""
+TRAINER_COLUMNS = ("completion_length", "truncated")
+"""Columns the trainer adds to the task's for every completion."""
 
 
 @dataclass
@@ -69,16 +90,28 @@ class RewardSpec:
     """Extra keyword arguments passed to ``fn`` on every call."""
     failure_score: float = 0.0
     """Score given to a sample whose reward raised or timed out."""
-    timeout: float | None = None
-    """Seconds one call may take (the batch call, then each single-sample retry); a call that takes
-    longer fails every sample it was given.  Empty = no limit, and ``fn`` runs in the calling thread
-    (needed by code that uses signals, such as math-verify's own timeouts)."""
+    timeout: float | None = DEFAULT_REWARD_TIMEOUT
+    """Seconds one call may take (the batch call, then each single-sample retry); a call that takes longer
+    fails every sample it was given, with a warning naming the reward.  0 or empty = no limit, and ``fn``
+    runs in the calling thread (needed by code that uses signals)."""
+    sandbox: bool = False
+    """Run ``fn`` in a killable sandbox worker process (``trgrpo.sandbox``) instead of the trainer: for a
+    reward that runs or evaluates model output.  ``fn`` must be importable by name."""
+    memory_mb: int = DEFAULT_MEMORY_MB
+    """With ``sandbox``: memory limit of the worker process in MiB (0 = none)."""
 
     def __post_init__(self) -> None:
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"model.rewards[].timeout must be > 0 seconds (or empty), got {self.timeout}")
+        if self.timeout is not None and self.timeout < 0:
+            raise ValueError(f"model.rewards[].timeout must be >= 0 seconds (0 or empty = no limit), got {self.timeout}")
         if not math.isfinite(self.weight):
             raise ValueError(f"model.rewards[].weight must be a finite number, got {self.weight}")
+        if self.memory_mb < 0:
+            raise ValueError(f"model.rewards[].memory_mb must be >= 0 (0 = no limit), got {self.memory_mb}")
+        if self.sandbox:
+            try:
+                function_path(self.fn)
+            except ValueError as exc:
+                raise ValueError(f"model.rewards[].sandbox: {exc}") from exc
 
     @property
     def label(self) -> str:
@@ -118,15 +151,20 @@ def _warn_once(key: str, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-def _run(spec: RewardSpec, call: Callable[[], Sequence]) -> Sequence:
-    """``call()`` in this thread, or in a daemon worker thread bounded by ``spec.timeout``."""
-    if spec.timeout is None:
-        return call()
+def _run(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
+    """``spec.fn(*args, **kwargs)`` bounded by ``spec.timeout``: in a sandbox worker (``spec.sandbox``), in
+    this thread under a pool time limit (a reward that scores in sandbox workers itself), in a daemon worker
+    thread (any other reward), or plainly in this thread (no timeout)."""
+    if spec.sandbox:
+        return _run_in_sandbox(spec, args, kwargs)
+    if not spec.timeout or getattr(spec.fn, "runs_in_sandbox", False):
+        with time_limit(spec.timeout):
+            return spec.fn(*args, **kwargs)
     box: dict = {}
 
     def target() -> None:
         try:
-            box["value"] = call()
+            box["value"] = spec.fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
             box["error"] = exc
 
@@ -138,6 +176,16 @@ def _run(spec: RewardSpec, call: Callable[[], Sequence]) -> Sequence:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _run_in_sandbox(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
+    (result,) = get_pool(1, spec.timeout or 0, spec.memory_mb).map(function_path(spec.fn), [(args, kwargs)])
+    if result.status == "timeout":
+        raise RewardTimeout(f"reward {spec.label!r} took longer than its timeout of {spec.timeout}s "
+                            "(its sandbox worker was killed)")
+    if result.status == "error":
+        raise RuntimeError(f"reward {spec.label!r} failed in its sandbox worker: {result.value}")
+    return result.value
 
 
 def _checked(spec: RewardSpec, out, n: int) -> list[float | None]:
@@ -154,8 +202,8 @@ def _checked(spec: RewardSpec, out, n: int) -> list[float | None]:
     return clean
 
 
-def _keyword_call(fn: Callable, prompts, completions, columns: dict[str, list], kwargs: dict) -> Callable[[], Sequence]:
-    """A zero-argument call of ``fn`` by keyword, as TRL calls rewards (``prompts=..., completions=...``).
+def _call_arguments(fn: Callable, prompts, completions, columns: dict[str, list], kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments ``fn`` is called with, by keyword as TRL calls rewards (``prompts=..., completions=...``).
 
     A function with ``**kwargs`` gets every column; otherwise only the names it declares.  A function whose
     first parameters are positional-only gets prompts and completions by position.
@@ -164,15 +212,13 @@ def _keyword_call(fn: Callable, prompts, completions, columns: dict[str, list], 
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # some builtins have no signature: pass everything
-        return lambda: fn(**given)
-    positional_only = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
-    if positional_only:
-        rest = {k: v for k, v in given.items() if k not in ("prompts", "completions")}
-        return lambda: fn(prompts, completions, **rest)
+        return (), given
+    if any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in params):
+        return (prompts, completions), {k: v for k, v in given.items() if k not in ("prompts", "completions")}
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         names = {p.name for p in params}
         given = {k: v for k, v in given.items() if k in names}
-    return lambda: fn(**given)
+    return (), given
 
 
 def check_reward_columns(spec: RewardSpec, columns: Sequence[str]) -> None:
@@ -191,14 +237,40 @@ def check_reward_columns(spec: RewardSpec, columns: Sequence[str]) -> None:
             )
 
 
+def check_rewards(specs: Sequence[RewardSpec], task_columns: Sequence[str]) -> None:
+    """Check every reward against the columns of a task row (plus ``TRAINER_COLUMNS``) without calling it:
+    the columns it requires exist, its ``kwargs`` are parameters of it, and it can be called with what it will
+    be given.  Raises ValueError naming the reward."""
+    columns = sorted({*task_columns, *TRAINER_COLUMNS})
+    for spec in specs:
+        check_reward_columns(spec, columns)
+        try:
+            signature = inspect.signature(spec.fn)
+        except (TypeError, ValueError):
+            continue
+        params = signature.parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(spec.kwargs) - set(params))
+            if unknown:
+                raise ValueError(f"reward {spec.label!r}: model.rewards[].kwargs {unknown} are not parameters of "
+                                 f"the function; its parameters: {list(params)}")
+        args, kwargs = _call_arguments(spec.fn, [""], [""], {c: [None] for c in columns}, spec.kwargs)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"reward {spec.label!r} (model.rewards[].fn) cannot be called as "
+                             f"fn(prompts, completions, **columns) with the columns {columns}: {exc}") from exc
+
+
 def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
     """Call a reward on the batch, falling back to sample-by-sample when it raises."""
     n = len(completions)
     try:
-        out = _run(spec, _keyword_call(spec.fn, prompts, completions, columns, spec.kwargs))
+        out = _run(spec, *_call_arguments(spec.fn, prompts, completions, columns, spec.kwargs))
         return _checked(spec, out, n), 0
     except RewardTimeout as exc:
-        _warn_once(f"{spec.label}:timeout", "%s on a batch of %d; scoring those samples %s", exc, n, spec.failure_score)
+        log.warning("%s on a batch of %d completions; scoring them %s (model.rewards[].timeout; 0 turns it off)",
+                    exc, n, spec.failure_score)
         return [spec.failure_score] * n, n
     except SampleFailures as exc:
         scores = _checked(spec, exc.scores, n)
@@ -207,18 +279,22 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
         _warn_once(f"{spec.label}:samples", "reward %r failed on %d of %d samples, scoring them %s: %s",
                    spec.label, len(exc.failed), n, spec.failure_score, exc.message)
         return scores, len(exc.failed)
-    except Exception:
-        pass
+    except Exception as exc:  # noqa: BLE001 - logged, then every sample is tried on its own
+        _warn_once(f"{spec.label}:batch", "reward %r failed on the batch of %d completions (%s: %s); retrying "
+                   "sample by sample", spec.label, n, type(exc).__name__, exc)
     scores: list[float | None] = []
     errors = 0
     for i in range(n):
         row = {k: [v[i]] for k, v in columns.items()}
         try:
-            out = _run(spec, _keyword_call(spec.fn, [prompts[i]], [completions[i]], row, spec.kwargs))
+            out = _run(spec, *_call_arguments(spec.fn, [prompts[i]], [completions[i]], row, spec.kwargs))
             scores.append(_checked(spec, out, 1)[0])
-        except Exception:
+        except Exception as exc:
             errors += 1
             scores.append(spec.failure_score)
+            if isinstance(exc, RewardTimeout):
+                log.warning("%s on sample %d; scoring it %s", exc, i, spec.failure_score)
+                continue
             _warn_once(spec.label, "reward %r failed on sample %d; scoring it %s. First traceback:\n%s",
                        spec.label, i, spec.failure_score, traceback.format_exc())
     return scores, errors

@@ -16,28 +16,21 @@ Reference answers are read from GSM8K's ``#### 42`` or from the last ``\\boxed{}
 model's answer from the last ``\\boxed{}`` of its completion (or the last match of ``answer_pattern``).
 Equivalence is math-verify's (``1/2`` = ``0.5`` = ``\\frac{1}{2}``).  math-verify's own timeout uses
 SIGALRM, which only works in the main thread and cannot interrupt a C call such as a huge integer power
-(``\\boxed{10^{10^{10}}}``), so extraction, parsing and comparison run in worker processes: a sample that
-takes longer than ``timeout`` seconds has its worker killed and replaced, scores 0 and is counted in
-``train/reward_errors``.
+(``\\boxed{10^{10^{10}}}``), and parsing hands model output to sympy, so extraction, parsing and comparison
+run in sandbox worker processes (``trgrpo.sandbox``): a sample that takes longer than ``timeout`` seconds has
+its worker killed and replaced, scores 0 and is counted in ``train/reward_errors``; ``memory_mb`` bounds
+each worker's memory.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
 import os
 import random
 import re
-import subprocess
-import sys
-import threading
-import time
-from collections import deque
-from multiprocessing.connection import wait
-from typing import Any
 
 from trgrpo.rewards import SampleFailures
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, get_pool, runs_in_sandbox
 from trgrpo.tasks.base import Split, Task
 from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
@@ -100,192 +93,44 @@ def check_answer(gold: str, completion: str, pattern: str | None = None) -> bool
     return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))
 
 
-# --------------------------------------------------------------------------- worker processes
+# --------------------------------------------------------------------------- checks in sandbox workers
+
+MATH_PRELOAD = ("trgrpo.tasks.math_data:warm_up",)
 
 
-def serve_stdio() -> None:
-    """Worker loop over JSON lines: ``[gold, completion, pattern]`` in on stdin, ``["ok", bool]`` or
-    ``["error", message]`` out on the original stdout (anything printed goes to stderr)."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
+def warm_up() -> None:
+    """Import sympy and the parsers in a worker before it takes jobs (and keep math-verify's logs quiet)."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    check_answer("1", "\\boxed{1}")  # imports sympy and the parsers before reporting ready
-    out.write('["ready", null]\n')
-    for line in sys.stdin:
-        try:
-            result = ["ok", check_answer(*json.loads(line))]
-        except Exception as exc:  # noqa: BLE001 - reported to the parent
-            result = ["error", f"{type(exc).__name__}: {exc}"]
-        out.write(json.dumps(result) + "\n")
+    check_answer("1", "\\boxed{1}")
 
 
-_WORKER_CODE = "import sys; sys.path.insert(0, sys.argv[1]); from trgrpo.tasks.math_data import serve_stdio; serve_stdio()"
-
-
-class _Worker:
-    """One verifier process (a fresh interpreter, so nothing of the parent is forked) and its pipes."""
-
-    def __init__(self, start_timeout: float = 120.0) -> None:
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self._buffer = b""
-
-    def launch(self) -> None:
-        """Start the process (``wait_ready`` then waits for it to import math-verify)."""
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, root], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
-        self._buffer = b""
-
-    def wait_ready(self) -> None:
-        deadline, line = time.monotonic() + self.start_timeout, None
-        try:
-            while line is None and wait([self.proc.stdout], timeout=max(0.0, deadline - time.monotonic())):
-                line = self.read()
-        except (EOFError, OSError):
-            line = None
-        if line is None or line[0] != "ready":
-            self.kill()
-            raise RuntimeError("the math-verify worker process did not start (is math-verify installed?)")
-
-    def start(self) -> None:
-        self.launch()
-        self.wait_ready()
-
-    @property
-    def stdout(self):
-        return self.proc.stdout
-
-    def send(self, job) -> None:
-        self.proc.stdin.write((json.dumps(job) + "\n").encode())
-
-    def read(self) -> list | None:
-        """The next reply once a whole line has arrived (call when readable); raises EOFError if it died."""
-        chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-        if not chunk:
-            raise EOFError("the math-verify worker process died")
-        self._buffer += chunk
-        if b"\n" not in self._buffer:
-            return None
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            pipe.close()
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-
-class VerifierPool:
-    """Worker processes that check answers, each check bounded by ``timeout`` seconds.
-
-    Args:
-        workers: number of worker processes (checks run in parallel).
-        timeout: seconds one check may take; its worker is then killed and replaced.
-    """
-
-    def __init__(self, workers: int = 1, timeout: float = 5.0) -> None:
-        if workers < 1 or timeout <= 0:
-            raise ValueError(f"math verifier: workers must be >= 1 and timeout > 0, got {workers}, {timeout}")
-        self.timeout = timeout
-        self.workers = [_Worker() for _ in range(workers)]
-        for worker in self.workers:  # start them side by side: each takes about a second to import sympy
-            worker.launch()
-        for worker in self.workers:
-            worker.wait_ready()
-        self._lock = threading.Lock()
-
-    def map(self, jobs: list[tuple[str, str, str | None]]) -> list[tuple[str, Any]]:
-        """One result per job: ("ok", bool), ("error", message) or ("timeout", seconds)."""
-        with self._lock:
-            return self._map(jobs)
-
-    def _map(self, jobs):
-        results: list[tuple[str, Any]] = [("error", "not run")] * len(jobs)
-        pending, idle = deque(range(len(jobs))), list(self.workers)
-        busy: dict[int, tuple[_Worker, float]] = {}  # job index -> (worker, deadline)
-        while pending or busy:
-            while idle and pending:
-                worker, i = idle.pop(), pending.popleft()
-                try:
-                    worker.send(jobs[i])
-                except OSError:  # it died between jobs
-                    worker.restart()
-                    worker.send(jobs[i])
-                busy[i] = (worker, time.monotonic() + self.timeout)
-            next_deadline = min(deadline for _, deadline in busy.values())
-            ready = wait([w.stdout for w, _ in busy.values()], timeout=max(0.0, next_deadline - time.monotonic()))
-            for i, (worker, deadline) in list(busy.items()):
-                reply = None
-                if worker.stdout in ready:
-                    try:
-                        reply = worker.read()
-                    except (EOFError, OSError):
-                        reply = ("error", "the worker process died")
-                        worker.restart()
-                if reply is not None:
-                    results[i] = tuple(reply)
-                elif time.monotonic() >= deadline:
-                    results[i] = ("timeout", self.timeout)
-                    worker.restart()
-                else:
-                    continue
-                del busy[i]
-                idle.append(worker)
-        return results
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-
-
-_POOLS: dict[tuple[int, float, int], VerifierPool] = {}
-
-
-def get_pool(workers: int, timeout: float) -> VerifierPool:
-    """The process's shared pool for these settings (started on first use, stopped at exit)."""
-    key = (workers, float(timeout), os.getpid())
-    if key not in _POOLS:
-        _POOLS[key] = VerifierPool(workers, timeout)
-    return _POOLS[key]
-
-
-@atexit.register
-def _close_pools() -> None:
-    for pool in _POOLS.values():
-        pool.close()
-
-
-def verify_answers(golds: list[str], completions: list[str], pattern: str | None, timeout: float,
-                   workers: int) -> tuple[list[float], list[int], str]:
-    """(scores 1.0 / 0.0, indices of the checks that failed or timed out, a description of the first)."""
-    results = get_pool(workers, timeout).map([(str(g), c, pattern) for g, c in zip(golds, completions, strict=True)])
-    scores = [1.0 if r == ("ok", True) else 0.0 for r in results]
-    failed = [i for i, r in enumerate(results) if r[0] != "ok"]
+def verify_answers(golds: list[str], completions: list[str], pattern: str | None, timeout: float, workers: int,
+                   memory_mb: int = DEFAULT_MEMORY_MB) -> tuple[list[float], list[int], str]:
+    """(scores 1.0 / 0.0, indices of the checks that failed or timed out, a description of the first), each
+    check run by ``check_answer`` in a ``trgrpo.sandbox`` worker."""
+    pool = get_pool(workers, timeout, memory_mb, MATH_PRELOAD)
+    results = pool.map("trgrpo.tasks.math_data:check_answer",
+                       [((str(g), c, pattern), {}) for g, c in zip(golds, completions, strict=True)])
+    scores = [1.0 if r.status == "ok" and r.value is True else 0.0 for r in results]
+    failed = [i for i, r in enumerate(results) if r.status != "ok"]
     message = ""
     if failed:
-        kind, detail = results[failed[0]]
-        what = f"took longer than {detail}s" if kind == "timeout" else f"raised {detail}"
+        first = results[failed[0]]
+        what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
         message = f"math-verify {what} on {completions[failed[0]][-200:]!r}"
     return scores, failed, message
 
 
+@runs_in_sandbox
 def math_verify_reward(
     prompts: list[str], completions: list[str], answer: list[str], answer_pattern: str | None = None,
-    timeout: float = 5.0, workers: int = 1, **_: object,
+    timeout: float = DEFAULT_TIMEOUT, workers: int = 1, memory_mb: int = DEFAULT_MEMORY_MB, **_: object,
 ) -> list[float]:
     """1.0 when the last ``\\boxed{}`` of the completion (or the last match of ``answer_pattern``) equals the
-    reference ``answer`` under math-verify, else 0.0.  A check that takes longer than ``timeout`` seconds
-    is abandoned (its worker process killed) and reported as a failed sample."""
-    scores, failed, message = verify_answers(answer, completions, answer_pattern, timeout, workers)
+    reference ``answer`` under math-verify, else 0.0.  Each check runs in a sandbox worker process
+    (``trgrpo.sandbox``); one that takes longer than ``timeout`` seconds is abandoned (its worker killed) and
+    reported as a failed sample; ``memory_mb`` bounds each worker's memory."""
+    scores, failed, message = verify_answers(answer, completions, answer_pattern, timeout, workers, memory_mb)
     if failed:
         raise SampleFailures(scores, failed, message)
     return scores
@@ -317,6 +162,7 @@ class MathTask(Task):
         answer_pattern: regex whose last match (group 1 if any) is the model's answer; empty = last ``\\boxed{}``.
         timeout: seconds math-verify may spend on one answer during evaluation.
         workers: verifier processes used during evaluation.
+        memory_mb: memory limit of each verifier process in MiB (0 = none).
         cache_dir: ``datasets`` cache folder (empty = its default).
         seed: seed of the training subsample and of the held-out carve-out.
     """
@@ -335,8 +181,9 @@ class MathTask(Task):
         val_size: int | None = None,
         prompt_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.",
         answer_pattern: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
         workers: int = 1,
+        memory_mb: int = DEFAULT_MEMORY_MB,
         cache_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -357,6 +204,7 @@ class MathTask(Task):
         self.question_key, self.answer_key, self.level_key = question_key, answer_key, level_key
         self.train_size, self.val_size, self.prompt_template = train_size, val_size, prompt_template
         self.answer_pattern, self.timeout, self.workers = answer_pattern, timeout, workers
+        self.memory_mb = memory_mb
         self.cache_dir, self.seed = cache_dir, seed
         self._cache: dict[str, list[dict]] = {}
 
@@ -427,7 +275,7 @@ class MathTask(Task):
 
     def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
         scores, _, _ = verify_answers([r["answer"] for r in rows], completions, self.answer_pattern,
-                                      self.timeout, self.workers)
+                                      self.timeout, self.workers, self.memory_mb)
         return scores
 
     def verify(self, completion: str, row: dict) -> float:

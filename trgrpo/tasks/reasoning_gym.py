@@ -19,7 +19,11 @@ appears in training is skipped, so the two splits never share an item::
         - fn: trgrpo.tasks.reasoning_gym.reasoning_gym_reward
 
 The model answers inside ``<answer>...</answer>`` (reasoning-gym's convention; ``answer_tag``), and
-``reasoning_gym_reward`` hands that answer to the dataset's ``score_answer``.
+``reasoning_gym_reward`` hands that answer to the dataset's ``score_answer``.  Some scorers ``eval`` the
+answer or parse it with sympy, so scoring runs in sandbox worker processes (``trgrpo.sandbox``): never in the
+trainer, each answer bounded by ``timeout`` seconds and each worker by ``memory_mb``; an answer whose scoring
+times out or crashes scores 0 and is counted in ``train/reward_errors`` (``kwargs: {timeout: 5, workers: 2}``
+on the reward; the task's own ``timeout`` / ``workers`` / ``memory_mb`` for held-out evaluation).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from trgrpo.rewards import SampleFailures
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, get_pool, runs_in_sandbox
 from trgrpo.tasks.base import Split, Task
 from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
@@ -128,19 +134,47 @@ def _scorer(name: str, options_json: str) -> Callable[[str | None, dict], float]
     return make_dataset(name, json.loads(options_json), seed=0, size=1).score_answer
 
 
+def score_answer(name: str, options_json: str, answer: str | None, entry: dict) -> float:
+    """reasoning-gym's score of one answer (runs in a sandbox worker: the scorer may ``eval`` the answer)."""
+    return float(_scorer(name, options_json)(answer, entry))
+
+
+def score_answers(completions: list[str], rows: list[dict], answer_tag: str | None, timeout: float, workers: int,
+                  memory_mb: int) -> tuple[list[float], list[int], str]:
+    """(scores, indices of the answers whose scoring failed or timed out, a description of the first)."""
+    jobs = [((r["rg_task"], r["rg_options"], extract_tagged(c, answer_tag),
+              {"question": r["question"], "answer": r["answer"], "metadata": r["metadata"]}), {})
+            for c, r in zip(completions, rows, strict=True)]
+    results = get_pool(workers, timeout, memory_mb, ("reasoning_gym",)).map("trgrpo.tasks.reasoning_gym:score_answer",
+                                                                           jobs)
+    scores = [float(r.value) if r.status == "ok" else 0.0 for r in results]
+    failed = [i for i, r in enumerate(results) if r.status != "ok"]
+    message = ""
+    if failed:
+        first = results[failed[0]]
+        what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
+        message = f"reasoning-gym's scorer {what} on {completions[failed[0]][-200:]!r}"
+    return scores, failed, message
+
+
+@runs_in_sandbox
 def reasoning_gym_reward(
     prompts: list[str], completions: list[str], rg_task: list[str], rg_options: list[str], question: list[str],
-    answer: list[str], metadata: list[dict], answer_tag: str | None = "answer", **_: object,
+    answer: list[str], metadata: list[dict], answer_tag: str | None = "answer", timeout: float = DEFAULT_TIMEOUT,
+    workers: int = 1, memory_mb: int = DEFAULT_MEMORY_MB, **_: object,
 ) -> list[float]:
     """reasoning-gym's own score (in [0, 1]) of the answer in the last ``<answer>`` block of each completion.
 
-    Columns come from ``ReasoningGymTask`` rows; a completion without the tag scores 0.
+    Columns come from ``ReasoningGymTask`` rows; a completion without the tag scores 0.  Scoring runs in
+    ``workers`` sandbox processes, each answer bounded by ``timeout`` seconds and each process by
+    ``memory_mb`` MiB; an answer whose scoring fails or times out scores 0 and is reported as a failed sample.
     """
-    out = []
-    for c, name, opts, q, a, meta in zip(completions, rg_task, rg_options, question, answer, metadata, strict=True):
-        entry = {"question": q, "answer": a, "metadata": meta}
-        out.append(float(_scorer(name, opts)(extract_tagged(c, answer_tag), entry)))
-    return out
+    rows = [{"rg_task": t, "rg_options": o, "question": q, "answer": a, "metadata": m}
+            for t, o, q, a, m in zip(rg_task, rg_options, question, answer, metadata, strict=True)]
+    scores, failed, message = score_answers(completions, rows, answer_tag, timeout, workers, memory_mb)
+    if failed:
+        raise SampleFailures(scores, failed, message)
+    return scores
 
 
 def to_row(item: dict, name: str, options: dict, template: str, level: str | int | None) -> dict:
@@ -175,6 +209,9 @@ class ReasoningGymTask(Task):
         prompt_template: the prompt, with ``{question}`` replaced by the item's question.
         answer_tag: the model's answer is read from the last ``<answer_tag>...</answer_tag>`` block;
             empty = the whole completion.
+        timeout: seconds the scorer may spend on one answer during held-out evaluation (in a sandbox worker).
+        workers: sandbox worker processes that score held-out answers.
+        memory_mb: memory limit of each worker in MiB (0 = none).
     """
 
     def __init__(
@@ -187,6 +224,9 @@ class ReasoningGymTask(Task):
         seed: int = 0,
         prompt_template: str = "{question}",
         answer_tag: str | None = "answer",
+        timeout: float = DEFAULT_TIMEOUT,
+        workers: int = 1,
+        memory_mb: int = DEFAULT_MEMORY_MB,
     ) -> None:
         if train_size < 1 or val_size < 1:
             raise ValueError(f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}")
@@ -194,6 +234,7 @@ class ReasoningGymTask(Task):
         self.name, self.options, self.levels = name, dict(options or {}), levels
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
         self.prompt_template, self.answer_tag = prompt_template, answer_tag
+        self.timeout, self.workers, self.memory_mb = timeout, workers, memory_mb
         for opts in self._level_options().values():  # fail on a bad name or option now, not at set-up
             make_dataset(name, opts, seed=seed, size=1)
         self._cache: dict[str, list[dict]] = {}
@@ -209,11 +250,13 @@ class ReasoningGymTask(Task):
                                           self.seed, self.prompt_template)
         return self._cache[split]
 
+    def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
+        """1.0 where reasoning-gym scores the answer 1.0 (exactly right), else 0.0; scored in sandbox workers."""
+        scores, _, _ = score_answers(completions, rows, self.answer_tag, self.timeout, self.workers, self.memory_mb)
+        return [1.0 if s >= 1.0 else 0.0 for s in scores]
+
     def verify(self, completion: str, row: dict) -> float:
-        """1.0 when reasoning-gym scores the answer 1.0 (exactly right), else 0.0."""
-        scorer = _scorer(row["rg_task"], row["rg_options"])
-        entry = {"question": row["question"], "answer": row["answer"], "metadata": row["metadata"]}
-        return 1.0 if scorer(extract_tagged(completion, self.answer_tag), entry) >= 1.0 else 0.0
+        return self.verify_batch([completion], [row])[0]
 
     def demonstration(self, row: dict) -> str:
         return f"<{self.answer_tag}>{row['answer']}</{self.answer_tag}>" if self.answer_tag else str(row["answer"])
