@@ -14,6 +14,12 @@ the CPU with DeepSpeed's ``zero_to_fp32``), needing no GPU::
         [--dtype bfloat16] [--config logs/run/version_0/config.yaml]
 
 At the end of fit, with the ``trgrpo.callbacks.HFExport`` callback.
+
+A checkpoint file is read with ``torch.load(weights_only=True)``: tensors and plain data only, so a crafted
+``.ckpt`` cannot run code (it is refused with an error).  A DeepSpeed folder is consolidated by DeepSpeed's
+own reader, which unpickles: export only DeepSpeed folders you wrote.  Scratch files (the consolidated
+checkpoint, the ZeRO-3 shards of ``HFExport``) live in hidden folders next to the output, never in ``/tmp``,
+and one a killed export left is replaced by the next.
 """
 
 from __future__ import annotations
@@ -21,17 +27,24 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import pickle
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
+from trgrpo.config import LossConfig, OptimConfig
+from trgrpo.evaluation import EvalConfig
 from trgrpo.policy import DTYPES, LoraConfig, PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+from trgrpo.rollout import SamplingConfig
+
+CONFIG_CLASSES = [PolicyConfig, TinyModelConfig, LoraConfig, SamplingConfig, LossConfig, OptimConfig, EvalConfig]
+"""Plain option dataclasses a checkpoint's hyper-parameters may hold (a module built without the CLI):
+allowed by the weights-only reader, which rebuilds them without running any of their code."""
 
 CARD = """---
 library_name: {library}
@@ -120,15 +133,37 @@ def policy_config(saved) -> PolicyConfig:
     return PolicyConfig(**values)
 
 
-def read_checkpoint(ckpt: str | Path) -> dict:
-    """A Lightning checkpoint as a dict; a DeepSpeed folder of shards is consolidated to float32 first."""
+def load_checkpoint_file(ckpt: str | Path) -> dict:
+    """A checkpoint file read with ``weights_only=True``; ValueError when it holds anything that would need
+    arbitrary unpickling (code could run)."""
+    try:
+        with torch.serialization.safe_globals(CONFIG_CLASSES):
+            return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"--ckpt {ckpt}: refused: the file holds objects other than tensors and plain data, and "
+                         f"loading them could run code (torch.load weights_only=True): {str(err)[:500]}") from err
+
+
+def _scratch_beside(path: Path) -> Path:
+    """A hidden scratch folder next to ``path`` (the same filesystem; not the system temp folder)."""
+    return path.with_name(f".{path.name}.consolidated.partial")
+
+
+def read_checkpoint(ckpt: str | Path, scratch: str | Path | None = None) -> dict:
+    """A Lightning checkpoint as a dict; a DeepSpeed folder of shards is consolidated to float32 first, in
+    the hidden folder ``scratch`` (default: next to ``ckpt``), removed afterwards."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        return torch.load(ckpt, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(ckpt)
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return convert_zero_checkpoint_to_fp32_state_dict(ckpt, Path(tmp) / "consolidated.ckpt")
+    scratch = Path(scratch) if scratch is not None else _scratch_beside(ckpt)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        return convert_zero_checkpoint_to_fp32_state_dict(ckpt, scratch / "consolidated.ckpt")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _find_run_config(ckpt: Path) -> Path | None:
@@ -142,7 +177,7 @@ def _find_run_config(ckpt: Path) -> Path | None:
 def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = False, dtype: str | None = None,
                       config: str | Path | None = None) -> Path:
     """Rebuild the policy of a GRPOModule checkpoint from its hyper-parameters, load its weights, export."""
-    checkpoint = read_checkpoint(ckpt)
+    checkpoint = read_checkpoint(ckpt, scratch=_scratch_beside(Path(out)))
     hparams = checkpoint.get("hyper_parameters", {})
     if "policy" not in hparams:
         raise ValueError(f"--ckpt {ckpt}: not a trgrpo GRPOModule checkpoint (no policy config in its hyper-parameters)")
@@ -170,6 +205,9 @@ def export_from_trainer(trainer, module, out: str | Path, merge_lora: bool = Fal
     if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
         # the weights exist only as shards: write a checkpoint and consolidate it in a clean process
         shards = out.with_name(f".{out.name}.zero3")
+        if trainer.is_global_zero:
+            shutil.rmtree(shards, ignore_errors=True)  # left by an export that was killed
+        trainer.strategy.barrier("HFExport.clean")
         trainer.save_checkpoint(shards, weights_only=True)
         if trainer.is_global_zero:
             cmd = [sys.executable, "-m", "trgrpo.export", "--ckpt", str(shards), "--out", str(out)]
