@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from trgrpo.checkpointing import capture_rng_states, restore_rng_states
+from trgrpo.checkpointing import capture_rng_states, restore_rng_states, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,8 @@ class SupervisedWarmStart(L.Callback):
         start = time.perf_counter()
         loss = self._train(pl_module, rows)
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+            # staged as .NAME.partial beside it: a killed save leaves no half file, and the next one replaces it
+            write_atomically(path, lambda partial: torch.save(model.state_dict(), partial))
         self._report(f"supervised warm-start: done in {time.perf_counter() - start:.0f}s, loss {loss:.4f}; "
                      f"weights cached to {path}")
 

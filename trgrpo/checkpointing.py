@@ -7,6 +7,11 @@ killed while writing (SIGKILL, pre-emption, out of memory) leaves the previous `
 ``os.replace`` (atomic on POSIX); a directory checkpoint (DeepSpeed writes one folder of shards) cannot be
 replaced atomically, so it is stored as ``.NAME.<n>`` and ``NAME`` is a symlink swapped atomically.
 
+Checkpoint files are staged next to their target, never in the system temp folder (``StagedCheckpointIO``
+replaces Lightning's default writer, which stages in ``/tmp`` and leaves whole checkpoints there when
+killed); stale partial files are removed by the next save.  ``SigtermHandler`` stops a run on SIGTERM with a
+resumable checkpoint (the CLI adds it to every run and exits with status ``EXIT_SIGTERM`` = 143).
+
 ``capture_rng_states`` / ``restore_rng_states`` cover the random streams a resumed run must continue
 (torch CPU and CUDA, Python, NumPy, plus named ``torch.Generator`` objects); ``GRPOModule`` stores one
 entry per process (``gather_rng_states``).  ``check_policy_matches`` / ``check_state_shapes`` refuse a
@@ -26,7 +31,10 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +42,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +102,55 @@ def write_atomically(final: str | os.PathLike, write: Callable[[Path], None]) ->
     publish(partial, final)
 
 
+def remove_stale_partials(folder: str | os.PathLike) -> None:
+    """Remove the hidden ``.NAME.partial`` files and folders a killed save left in ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.glob(".*.partial"):
+            _remove(path)
+
+
+class StagedCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, but a local file is staged next to its target, not in ``/tmp``.
+
+    Lightning writes each checkpoint to a temp file of the system temp folder (fsspec's transaction) and
+    then moves it into place: a process killed while writing leaves the whole checkpoint there, and a temp
+    folder on another filesystem makes the move a copy.  Here a local file is written to ``.NAME.partial``
+    beside it and published with ``os.replace`` (``write_atomically``; a partial file a killed save left is
+    replaced); a path that is already a partial path is written as it is (its caller publishes it); remote
+    paths (``s3://...``) are written as Lightning writes them.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        if path.name.startswith(".") and path.name.endswith(".partial"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, path)
+            return None
+        write_atomically(path, lambda partial: torch.save(checkpoint, partial))
+        return None
+
+
+def use_staged_checkpoint_io(strategy) -> None:
+    """Give ``strategy`` a ``StagedCheckpointIO`` if it has Lightning's default writer (a custom one is kept)."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = StagedCheckpointIO()
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose files (and DeepSpeed folders) appear only once completely written.
 
-    Takes every argument of ``lightning.pytorch.callbacks.ModelCheckpoint``.
+    Takes every argument of ``lightning.pytorch.callbacks.ModelCheckpoint``.  At set-up it removes the partial
+    files a killed run left in ``dirpath``.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        use_staged_checkpoint_io(trainer.strategy)
+        if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            remove_stale_partials(self.dirpath)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         final, partial = Path(filepath), partial_path(filepath)
@@ -220,3 +275,137 @@ def check_checkpoint_fits(checkpoint: dict, module) -> None:
     current = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("ref_model.")}
     current.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape")})
     check_state_shapes(checkpoint.get("state_dict"), current)
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+EXIT_SIGTERM = 128 + signal.SIGTERM
+"""Exit status of a run stopped by SIGTERM (143: the shell's status for a process ended by that signal)."""
+
+
+class Preempted(SIGTERMException):
+    """SIGTERM stopped the run before the current step applied anything."""
+
+
+def save_for_resume(callback: ModelCheckpoint, trainer: L.Trainer) -> str:
+    """Save through ``callback`` now: its ``last`` checkpoint when it keeps one, else one under its own file
+    name (nothing when it saved this step already).  Returns the path to resume from."""
+    if callback._last_global_step_saved == trainer.global_step and callback._last_checkpoint_saved:
+        return callback.last_model_path or callback._last_checkpoint_saved
+    candidates = callback._monitor_candidates(trainer)
+    if callback.save_last is True:
+        callback._save_last_checkpoint(trainer, candidates)
+        return callback.last_model_path
+    path = callback.format_checkpoint_name(candidates)
+    callback._save_checkpoint(trainer, path)
+    if callback.save_last == "link":
+        callback._save_last_checkpoint(trainer, candidates)
+    return path
+
+
+class SigtermHandler(L.Callback):
+    """Stop a run promptly on SIGTERM, with a resumable checkpoint; the CLI adds it to every run.
+
+    On its own Lightning only notes SIGTERM and stops after the current training step, however long a reward
+    or a verifier holds that step, and the process then exits with status 0.  With this callback (one process):
+
+    - SIGTERM before the step's first backward pass (set-up, rollout, rewards, verifiers, evaluation) abandons
+      the step at once, nothing of it applied; during the update the step is finished first (a second SIGTERM
+      abandons it anyway, and then no checkpoint is written).
+    - Every ``ModelCheckpoint`` (``AtomicModelCheckpoint`` included) then saves: ``last`` when it keeps one
+      (resume with ``--ckpt_path last``), else a checkpoint under its own file name; nothing when nothing was
+      trained since the run started.  An abandoned step's random state is put back first, so a resumed run
+      samples what the uninterrupted one would have.
+    - The run ends with Lightning's ``SIGTERMException``; ``trgrpo.cli.main`` exits with ``EXIT_SIGTERM``.
+
+    With several processes the step is always finished (Lightning stops every process after the same step).
+    Without the CLI, add the callback and wrap ``trainer.fit`` in ``handler.installed()``.
+    """
+
+    def __init__(self) -> None:
+        self.abandonable, self.updating, self.saving, self.signals = True, False, False, 0
+        self._rng: dict | None = None
+        self._start_step: int | None = None
+        self._world = 1
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """This handler for SIGTERM inside the block (Lightning adds its own to it while it runs)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self.on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def on_sigterm(self, signum, frame) -> None:
+        self.signals += 1
+        if self.saving or self._world > 1:
+            return  # already stopping; or Lightning stops every process after this step
+        if self.abandonable or self.signals > 1:
+            log.warning("SIGTERM: stopping now (%s)", "nothing of the current step was applied" if self.abandonable
+                        else "a second SIGTERM during an update: no checkpoint will be written")
+            raise Preempted()
+        log.warning("SIGTERM: finishing the current update, then saving a checkpoint and stopping")
+
+    @staticmethod
+    def _generators(pl_module) -> dict:
+        generator = getattr(pl_module, "shuffle_generator", None)
+        return {"shuffle": generator} if isinstance(generator, torch.Generator) else {}
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self.abandonable, self.updating, self.saving, self.signals = True, False, False, 0
+        self._rng, self._start_step, self._world = None, None, trainer.world_size
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._start_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._rng = capture_rng_states(**self._generators(pl_module))
+        self.abandonable, self.updating = True, False
+
+    def _enter_update(self) -> None:
+        self.abandonable, self.updating = False, True
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module, loss) -> None:
+        self._enter_update()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        self._enter_update()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._rng, self.abandonable, self.updating = None, False, False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._rng = capture_rng_states(**self._generators(pl_module))
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self.abandonable = not self.updating
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        self.abandonable = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._rng = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.abandonable, self.saving = False, True
+        if self.updating:
+            return
+        if self._start_step is None or trainer.global_step == self._start_step:
+            log.warning("SIGTERM: nothing was trained since the run started; no checkpoint written")
+            return
+        if self._rng is not None:  # the abandoned step's sampling is undone: resume draws it again
+            restore_rng_states(self._rng, **self._generators(pl_module))
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                path = save_for_resume(callback, trainer)
+                log.warning("SIGTERM: checkpoint of step %d written to %s (resume with --ckpt_path %s)",
+                            trainer.global_step, path, "last" if callback.save_last else path)

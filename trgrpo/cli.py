@@ -8,21 +8,38 @@ DeepSpeed fragment on a machine without CUDA, is refused at start-up naming the 
 ``data.batch_size`` is linked to the module (its update layout is checked when it is built), the tokenizer
 and the task's verifier are handed over once after instantiation, and an integer ``val_check_interval``
 counts RL steps across epochs (``check_val_every_n_epoch`` set to null).
+
+Before any model is loaded, ``fit`` checks what would otherwise fail late: every reward against the columns
+of one task row (``trgrpo.rewards.check_rewards``), that the log and checkpoint folders are writable, and it
+warns when ``val_check_interval`` or a checkpoint's ``every_n_train_steps`` exceeds ``max_steps`` (nothing
+would happen during training).  Checkpoints load with ``weights_only`` (``torch.load(weights_only=True)``:
+a checkpoint cannot run code; ``--weights_only=false`` opts out for a checkpoint you trust).  SIGTERM stops a
+run promptly with a resumable checkpoint (``trgrpo.checkpointing.SigtermHandler``) and the process exits with
+status 143 (``EXIT_SIGTERM``).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 import yaml
 from jsonargparse import set_docstring_parse_options
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from trgrpo.checkpointing import EXIT_SIGTERM, SigtermHandler, use_staged_checkpoint_io
 from trgrpo.data import PromptDataModule
 from trgrpo.module import GRPOModule
+from trgrpo.rewards import check_rewards
+
+log = logging.getLogger(__name__)
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,
@@ -53,12 +70,69 @@ class TRGRPOCLI(LightningCLI):
         if isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch == 1:
             # an RL run is bounded by max_steps, not epochs: count val_check_interval in RL steps across epochs
             trainer.check_val_every_n_epoch = None
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True  # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # hand each side what it needs once: the tokenizer (loaded at setup) and the held-out verifier
         self.datamodule.connect(lambda: self.model.tokenizer)
         self.model.connect(self.datamodule.task)
+        self.sigterm = SigtermHandler()
+        self.trainer.callbacks.append(self.sigterm)
+        use_staged_checkpoint_io(self.trainer.strategy)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self.sigterm.installed():
+            super()._run_subcommand(subcommand)
+
+    def before_fit(self) -> None:
+        """Checks that need the built objects but no model (the tokenizer and the model load later)."""
+        check_rewards(self.model.rewards, self.datamodule.task_columns())
+        check_run_length(self.trainer)
+        check_output_folders(self.trainer)
+
+    def before_validate(self) -> None:
+        check_output_folders(self.trainer)
+
+
+def check_run_length(trainer) -> None:
+    """Warn, naming the key, when evaluation or checkpoint intervals exceed the run's length."""
+    max_steps = trainer.max_steps
+    if max_steps is None or max_steps < 0:
+        return
+    interval = trainer.val_check_interval
+    if isinstance(interval, int) and interval > max_steps:
+        log.warning("trainer.val_check_interval=%d exceeds trainer.max_steps=%d: no held-out evaluation during "
+                    "training, only before and after it", interval, max_steps)
+    for callback in trainer.checkpoint_callbacks:
+        every = getattr(callback, "_every_n_train_steps", 0) or 0
+        if every > max_steps:
+            log.warning("%s every_n_train_steps=%d exceeds trainer.max_steps=%d: no checkpoint before the end of "
+                        "training", type(callback).__name__, every, max_steps)
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> None:
+    """Create ``folder`` if needed and write and remove a file in it; ValueError naming ``key`` otherwise."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".trgrpo-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot write to the folder {str(path)!r} ({exc.strerror or exc}); choose a "
+                         "writable folder") from exc
+
+
+def check_output_folders(trainer) -> None:
+    """The loggers' folders and the checkpoint folders must be writable (local ones; remote are not checked)."""
+    targets = [(getattr(lg, "save_dir", None), f"trainer.logger ({type(lg).__name__}).init_args.save_dir")
+               for lg in trainer.loggers]
+    targets += [(cb.dirpath, f"trainer.callbacks ({type(cb).__name__}).init_args.dirpath")
+                for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    for folder, key in targets:
+        if folder and "://" not in str(folder):
+            check_writable(folder, key)
 
 
 def _strategy_source(config_files: list[str]) -> str:
@@ -98,12 +172,15 @@ def main(args: list[str] | None = None, run: bool = True) -> TRGRPOCLI:
     """Entry point; ``args`` lets tests drive the real CLI in-process."""
     set_docstring_parse_options(attribute_docstrings=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return TRGRPOCLI(
-        GRPOModule,
-        PromptDataModule,
-        args=args,
-        run=run,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        return TRGRPOCLI(
+            GRPOModule,
+            PromptDataModule,
+            args=args,
+            run=run,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except SIGTERMException as exc:  # Lightning's ends with status 0; a pre-empted run is not a finished one
+        raise SystemExit(EXIT_SIGTERM) from exc

@@ -123,6 +123,14 @@ class PromptDataModule(L.LightningDataModule):
             self.connect(lambda: self.trainer.lightning_module.tokenizer)  # Trainer.fit without the CLI
         return self._tokenizer_source()
 
+    def task_columns(self) -> list[str]:
+        """Names of the task columns rewards receive, read from the first training row (the task keeps its
+        rows, so the data set is read once): the row's keys without ``prompt``, plus ``raw_prompt``."""
+        rows = self.task.rows("train")
+        if not rows:
+            raise ValueError("data.task: the train split has no rows")
+        return sorted({*rows[0], "raw_prompt"} - {"prompt"})
+
     def render(self, prompt, tokenizer) -> str:
         """A row's prompt as the exact text the policy continues."""
         if isinstance(prompt, str) and not self.chat_template:

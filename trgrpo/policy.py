@@ -89,6 +89,22 @@ class PolicyConfig:
     """Train LoRA adapters instead of the full model (empty = full fine-tuning). With loss.beta > 0 the
     reference model is the same base with the adapters disabled, so no second copy is loaded."""
 
+    def __post_init__(self) -> None:
+        check_local_source(self.name_or_path, "model.policy.name_or_path")
+        check_local_source(self.tokenizer, "model.policy.tokenizer")
+
+
+def looks_like_a_path(source: str) -> bool:
+    """Whether a model source can only be a local folder: hub ids are ``name`` or ``org/name``."""
+    return source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1 or "\\" in source
+
+
+def check_local_source(source: str | None, key: str) -> None:
+    """A source that can only be a local folder must exist (transformers would call it a malformed repo id)."""
+    if source and looks_like_a_path(source) and not Path(source).expanduser().exists():
+        raise ValueError(f"{key}: the local folder {source!r} does not exist (a hub id looks like "
+                         "'org/name'; a folder must exist on this machine)")
+
 
 def _char_tokenizer_dir() -> Path:
     cache = Path(os.environ.get("TRGRPO_CACHE", Path(tempfile.gettempdir()) / "trgrpo-cache"))
