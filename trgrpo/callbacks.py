@@ -78,8 +78,8 @@ class SupervisedWarmStart(L.Callback):
             model.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True))
             self._report(f"supervised warm-start: using cached weights {path} (delete the file to train again)")
             return
-        self._report(f"supervised warm-start: {self.steps} steps of {self.batch_size} task demonstrations "
-                     f"before RL (lr {self.lr}); cached afterwards, so reruns skip it")
+        self._report(f"supervised warm-start: {self.steps} steps on the task's demonstrations ({self.batch_size} "
+                     f"a step, lr {self.lr}) before RL; cached afterwards, so reruns skip it")
         start = time.perf_counter()
         loss = self._train(pl_module, rows)
         if trainer.is_global_zero:
