@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from trgrpo.checkpointing import EXIT_SIGTERM, SigtermHandler, use_staged_checkpoint_io
 from trgrpo.data import PromptDataModule
 from trgrpo.module import GRPOModule
+from trgrpo.progress import default_progress_bar
 from trgrpo.rewards import check_rewards
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ class TRGRPOCLI(LightningCLI):
             trainer.check_val_every_n_epoch = None
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True  # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
+
+    def instantiate_trainer(self, **kwargs):
+        # the RL-step bar by default: added to a YAML callbacks list, never replacing it; a configured
+        # progress bar or enable_progress_bar: false wins
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return super().instantiate_trainer(**{**default_progress_bar(cfg.trainer), **kwargs})
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
