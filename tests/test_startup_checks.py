@@ -90,3 +90,11 @@ def test_intervals_longer_than_the_run_are_reported_at_start_up(tmp_path, no_mod
              f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=10")
     assert "trainer.val_check_interval=50 exceeds trainer.max_steps=2" in caplog.text
     assert "every_n_train_steps=10 exceeds trainer.max_steps=2" in caplog.text
+
+
+def test_val_check_interval_longer_than_an_epoch_counts_rl_steps_across_epochs(tmp_path):
+    # 8 prompts, 2 a step: 4 steps an epoch; an evaluation at RL step 5 is in the second epoch
+    cli = run_cli(tmp_path, *arithmetic_args(), "--data.task.init_args.train_size=8", "--trainer.max_steps=5",
+                  "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1")
+    steps = [step for step, _ in cli.model.eval_history]  # before RL, the in-run evaluation, after RL
+    assert cli.trainer.global_step == 5 and steps == [0, 5, 5]
