@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=False):
+def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=False, rows=None):
     """Completion j of prompt p: digit j+1, digit (sum of p's characters mod 10), EOS — no sampling."""
     from trgrpo.rollout import Rollout
 
