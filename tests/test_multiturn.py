@@ -281,3 +281,36 @@ def test_agent_settings_are_checked_at_start_up():
 
     with pytest.raises(ValueError, match=r"model.sampling.agent.tools\[0\].*type hints and a docstring"):
         AgentConfig(tools=[undocumented])
+
+
+def test_held_out_evaluation_reports_tool_calls_per_answer_and_the_tasks_scores(model, tokenizer, monkeypatch):
+    import trgrpo.evaluation as evaluation
+
+    scripts = {"one": ["<lookup>a</lookup>", "<answer>x</answer>"],
+               "two": ["<lookup>a</lookup>", "<lookup>b</lookup>", "<answer>y</answer>"]}
+
+    def scripted(model, tokenizer, prompts, sampling, greedy=False, rows=None, **_):
+        return run_episodes(ScriptedEngine(scripts[prompts[0]]), model, tokenizer, prompts, sampling, 1, greedy, rows)
+
+    class Task:
+        def verify_batch(self, completions, rows):
+            return [float("<answer>x" in c) for c in completions]
+
+        def eval_scores(self, completions, rows):
+            return {"f1": [0.5] * len(completions)}
+
+    monkeypatch.setattr(evaluation, "generate_rollout", scripted)
+    sampling = SamplingConfig(group_size=2, max_new_tokens=64, agent=AgentConfig(tools=[lookup], max_turns=2))
+    evaluator = evaluation.HeldoutEvaluator(evaluation.EvalConfig(table_rows=0), sampling, [])
+    evaluator.connect(Task())
+    assert evaluator.tool_calls is None
+    batches = [{"prompt": ["one", "one"], "level": [1, 1]}, {"prompt": ["two"], "level": [2]}]
+    for batch in batches:
+        evaluator.add_batch(model, tokenizer, batch, keep_table=False)
+    metrics = evaluator.finish()
+    assert metrics["val/accuracy"] == pytest.approx(2 / 3) and metrics["val/accuracy/level_2"] == 0.0
+    assert metrics["val/tool_calls"] == pytest.approx(4 / 3)  # (1 + 1 + 2) calls over 3 answers
+    assert (metrics["val/tool_calls/level_1"], metrics["val/tool_calls/level_2"]) == (1.0, 2.0)
+    assert metrics["val/f1"] == metrics["val/f1/level_1"] == metrics["val/f1/level_2"] == 0.5
+    acc, count = evaluator.accuracy(model, tokenizer, batches)  # the before / after line
+    assert (acc, count) == (pytest.approx(2 / 3), 3) and evaluator.tool_calls == pytest.approx(4 / 3)

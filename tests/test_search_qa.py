@@ -18,6 +18,7 @@ from test_task_configs import TINY, _columns, _logged, _run
 import trgrpo.retrieval as retrieval
 from trgrpo.retrieval import SearchEnvironment
 from trgrpo.tasks.search_qa import (
+    NAMES,
     FactQATask,
     SearchQATask,
     f1_score,
@@ -106,10 +107,41 @@ def test_bm25_over_a_corpus_file_is_indexed_once_and_cached_by_content(tmp_path,
 def test_corpus_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="environment.init_args.corpus: .* does not exist"):
         SearchEnvironment(corpus=str(tmp_path / "none.jsonl")).reset({}, 0)
+    with pytest.raises(ValueError, match="environment.init_args.corpus: .* does not exist"):
+        SearchEnvironment(corpus=str(tmp_path / "none.jsonl")).check()
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"passage": "x"}]), bad)
-    with pytest.raises(ValueError, match="needs a 'contents' or a 'text' column"):
+    with pytest.raises(ValueError, match="environment.init_args.corpus: .* needs a 'contents' or a 'text' column"):
         SearchEnvironment(corpus=str(bad), cache_dir=str(tmp_path / "bm25")).reset({}, 0)
+    with pytest.raises(ValueError, match="needs a 'contents' or a 'text' column, has \\['passage'\\]"):
+        SearchEnvironment(corpus=str(bad)).check()
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text(json.dumps({"passage": "x"}) + "\n")
+    with pytest.raises(ValueError, match="environment.init_args.corpus: .* needs a 'contents' or a 'text' column"):
+        SearchEnvironment(corpus=str(bad_jsonl)).check()
+    SearchEnvironment(corpus=str(_corpus(tmp_path / "ok.jsonl"))).check()  # a good one passes
+    SearchEnvironment().check()  # no corpus: the rows' documents, nothing to check
+
+
+@pytest.mark.parametrize("corpus", ["missing", "wrong_columns"])
+def test_a_bad_corpus_fails_at_start_up_before_the_model_loads(tmp_path, monkeypatch, corpus):
+    import trgrpo.module
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the corpus was checked")
+
+    monkeypatch.setattr(trgrpo.module, "load_model", no_model)
+    path = tmp_path / "corpus.jsonl"
+    if corpus == "wrong_columns":
+        path.write_text(json.dumps({"passage": "x"}) + "\n")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(r) for r in _qa_rows(4)))
+    args = ["fit", "--config", str(CONFIGS / "search_r1_qwen2.5_3b.yaml"), *TINY, f"--data.task.init_args.path={qa}",
+            "--data.task.init_args.val_path=null", "--data.task.init_args.val_size=1",
+            f"--data.task.init_args.cache_dir={tmp_path / 'hf'}", "--model.optim.mini_batch_size=4",
+            f"--model.sampling.agent.environment.init_args.corpus={path}"]
+    with pytest.raises(ValueError, match="model.sampling.agent.environment.init_args.corpus: "):
+        _run(args, tmp_path)
 
 
 def test_generated_fact_base_splits_by_person_and_its_demonstrations_are_right():
@@ -127,23 +159,60 @@ def test_generated_fact_base_splits_by_person_and_its_demonstrations_are_right()
     assert env.step(ToolCall("search", {"query": name})).startswith(f"Doc 1(Title: {name}) {name} lives in")
 
 
+def test_worlds_repeat_each_question_with_other_answers_and_demonstrations_show_the_search_results():
+    one, many = FactQATask(people=8, val_people=2), FactQATask(people=8, val_people=2, worlds=5)
+    assert len(many.rows("train")) == 5 * len(one.rows("train")) and len(many.rows("val")) == 5 * 2 * 2
+    assert many.facts(0) == one.facts() and many.facts(1) != many.facts(0)
+    answers = {}
+    for row in many.rows("train"):
+        answers.setdefault(row["question"], set()).add(row["answer"])
+    assert max(len(a) for a in answers.values()) > 1  # the same question, another world, another answer
+    assert {r["chain"][0] for r in many.rows("val")} == set(NAMES[6:8])  # held-out people only
+    row = many.rows("val")[-1]
+    demo = many.demonstration(row)
+    env = SearchEnvironment(top_k=3)
+    env.reset(row, 0)
+    for name in row["chain"]:  # what the search tool returns, as the rollouts will see it
+        assert f"<search>{name}</search>\n\n<information>{env.search(name)}</information>" in demo
+    assert demo.endswith(f"<answer>{row['answer']}</answer>") and many.verify(demo, row) == 1.0
+    assert FactQATask(people=8, val_people=2, demo_top_k=1).demonstration(row).count("Doc 2") == 0
+    with pytest.raises(ValueError, match="worlds"):
+        FactQATask(worlds=0)
+    fewer = FactQATask(people=8, val_people=2, worlds=5, val_worlds=2)
+    assert len(fewer.rows("train")) == len(many.rows("train")) and len(fewer.rows("val")) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="val_worlds"):
+        FactQATask(worlds=2, val_worlds=3)
+
+
+def test_qa_tasks_give_em_and_f1_per_prompt_for_the_held_out_metrics():
+    rows = [{"golden_answers": ["New York"]}, {"golden_answers": ["Paris"]}, {"golden_answers": ["Rome"]}]
+    completions = ["<answer>new york city</answer>", "<answer>The Paris</answer>", "no answer"]
+    scores = FactQATask().eval_scores(completions, rows)
+    assert scores == {"em": [0.0, 1.0, 0.0], "f1": [pytest.approx(0.8), 1.0, 0.0]}
+
+
 def test_cpu_recipe_runs_with_tool_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the warm-start cache stays in tmp_path
-    cfg = yaml.safe_load((CONFIGS / "search_r1_tiny_cpu.yaml").read_text())
+    cfg = yaml.safe_load((CONFIGS / "agentic_tiny_cpu.yaml").read_text())
     cfg["trainer"]["callbacks"][0]["init_args"]["steps"] = 2
-    config = tmp_path / "search_r1_tiny_cpu.yaml"
+    config = tmp_path / "agentic_tiny_cpu.yaml"
     config.write_text(yaml.safe_dump(cfg))
     _run(["fit", "--config", str(config), "--trainer.max_steps=1", "--trainer.val_check_interval=1",
           "--trainer.enable_progress_bar=false", "--data.task.init_args.people=8", "--data.task.init_args.val_people=2",
           "--data.val_batch_size=4", "--model.sampling.max_new_tokens=16"], tmp_path / "fit")
     columns = _columns(_logged(tmp_path / "fit"))
-    assert TOOL_METRICS | {"train/rewards/em", "train/rewards/f1", "val/accuracy/level_1", "val/accuracy/level_2"} <= columns
+    held_out = {f"val/{m}{lvl}" for m in ("accuracy", "em", "f1", "tool_calls") for lvl in ("", "/level_1", "/level_2")}
+    assert TOOL_METRICS | held_out | {"train/rewards/em", "train/rewards/f1"} <= columns
 
 
 def test_gpu_recipe_mirrors_search_r1_and_runs_on_cpu_with_the_tiny_model(tmp_path):
     cfg = yaml.safe_load((CONFIGS / "search_r1_qwen2.5_3b.yaml").read_text())
     sampling, agent = cfg["model"]["sampling"], cfg["model"]["sampling"]["agent"]
-    assert (agent["format"], agent["max_turns"], agent["max_turn_tokens"]) == ("tags", 4, 500)
+    assert (agent["format"], agent["max_turns"], agent["max_turn_tokens"]) == ("tags", 2, 500)
+    assert sampling["max_new_tokens"] == 500 * 3 and agent["max_tool_tokens"] == 500 * 2  # 2 calls, then answer
+    assert (sampling["group_size"], cfg["data"]["batch_size"], cfg["trainer"]["max_steps"]) == (5, 512, 1005)
+    text = (CONFIGS / "search_r1_qwen2.5_3b.yaml").read_text()
+    assert "--config configs/weighting/grpo.yaml" in text  # its GRPO twin (tests/test_weighting_configs.py)
     assert agent["environment"]["init_args"]["top_k"] == 3 and sampling["temperature"] == 1.0
     assert (cfg["model"]["optim"]["lr"], cfg["model"]["loss"]["beta"], cfg["model"]["loss"]["kl_estimator"]) == \
         (1e-6, 0.001, "k3")

@@ -64,8 +64,8 @@ def _without_weighting(config: dict) -> dict:
 
 def test_the_fragments_are_the_published_weightings():
     assert sorted(f.stem for f in FRAGMENTS) == sorted(PUBLISHED)
-    assert {"demo.yaml", "kk_tiny_cpu.yaml", "kk_qwen2.5_3b.yaml", "math_gsm8k_qwen2.5_3b.yaml"} <= \
-        {b.name for b in BASES}
+    assert {"demo.yaml", "kk_tiny_cpu.yaml", "kk_qwen2.5_3b.yaml", "math_gsm8k_qwen2.5_3b.yaml", "agentic_tiny_cpu.yaml",
+            "search_r1_qwen2.5_3b.yaml"} <= {b.name for b in BASES}  # Search-R1's GRPO twin: with grpo.yaml
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)

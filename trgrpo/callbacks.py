@@ -193,7 +193,8 @@ class HFExport(L.Callback):
 
 class HeldoutAccuracy(L.Callback):
     """Greedy accuracy on the whole held-out split before RL and after it: logged as ``val/accuracy`` at
-    those steps, kept for the plot, and printed as one ``before -> after`` line at the end of fit.  Around
+    those steps, kept for the plot, and printed as one ``before -> after`` line at the end of fit (with
+    multi-turn rollouts a second line, the mean tool calls per answer, logged as ``val/tool_calls``).  Around
     every validation it also sets the random streams aside (restored after) and gathers whole weights.
 
     ``GRPOModule`` adds it itself (``configure_callbacks``); it does nothing without a data module.
@@ -201,14 +202,20 @@ class HeldoutAccuracy(L.Callback):
 
     def __init__(self) -> None:
         self.before = float("nan")
+        self.tool_calls_before: float | None = None
 
     def _evaluate(self, trainer: L.Trainer, pl_module, when: str) -> tuple[float, int]:
         acc, count = pl_module.heldout_accuracy(trainer.datamodule.val_dataloader())
         pl_module.eval_history.append((trainer.global_step, acc))
+        metrics = {"val/accuracy": acc}
+        calls = getattr(pl_module.evaluator, "tool_calls", None)  # multi-turn: mean calls per completion
+        if calls is not None:
+            metrics["val/tool_calls"] = calls
         for logger in trainer.loggers:
-            logger.log_metrics({"val/accuracy": acc}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        log.info("held-out accuracy %s RL: %.3f", when, acc)
+        log.info("held-out accuracy %s RL: %.3f%s", when, acc,
+                 "" if calls is None else f" ({calls:.2f} tool calls per answer)")
         return acc, count
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -230,6 +237,7 @@ class HeldoutAccuracy(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.datamodule is not None:
             self.before = self._evaluate(trainer, pl_module, "before")[0]
+            self.tool_calls_before = getattr(pl_module.evaluator, "tool_calls", None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.datamodule is None:
@@ -238,3 +246,7 @@ class HeldoutAccuracy(L.Callback):
         if trainer.is_global_zero:
             print(f"\nheld-out accuracy (greedy, {count} prompts never trained on): "
                   f"before RL {self.before:.3f} -> after RL {after:.3f} ({after - self.before:+.3f})", flush=True)
+            calls = getattr(pl_module.evaluator, "tool_calls", None)
+            if calls is not None and self.tool_calls_before is not None:
+                print(f"held-out tool calls per answer (greedy): before RL {self.tool_calls_before:.2f} -> "
+                      f"after RL {calls:.2f}", flush=True)

@@ -10,7 +10,10 @@ the number ``c`` of correct completions among ``n`` samples; here those records 
 - ``val/pass@k``: probability that at least one of k samples is correct, with the unbiased estimator
   of Chen et al. (2021) ``1 - C(n - c, k) / C(n, k)``,
 
-each overall and per difficulty level (``val/accuracy/level_3``) when the task's rows have a ``level``.
+each overall and per difficulty level (``val/accuracy/level_3``) when the task's rows have a ``level``;
+with multi-turn rollouts also ``val/tool_calls`` (mean tool calls per greedy completion), and any per-prompt
+scores a task gives through an optional ``eval_scores(completions, rows) -> {name: [score]}`` (the QA tasks:
+``val/em``, ``val/f1``), the same way.
 A few prompts with their completions and rewards go to ``<log_dir>/val_samples/step_<N>.md`` (and
 ``.jsonl``) at every validation.
 """
@@ -182,6 +185,7 @@ class HeldoutEvaluator:
     def __init__(self, cfg: EvalConfig, sampling, rewards: Sequence) -> None:
         self.cfg, self.sampling, self.rewards = cfg, sampling, list(rewards)
         self.task = None
+        self.tool_calls: float | None = None  # mean tool calls per completion of the last ``accuracy`` call
         self.start()
 
     def connect(self, task) -> None:
@@ -227,7 +231,18 @@ class HeldoutEvaluator:
 
     def start(self) -> None:
         self._sums: dict = {}  # level -> [4] float64 sums (SUM_COLUMNS)
+        self._extra: dict = {}  # level -> {name: sum}: tool calls and the task's eval_scores
         self.table: list[SampleRow] = []
+
+    def extra_scores(self, rollout, rows: list[dict]) -> dict[str, list[float]]:
+        """Per-prompt scores beyond correctness: ``tool_calls`` of a multi-turn rollout, the task's ``eval_scores``."""
+        out = {}
+        if rollout.episodes is not None:
+            out["tool_calls"] = rollout.episodes.tool_calls.float().tolist()
+        scorer = getattr(self.task, "eval_scores", None)
+        if scorer is not None:
+            out.update({name: [float(v) for v in vals] for name, vals in scorer(rollout.completions, rows).items()})
+        return out
 
     def add_batch(self, model, tokenizer, batch: dict[str, list], keep_table: bool) -> None:
         rollout, rows, correct = self.greedy(model, tokenizer, batch)
@@ -237,26 +252,49 @@ class HeldoutEvaluator:
         sums = level_sums(index, levels, correct.tolist(), sampled, self.cfg.k)
         for level, i in index.items():
             self._sums[level] = self._sums.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + sums[i]
+        for name, values in self.extra_scores(rollout, rows).items():
+            for level, v in zip(levels, values, strict=True):
+                per = self._extra.setdefault(level, {})
+                per[name] = per.get(name, 0.0) + v
         missing = self.cfg.table_rows - len(self.table)
         if keep_table and missing > 0:
             self.table += self.table_rows(rollout, rows, correct, missing)
 
     def finish(self, gather=lambda sums: [sums]) -> dict[str, float]:
-        """Metrics of the epoch; ``gather(sums)`` returns every process's per-level sums (default: this one)."""
+        """Metrics of the epoch; ``gather(obj)`` returns every process's ``obj`` (per-level sums; default:
+        this process's)."""
         merged: dict = {}
-        for part in gather(self._sums):
+        extra: dict = {}
+        for part, part_extra in gather((self._sums, self._extra)):
             for level, row in part.items():
                 merged[level] = merged.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + row
+            for level, named in part_extra.items():
+                for name, v in named.items():
+                    extra.setdefault(level, {})[name] = extra.get(level, {}).get(name, 0.0) + v
         levels = sort_levels(merged)
         sums = torch.stack([merged[level] for level in levels]) if levels else torch.zeros(0, len(SUM_COLUMNS))
-        return level_metrics(levels, sums, self.cfg.k)
+        out = level_metrics(levels, sums, self.cfg.k)
+        by_level = len(levels) > 1 or (levels and levels[0] is not None)
+        names = sorted({n for named in extra.values() for n in named})
+        for name in names:
+            total = sum(named.get(name, 0.0) for named in extra.values())
+            if sums.shape[0] and sums[:, 0].sum() > 0:
+                out[f"val/{name}"] = total / sums[:, 0].sum().item()
+            for i, level in enumerate(levels if by_level else []):
+                if sums[i, 0] > 0:
+                    out[f"val/{name}/{level_name(level)}"] = extra.get(level, {}).get(name, 0.0) / sums[i, 0].item()
+        return out
 
     def accuracy(self, model, tokenizer, batches: Iterable[dict[str, list]], reduce_sum=lambda t: t) -> tuple[float, int]:
         """(greedy accuracy, prompts) over ``batches`` (this process's share); ``reduce_sum`` adds up the
-        [2] float64 counts of every process."""
-        counts = torch.zeros(2, dtype=torch.float64)
+        [3] float64 counts of every process.  With multi-turn rollouts ``tool_calls`` is then the mean tool
+        calls per greedy completion (None otherwise)."""
+        counts = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
-            scores = self.greedy(model, tokenizer, batch)[2]
-            counts += torch.tensor([scores.sum().item(), scores.numel()], dtype=torch.float64)
+            rollout, _, scores = self.greedy(model, tokenizer, batch)
+            calls = rollout.episodes.tool_calls.sum().item() if rollout.episodes is not None else 0.0
+            counts += torch.tensor([scores.sum().item(), scores.numel(), calls], dtype=torch.float64)
         counts = reduce_sum(counts)
-        return (counts[0] / counts[1].clamp(min=1)).item(), int(counts[1].item())
+        prompts = counts[1].clamp(min=1)
+        self.tool_calls = (counts[2] / prompts).item() if getattr(self.sampling, "agent", None) else None
+        return (counts[0] / prompts).item(), int(counts[1].item())

@@ -115,6 +115,8 @@ class GRPOModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is not None and self.evaluator.task is None:  # used without the CLI: connect here, once
             self.connect(dm.task)
+        if self.sampling.agent is not None:  # the tools' files (a corpus): fail before the model loads
+            self.sampling.agent.check()
         if stage == "fit" and self.plan is not None:
             self.plan = self._plan(self.plan.rollout // self.plan.group_size)  # now with the world size
 

@@ -56,11 +56,36 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_passages(path: str | Path, key: str = "model.sampling.agent.environment.init_args.corpus") -> list[str]:
-    """Passages of a jsonl / parquet corpus as ``"Title"\\ntext`` strings (``contents``, or ``title`` + ``text``)."""
+CORPUS_KEY = "model.sampling.agent.environment.init_args.corpus"
+
+
+def check_corpus(path: str | Path, key: str = CORPUS_KEY) -> None:
+    """Cheap start-up check of a corpus file: it exists and has a ``contents`` or ``text`` column (read from the
+    parquet schema or the first jsonl row only); a ``ValueError`` naming ``key`` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{key}: corpus file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(path).names
+    else:
+        with path.open() as f:
+            first = next((line for line in f if line.strip()), None)
+        if first is None:
+            raise ValueError(f"{key}: corpus {str(path)!r} has no passages")
+        try:
+            columns = list(json.loads(first))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{key}: corpus {str(path)!r} is not jsonl (one JSON object a line): {exc}") from exc
+    if "contents" not in columns and "text" not in columns:
+        raise ValueError(f"{key}: corpus {str(path)!r} needs a 'contents' or a 'text' column, has {sorted(columns)}")
+
+
+def read_passages(path: str | Path, key: str = CORPUS_KEY) -> list[str]:
+    """Passages of a jsonl / parquet corpus as ``"Title"\\ntext`` strings (``contents``, or ``title`` + ``text``)."""
+    check_corpus(path, key)
+    path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -71,9 +96,7 @@ def read_passages(path: str | Path, key: str = "model.sampling.agent.environment
         raise ValueError(f"{key}: corpus {str(path)!r} has no passages")
     if "contents" in rows[0]:
         return [str(r["contents"]) for r in rows]
-    if "text" in rows[0]:
-        return [f"\"{r['title']}\"\n{r['text']}" if r.get("title") else str(r["text"]) for r in rows]
-    raise ValueError(f"{key}: corpus {str(path)!r} needs a 'contents' or a 'text' column, has {sorted(rows[0])}")
+    return [f"\"{r['title']}\"\n{r['text']}" if r.get("title") else str(r["text"]) for r in rows]
 
 
 def build_index(passages: list[str]):
@@ -97,8 +120,8 @@ def format_passages(passages: list[str]) -> str:
 class SearchEnvironment(ToolEnvironment):
     """BM25 search over a corpus file, or over each row's ``documents`` when ``corpus`` is empty.
 
-    The corpus file is read, checked (exists, has the columns) and indexed at the first episode, so parsing
-    a recipe reads nothing.
+    Parsing a recipe reads nothing; ``check`` (run when fit / validate starts, before the model loads) makes
+    sure the corpus file exists and has the columns; it is read and indexed at the first episode.
 
     Args:
         corpus: jsonl or parquet file of passages (``contents``, or ``text`` and optional ``title``); empty =
@@ -115,6 +138,10 @@ class SearchEnvironment(ToolEnvironment):
 
     def tools(self) -> list[dict]:
         return [SEARCH_SCHEMA]
+
+    def check(self) -> None:
+        if self.corpus is not None:
+            check_corpus(self.corpus)
 
     def reset(self, row: dict, seed: int) -> None:
         if self.corpus is not None:
@@ -172,4 +199,4 @@ class SearchEnvironment(ToolEnvironment):
         return self.search(str(call.arguments["query"]))
 
 
-__all__ = ["SearchEnvironment", "build_index", "file_digest", "format_passages", "read_passages"]
+__all__ = ["SearchEnvironment", "build_index", "check_corpus", "file_digest", "format_passages", "read_passages"]

@@ -55,6 +55,10 @@ class ToolEnvironment:
         """JSON schemas of the tools (``{"type": "function", "function": {...}}``), for the chat template."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Start-up checks of what the constructor names but does not read (a file): run when fit / validate
+        starts, before the model loads; raise ``ValueError`` naming the key.  Parsing a recipe does not run it."""
+
     def episode(self) -> ToolEnvironment:
         """A fresh copy for one completion (shallow: read-only state is shared)."""
         return copy.copy(self)
@@ -142,6 +146,11 @@ class AgentConfig:
         if not self.tools and self.environment is None:
             raise ValueError("model.sampling.agent needs tools (import paths) or an environment (class_path)")
         ToolBox(self)  # schemas now: a tool without type hints or docstring fails at start-up
+
+    def check(self) -> None:
+        """The environment's start-up checks (its files), before the model loads (``GRPOModule.setup``)."""
+        if self.environment is not None:
+            self.environment.check()
 
 
 class ToolBox:

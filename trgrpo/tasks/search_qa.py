@@ -94,6 +94,12 @@ class _QATask(Task):
     def verify(self, completion: str, row: dict) -> float:
         return exact_match_score(final_answer(completion), row["golden_answers"])
 
+    def eval_scores(self, completions: list[str], rows: list[dict]) -> dict[str, list[float]]:
+        """Held-out metrics ``val/em`` and ``val/f1`` (overall and per hop count, ``val/f1/level_2``)."""
+        answers = [final_answer(c) for c in completions]
+        return {"em": [exact_match_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)],
+                "f1": [f1_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)]}
+
 
 class SearchQATask(_QATask):
     """Question + gold answers from local files (NQ / HotpotQA style, as Search-R1 prepares them).
@@ -157,43 +163,64 @@ class SearchQATask(_QATask):
         return self._cache[split]
 
 
-NAMES = ["Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lea", "Max", "Ned", "Oda",
-         "Pam", "Quin", "Rex", "Sam", "Tia", "Uma", "Val", "Wes", "Xia", "Yul", "Zoe"]
+def _names() -> list[str]:
+    """Three-letter names (consonant, vowel, consonant) in a fixed shuffled order: every letter of a held-out
+    person's name also appears, in the same place, in names that training questions ask about, so copying a
+    name into a search can be learnt and carried over to people never asked about."""
+    names = [c + v + e for c in "BDGKLMNPRST" for v in "aeiou" for e in "bdgklmnprst"]
+    names = [n for n in names if n not in ("But", "Not")]  # English stop words: the search would drop them
+    random.Random(0).shuffle(names)
+    return names
+
+
+NAMES = _names()
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern", "Cairo", "Delhi", "Seoul", "Quito"]
 
 
 class FactQATask(_QATask):
     """A generated fact base: each person lives in a city and has a friend; questions of one hop ("Where does
-    Ann live?") or two ("Where does Ann's friend live?"), with a small document set per question.
+    Ann live?") or two ("Where does the friend of Ann live?"), with a small document set per question.
 
     Rows carry ``documents`` (the passages the search tool indexes: the people the question needs plus
     ``distractors`` others), ``golden_answers`` and ``level`` (hops).  Held-out questions ask about people
-    no training question asks about.
+    no training question asks about.  With ``worlds`` > 1 every question is asked once per world, each world
+    a fact base of its own (the same people, other cities and friends): the answer to "Where does Ann live?"
+    then changes from row to row, so only reading the passages pays, never memorising them.
 
     Args:
-        people: persons in the fact base (at most 26).
+        people: persons in the fact base (at most 603).
         val_people: of those, the ones held-out questions ask about.
         distractors: passages about other people added to each question's documents.
         hops: question kinds, any of 1 and 2.
+        worlds: fact bases drawn (training rows per person and hop); 1 = one fact base shared by every row.
+        val_worlds: of those, the ones held-out questions are asked in (empty = all ``worlds``).
+        demo_top_k: passages shown per search in the demonstrations: set it to the environment's ``top_k``,
+            so the warm-start reads what the search tool returns.
         prompt_template: the prompt, with ``{question}`` replaced.
-        seed: seed of the fact base.
+        seed: seed of the fact bases.
     """
 
     def __init__(self, people: int = 26, val_people: int = 6, distractors: int = 3, hops: list[int] | None = None,
+                 worlds: int = 1, val_worlds: int | None = None, demo_top_k: int = 3,
                  prompt_template: str = SHORT_TEMPLATE, seed: int = 0) -> None:
         hops = list(hops) if hops is not None else [1, 2]
         if not 2 <= people <= len(NAMES) or not 1 <= val_people < people:
             raise ValueError(f"data.task.init_args.people must be in 2..{len(NAMES)} and val_people in 1..people-1")
         if not hops or any(h not in (1, 2) for h in hops):
             raise ValueError(f"data.task.init_args.hops must be a non-empty list of 1 and 2, got {hops}")
+        if worlds < 1 or demo_top_k < 1:
+            raise ValueError(f"data.task.init_args.worlds and demo_top_k must be >= 1, got {worlds}, {demo_top_k}")
+        if val_worlds is not None and not 1 <= val_worlds <= worlds:
+            raise ValueError(f"data.task.init_args.val_worlds must be in 1..worlds (or empty), got {val_worlds}")
         check_prompt_template(prompt_template)
         self.people, self.val_people, self.distractors, self.hops = people, val_people, distractors, hops
+        self.worlds, self.val_worlds, self.demo_top_k = worlds, val_worlds or worlds, demo_top_k
         self.prompt_template, self.seed = prompt_template, seed
         self._cache: dict[str, list[dict]] = {}
 
-    def facts(self) -> dict[str, tuple[str, str]]:
-        """person -> (city, friend)."""
-        rng = random.Random(self.seed)
+    def facts(self, world: int = 0) -> dict[str, tuple[str, str]]:
+        """person -> (city, friend) in one world (world 0 is the fact base of ``worlds: 1``)."""
+        rng = random.Random(self.seed if world == 0 else f"{self.seed}/{world}")
         names = NAMES[:self.people]
         return {n: (rng.choice(CITIES), rng.choice([m for m in names if m != n])) for n in names}
 
@@ -214,19 +241,24 @@ class FactQATask(_QATask):
 
     def rows(self, split: Split) -> list[dict]:
         if not self._cache:
-            facts, rng = self.facts(), random.Random(self.seed + 1)
-            names = list(facts)
+            rng = random.Random(self.seed + 1)
+            names = NAMES[:self.people]
             held = set(names[-self.val_people:])
-            for part in ("train", "val"):
-                who = [n for n in names if (n in held) == (part == "val")]
-                self._cache[part] = [self._row(n, h, facts, rng) for h in self.hops for n in who]
+            self._cache = {"train": [], "val": []}
+            for world in range(self.worlds):
+                facts = self.facts(world)
+                for part in ("train", "val") if world < self.val_worlds else ("train",):
+                    who = [n for n in names if (n in held) == (part == "val")]
+                    self._cache[part] += [self._row(n, h, facts, rng) for h in self.hops for n in who]
         return self._cache[split]
 
     def demonstration(self, row: dict) -> str:
-        """Search each person of the chain, read their passage, answer."""
-        facts = self.facts()
-        steps = "".join(f"<search>{n}</search>\n\n<information>Doc 1(Title: {n}) "
-                        f"{self.passage(n, facts).partition(chr(10))[2]}</information>\n\n" for n in row["chain"])
+        """Search each person of the chain, read what the search tool returns, answer."""
+        from trgrpo.retrieval import SearchEnvironment
+
+        env = SearchEnvironment(top_k=self.demo_top_k)
+        env.reset(row, 0)
+        steps = "".join(f"<search>{n}</search>\n\n<information>{env.search(n)}</information>\n\n" for n in row["chain"])
         return f"{steps}<answer>{row['answer']}</answer>"
 
 
