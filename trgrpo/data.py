@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from trgrpo.dynamic_sampling import DynamicSampling
 from trgrpo.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: system message prepended when ``chat_template`` is on.
         max_prompt_tokens: prompts longer than this are dropped at load time (0 = no limit).
         seed: seed of the training-order shuffle.
+        dynamic_sampling: draw more prompts than ``batch_size`` per step and train on the ``batch_size``
+            groups whose rewards differ (DAPO; ``trgrpo.dynamic_sampling``); empty = off.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         max_prompt_tokens: int = 512,
         seed: int = 0,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -107,6 +111,7 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.dynamic_sampling = dynamic_sampling
         self.splits: dict[str, list[dict]] = {}
         self._tokenizer_source: Callable[[], object] | None = None
 
@@ -169,15 +174,22 @@ class PromptDataModule(L.LightningDataModule):
         if stage == "fit":
             self.check_prompt_count(len(self.splits["train"]))
 
+    @property
+    def draw_size(self) -> int:
+        """Prompts drawn per training step on each process: ``batch_size``, more with dynamic sampling."""
+        ds = self.dynamic_sampling
+        return ds.draw_size(self.batch_size) if ds is not None else self.batch_size
+
     def check_prompt_count(self, rows: int) -> None:
-        if rows < self.batch_size:
-            raise ValueError(f"data.batch_size={self.batch_size} exceeds the {rows} training prompts")
+        if rows < self.draw_size:
+            what = "" if self.dynamic_sampling is None else f" (x data.dynamic_sampling.oversample = {self.draw_size})"
+            raise ValueError(f"data.batch_size={self.batch_size}{what} exceeds the {rows} training prompts")
         world = self.trainer.world_size if self.trainer is not None else 1
-        if rows // world < self.batch_size:
+        if rows // world < self.draw_size:
             raise ValueError(
                 f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
-                f"training prompts to each process, fewer than one batch of data.batch_size={self.batch_size} "
-                "prompts (data.batch_size is per process; each process samples whole groups for its own "
+                f"training prompts to each process, fewer than one batch of {self.draw_size} "
+                f"prompts (data.batch_size={self.batch_size}{'' if self.dynamic_sampling is None else ' x oversample'}; data.batch_size is per process; each process samples whole groups for its own "
                 "prompts): lower data.batch_size or the number of processes, or add prompts"
             )
 
@@ -193,8 +205,8 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self.splits["train"], num_replicas=world, rank=rank, seed=self.seed,
-                                   batch_size=self.batch_size, progress=self._trained_batches)
-        return ResumableLoader(self.splits["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                   batch_size=self.draw_size, progress=self._trained_batches)
+        return ResumableLoader(self.splits["train"], batch_size=self.draw_size, sampler=sampler, drop_last=True,
                                collate_fn=collate_rows, generator=torch.Generator().manual_seed(self.seed))
 
     def _trained_batches(self) -> int:

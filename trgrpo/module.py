@@ -31,6 +31,7 @@ from trgrpo.backend import PlainBackend, all_gather_objects, all_reduce_sum, tra
 from trgrpo.callbacks import HeldoutAccuracy
 from trgrpo.checkpointing import check_checkpoint_fits, gather_rng_states, pick_rng_state, restore_rng_states
 from trgrpo.config import LossConfig, OptimConfig
+from trgrpo.dynamic_sampling import apply_dynamic_sampling
 from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, write_sample_table
 from trgrpo.losses import GRPOLoss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
@@ -159,13 +160,14 @@ class GRPOModule(L.LightningModule):
         rewards = compute_rewards(self.rewards, [p for p in batch["prompt"] for _ in range(g)],
                                   rollout.completions,
                                   reward_columns(batch, rollout.trainable_mask, rollout.truncated, g))
+        rollout, kept, groups = apply_dynamic_sampling(self.trainer.datamodule, rollout, rewards, g)
         t2 = time.perf_counter()
-        adv = compute_advantages(rewards.total, g, self.loss_cfg.advantage_scale, self.loss_cfg.advantage_eps)
+        adv = compute_advantages(kept.total, g, self.loss_cfg.advantage_scale, self.loss_cfg.advantage_eps)
         inputs = self.prepare(rollout, adv.to(self.device))
         t3 = time.perf_counter()
         update = self.update(rollout, inputs)
         t4 = time.perf_counter()
-        self.log_step(rollout, rewards, update, StepTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        self.log_step(rollout, rewards, update, StepTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3), groups)
 
     def rollout(self, prompts: list[str], batch: dict[str, list] | None = None) -> Rollout:
         """G sampled completions per prompt (multi-turn episodes with ``sampling.agent``), from whole weights."""
@@ -219,13 +221,14 @@ class GRPOModule(L.LightningModule):
         return self.backend.step(self.policy_model, opt, sched, self.optim_cfg.grad_clip, self.manual_backward,
                                  self.tokenizer.eos_token_id)
 
-    def log_step(self, rollout: Rollout, rewards: RewardResult, update: UpdateStats, timings: StepTimings) -> None:
+    def log_step(self, rollout: Rollout, rewards: RewardResult, update: UpdateStats, timings: StepTimings,
+                 groups=None) -> None:
         stats = StepStats.collect(
             rewards=rewards.total, per_term=rewards.per_term, reward_errors=rewards.errors,
             group_size=self.sampling.group_size, completion_mask=rollout.trainable_mask, truncated=rollout.truncated,
             update=update.reduced(self.device), lr=self.optimizers().param_groups[0]["lr"],
             bounded_weights=self.weighting.bounds is not None, kl=self.loss_cfg.beta > 0, timings=timings,
-            episodes=rollout.episodes)
+            episodes=rollout.episodes, groups=groups)
         self.last_stats = stats
         n = len(rewards.total)
         self.log_dict(stats.metrics(), on_step=True, on_epoch=False, batch_size=n, sync_dist=True)

@@ -110,6 +110,16 @@ class Rollout(_RolloutFields):
         self = super().__new__(cls, *args, **kwargs)
         return self if self.trainable_mask is not None else self._replace(trainable_mask=self.completion_mask)
 
+    def select(self, rows: Tensor) -> Rollout:
+        """The rollout of the sequences ``rows`` ([n] indices), in that order."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        episodes = None if self.episodes is None else type(self.episodes)(*(pick(t) for t in self.episodes))
+        return self._replace(
+            input_ids=pick(self.input_ids), attention_mask=pick(self.attention_mask),
+            completion_mask=pick(self.completion_mask), truncated=pick(self.truncated),
+            completions=[self.completions[i] for i in rows.tolist()], trainable_mask=pick(self.trainable_mask),
+            sampler_logp=pick(self.sampler_logp), episodes=episodes)
+
 
 def completion_mask_from_ids(completion: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """[N, T] generated ids -> ([N, T] mask up to and including the first EOS, [N] truncated)."""

@@ -124,6 +124,9 @@ class StepStats:
     tool_errors: float | None = _metric("train/tool_errors")  # calls that returned an error text, per step
     turns: float | None = _metric("train/turns")  # mean model turns per completion
     no_tool_ratio: float | None = _metric("train/no_tool_ratio")  # share of completions without any call
+    groups_drawn: float | None = _metric("train/dynamic_sampling/drawn")  # groups sampled and scored
+    groups_dropped: float | None = _metric("train/dynamic_sampling/dropped")  # groups left out of the update
+    groups_filled: float | None = _metric("train/dynamic_sampling/filled")  # kept groups without reward spread
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
 
     def timings(self) -> StepTimings:
@@ -139,10 +142,11 @@ class StepStats:
     @classmethod
     def collect(cls, *, rewards: Tensor, per_term: dict[str, Tensor], reward_errors: int, group_size: int,
                 completion_mask: Tensor, truncated: Tensor, update: UpdateStats, lr: float,
-                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None) -> StepStats:
+                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None, groups=None) -> StepStats:
         """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] trained-token mask
         (tool output excluded), [N] truncation flags, the step's (already reduced) ``UpdateStats`` and, for a
-        multi-turn rollout, its ``trgrpo.multiturn.EpisodeStats`` ([N] calls, errors, turns)."""
+        multi-turn rollout, its ``trgrpo.multiturn.EpisodeStats`` ([N] calls, errors, turns); with dynamic
+        sampling ``rewards`` are every drawn completion's and ``groups`` the ``GroupSelection`` counts."""
         spread = group_reward_spread(rewards, group_size)
         tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
         any_active = update.active_tokens > 0
@@ -174,6 +178,8 @@ class StepStats:
             time_old_logprobs=timings.old_logprobs, time_update=timings.update,
             reward_terms=terms,
             **(tool_metrics(episodes) if episodes is not None else {}),
+            **({} if groups is None else {"groups_drawn": float(groups.drawn), "groups_dropped": float(groups.dropped),
+                                          "groups_filled": float(groups.filled)}),
         )
 
 

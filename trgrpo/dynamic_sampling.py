@@ -1,0 +1,86 @@
+"""Dynamic sampling (DAPO, Yu et al. 2025, https://arxiv.org/abs/2503.14476): train on groups with reward spread.
+
+A group whose G rewards are all equal has zero advantage everywhere and carries no policy gradient.  With
+``data.dynamic_sampling`` the data module draws ``ceil(oversample * batch_size)`` prompts per step, the
+module samples and scores all of them, and ``keep_groups`` keeps ``batch_size`` groups: those with reward
+spread first, in drawn order, then (only when too few have spread) zero-spread groups to fill the batch, so
+every step trains on exactly ``batch_size`` groups (a fixed update layout, equal on every process).
+
+Why a factor and not DAPO's "generate again until the batch is full": every step then reads exactly one
+loader batch, so the data position Lightning checkpoints (batches trained) stays exact on resume, and all
+processes run the same number of generation calls.  ``train/dynamic_sampling/*`` reports how many groups
+were drawn, dropped and filled without spread; raise ``oversample`` when ``filled`` stays above 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from trgrpo.rewards import RewardResult
+from trgrpo.rollout import Rollout
+
+
+@dataclass
+class DynamicSampling:
+    """Over-sample prompts and keep the groups whose rewards differ."""
+
+    oversample: float = 2.0
+    """Prompts drawn per step, as a multiple of ``data.batch_size`` (rounded up; > 1)."""
+    min_spread: float = 1e-6
+    """A group has spread when max - min of its rewards exceeds this."""
+
+    def __post_init__(self) -> None:
+        if self.oversample <= 1:
+            raise ValueError(f"data.dynamic_sampling.oversample must be > 1, got {self.oversample}")
+        if self.min_spread < 0:
+            raise ValueError(f"data.dynamic_sampling.min_spread must be >= 0, got {self.min_spread}")
+
+    def draw_size(self, batch_size: int) -> int:
+        """Prompts drawn per step for ``batch_size`` trained ones."""
+        return math.ceil(self.oversample * batch_size - 1e-9)
+
+
+class GroupSelection(NamedTuple):
+    """What ``keep_groups`` did to one step's groups (counts of this process)."""
+
+    drawn: int  # groups sampled and scored
+    dropped: int  # groups left out of the update
+    filled: int  # kept groups without reward spread (too few had spread)
+
+
+def select_groups(rewards: torch.Tensor, group_size: int, keep: int, min_spread: float) -> torch.Tensor:
+    """[N] rewards -> [keep] indices of the kept groups: spread first (in order), then zero-spread fillers."""
+    grouped = rewards.view(-1, group_size)
+    spread = (grouped.max(dim=1).values - grouped.min(dim=1).values) > min_spread  # [U]
+    order = torch.cat([torch.nonzero(spread).flatten(), torch.nonzero(~spread).flatten()])
+    return order[:keep].sort().values
+
+
+def keep_groups(rollout: Rollout, rewards: RewardResult, group_size: int, keep: int,
+                min_spread: float) -> tuple[Rollout, RewardResult, GroupSelection]:
+    """The rollout and rewards of ``keep`` groups (``select_groups``), and the counts for the log."""
+    drawn = len(rewards.total) // group_size
+    if keep >= drawn:
+        return rollout, rewards, GroupSelection(drawn, 0, 0)
+    groups = select_groups(rewards.total, group_size, keep, min_spread)  # [keep]
+    rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()  # [keep * G]
+    grouped = rewards.total.view(-1, group_size)[groups]
+    filled = int(((grouped.max(dim=1).values - grouped.min(dim=1).values) <= min_spread).sum())
+    kept = RewardResult(rewards.total[rows], {k: v[rows] for k, v in rewards.per_term.items()}, rewards.errors)
+    return rollout.select(rows), kept, GroupSelection(drawn, drawn - keep, filled)
+
+
+def apply_dynamic_sampling(datamodule, rollout: Rollout, rewards: RewardResult,
+                           group_size: int) -> tuple[Rollout, RewardResult, GroupSelection | None]:
+    """The groups to train on: ``datamodule.batch_size`` of them with its ``dynamic_sampling``, else all."""
+    cfg = getattr(datamodule, "dynamic_sampling", None)
+    if cfg is None:
+        return rollout, rewards, None
+    return keep_groups(rollout, rewards, group_size, datamodule.batch_size, cfg.min_spread)
+
+
+__all__ = ["DynamicSampling", "GroupSelection", "apply_dynamic_sampling", "keep_groups", "select_groups"]
