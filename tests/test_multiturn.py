@@ -314,3 +314,18 @@ def test_held_out_evaluation_reports_tool_calls_per_answer_and_the_tasks_scores(
     assert metrics["val/f1"] == metrics["val/f1/level_1"] == metrics["val/f1/level_2"] == 0.5
     acc, count = evaluator.accuracy(model, tokenizer, batches)  # the before / after line
     assert (acc, count) == (pytest.approx(2 / 3), 3) and evaluator.tool_calls == pytest.approx(4 / 3)
+
+
+def test_fast_attention_of_one_group_of_several_rows():
+    """One prompt's G rows (U = 1, as a multi-turn turn with a single shared context gives): the fast path's
+    attention once failed to lay out its result; it equals attention over the concatenated keys."""
+    from trgrpo.fastpath.sampler import _attend
+
+    torch.manual_seed(0)
+    n, nkv, hd, p, t = 2, 4, 8, 5, 3
+    q, pk, pv = torch.randn(n, nkv, hd), torch.randn(1, nkv, p, hd), torch.randn(1, nkv, p, hd)
+    k, v = torch.randn(n, nkv, t, hd), torch.randn(n, nkv, t, hd)
+    out = _attend(q, pk, pv, None, k, v, 0.5)
+    keys, values = torch.cat([pk.expand(n, -1, -1, -1), k], 2), torch.cat([pv.expand(n, -1, -1, -1), v], 2)
+    probs = torch.softmax((q.unsqueeze(2) * 0.5) @ keys.transpose(-1, -2), dim=-1)
+    assert torch.allclose(out, (probs @ values).reshape(n, nkv * hd), atol=1e-5)

@@ -203,7 +203,7 @@ def _attend(q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v
     p_pre = probs[..., :p].reshape(u, g, nkv, rep, p).permute(0, 2, 1, 3, 4).reshape(u, nkv, g * rep, p)
     o_pre = torch.matmul(p_pre, pv).view(u, nkv, g, rep, hd).permute(0, 2, 1, 3, 4)  # [U, G, nkv, rep, hd]
     o_own = torch.matmul(probs[..., p:], v)  # [N, nkv, rep, hd]
-    return (o_pre.reshape(n, nkv, rep, hd) + o_own).view(n, nh * hd)
+    return (o_pre.reshape(n, nkv, rep, hd) + o_own).reshape(n, nh * hd)  # a view fails for one group (U = 1)
 
 
 def _decode_step(dec, lm_head_w: Tensor, weights: list[_LayerWeights], state: _DecodeState, tokens: Tensor,
