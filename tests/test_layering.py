@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "rollout": COMPONENTS,
     "dynamic_sampling": COMPONENTS,  # DAPO's filter of groups without reward spread (data and module use it)
+    "vllm_engine": COMPONENTS,  # the vLLM rollout engine (imports vllm on use: an optional extra)
     "sandbox": COMPONENTS,  # killable worker processes for verifiers and untrusted rewards
     "multiturn": COMPONENTS,  # multi-turn rollouts with tool calls, on the engines' continue_contexts
     "tools": COMPONENTS,  # tool callables and environments, the agent settings

@@ -166,7 +166,7 @@ def test_the_g_completions_of_a_prompt_see_the_same_task_instance(model, tokeniz
     assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5] and seen[0] != seen[3]
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("engine", sorted(set(ENGINES) - {"vllm"}))  # vllm: tests/test_vllm_engine.py
 def test_engines_continue_contexts_to_a_stop_string(model, tokenizer, engine):
     sampling = SamplingConfig(group_size=2, max_new_tokens=12)
     ctx = [tokenizer("12+34=", add_special_tokens=False).input_ids] * 2 + [tokenizer("7+", add_special_tokens=False).input_ids]

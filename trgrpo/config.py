@@ -32,6 +32,10 @@ class LossConfig:
     """Added to the std so equal-reward groups get exactly zero advantage."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens out of the loss."""
+    sampler_is_cap: float | None = None
+    """Truncated importance sampling against the sampler (engines that report their log-probs, ``vllm``):
+    each token's loss is weighted by min(pi_old / pi_sampler, cap), pi_old the trainer's probability before
+    the update; empty = off (``fast`` and ``hf`` sample from the trainer's own distribution)."""
 
     def __post_init__(self) -> None:
         if self.clip_low < 0 or self.clip_high < 0:
@@ -42,6 +46,8 @@ class LossConfig:
             raise ValueError(f"model.loss.dual_clip must be > 1 (or empty), got {self.dual_clip}")
         if self.beta < 0:
             raise ValueError(f"model.loss.beta must be >= 0, got {self.beta}")
+        if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
+            raise ValueError(f"model.loss.sampler_is_cap must be > 0 (or empty), got {self.sampler_is_cap}")
         if self.aggregation not in ("token_mean", "seq_mean_token_mean", "seq_sum_const"):
             raise ValueError(
                 f"model.loss.aggregation must be one of token_mean, seq_mean_token_mean, seq_sum_const; got {self.aggregation!r}"

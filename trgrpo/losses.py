@@ -14,6 +14,13 @@ Token weights (see ``trgrpo.weighting``) enter in one of two places:
     placement="surrogate": loss_t <- w_t * loss_t            (w detached; equivalent to scaling A)
     placement="ratio":     r_t    <- w_t * r_t inside both the min and the clip
 
+Truncated importance sampling (Yao et al., 2025, "Your efficient RL framework secretly brings you off-policy
+RL training"): when the rollout engine's probabilities pi_sampler differ from the trainer's (vLLM kernels,
+precision), each token's loss is multiplied by the detached weight min(pi_old / pi_sampler, C), pi_old the
+trainer's probability of the sampled token before the update.  Token weights of the weighting strategies
+stay computed from the trainer's probabilities.  ``sampler_kl`` measures the mismatch with the k3 estimator
+of KL(pi_sampler || pi_old) on the sampled tokens.
+
 Normalisation never uses the local micro-batch size: callers pass the token and sequence counts of the
 whole optimisation batch (all micro-batches, all ranks), so splitting a batch differently gives the same
 loss and gradient.  Pure tensor code, no Lightning import.
@@ -113,6 +120,17 @@ class PolicyLossOutput(NamedTuple):
     clipped_low: Tensor  # scalar: number of active tokens clipped below
     clipped_high: Tensor  # scalar: number of active tokens clipped above
     kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
+    sampler_kl: Tensor | None = None  # scalar: summed k3 KL(sampler || trainer) over response tokens, or None
+
+
+def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """[B, T] truncated importance weights ``min(exp(old_logp - sampler_logp), cap)`` (detached)."""
+    return torch.exp((old_logp - sampler_logp).detach()).clamp(max=cap)
+
+
+def sampler_kl(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """Scalar sum over ``mask`` of the k3 estimate of KL(pi_sampler || pi_trainer) from the sampler's tokens."""
+    return (kl_penalty(sampler_logp, old_logp.detach(), "k3") * mask).sum()
 
 
 def policy_loss(
@@ -137,6 +155,8 @@ def policy_loss(
     weight_kl: bool = False,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    sampler_logp: Tensor | None = None,
+    sampler_is_cap: float | None = None,
 ) -> PolicyLossOutput:
     """The full token-weighted GRPO loss of one micro-batch.
 
@@ -150,6 +170,8 @@ def policy_loss(
             training use it; otherwise equal to ``mask``).  Normalisers still count all of ``mask``.
         ref_logp: [B, T] reference-model log-probs, required when beta > 0.
         entropy: [B, T] differentiable token entropy, required when entropy_coef > 0.
+        sampler_logp: [B, T] log-probs under the engine that sampled (for ``sampler_kl`` and, with
+            ``sampler_is_cap``, the truncated importance weight of every token's surrogate loss).
     """
     weights = weights.detach()
     ratio = torch.exp(logp - old_logp)  # [B, T]
@@ -160,6 +182,8 @@ def policy_loss(
     else:
         out = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
         per_token = weights * out.loss
+    if sampler_is_cap is not None and sampler_logp is not None:
+        per_token = sampler_correction(old_logp, sampler_logp, sampler_is_cap) * per_token
     kl_sum = logp.new_zeros(())
     if beta > 0.0:
         if ref_logp is None:
@@ -179,6 +203,7 @@ def policy_loss(
         clipped_low=(out.clipped_low & act).sum(),
         clipped_high=(out.clipped_high & act).sum(),
         kl=kl_sum,
+        sampler_kl=sampler_kl(old_logp, sampler_logp, mask) if sampler_logp is not None else None,
     )
 
 
@@ -193,11 +218,12 @@ class GRPOLoss:
     def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                  aggregation: Aggregation = "token_mean", beta: float = 0.0, kl_estimator: KLEstimator = "k3",
                  entropy_coef: float = 0.0, placement: Placement = "surrogate", weight_kl: bool = False,
-                 max_len: int = 1) -> None:
+                 max_len: int = 1, sampler_is_cap: float | None = None) -> None:
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.aggregation, self.max_len = aggregation, max_len
         self.beta, self.kl_estimator, self.entropy_coef = beta, kl_estimator, entropy_coef
         self.placement, self.weight_kl = placement, weight_kl
+        self.sampler_is_cap = sampler_is_cap
 
     @classmethod
     def from_config(cls, loss, weighting, max_len: int) -> GRPOLoss:
@@ -205,11 +231,11 @@ class GRPOLoss:
         return cls(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
                    aggregation=loss.aggregation, beta=loss.beta, kl_estimator=loss.kl_estimator,
                    entropy_coef=loss.entropy_coef, placement=weighting.placement, weight_kl=weighting.weight_kl,
-                   max_len=max_len)
+                   max_len=max_len, sampler_is_cap=loss.sampler_is_cap)
 
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
                  active: Tensor, *, num_tokens: float, num_seqs: float, ref_logp: Tensor | None = None,
-                 entropy: Tensor | None = None) -> PolicyLossOutput:
+                 entropy: Tensor | None = None, sampler_logp: Tensor | None = None) -> PolicyLossOutput:
         """Shapes as in :func:`policy_loss`: [B, T] token tensors, [B] advantages.  ``entropy`` is used only
         with an entropy bonus (a detached one passed for metrics is ignored otherwise)."""
         return policy_loss(
@@ -218,4 +244,5 @@ class GRPOLoss:
             placement=self.placement, aggregation=self.aggregation, ref_logp=ref_logp, beta=self.beta,
             kl_estimator=self.kl_estimator, weight_kl=self.weight_kl,
             entropy=entropy if self.entropy_coef > 0 else None, entropy_coef=self.entropy_coef,
+            sampler_logp=sampler_logp, sampler_is_cap=self.sampler_is_cap,
         )

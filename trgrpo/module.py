@@ -209,12 +209,13 @@ class GRPOModule(L.LightningModule):
         logp = scores.logp.detach()
         old_logp = batch.old_logp if batch.old_logp is not None else logp  # single pass: ratio exactly 1
         w = self.weighting.weights(logp, old_logp, batch.advantages, batch.mask)
-        out = self.loss_fn(scores.logp, old_logp, batch.advantages, w, batch.mask, batch.active,
-                           num_tokens=num_tokens, num_seqs=num_seqs, ref_logp=batch.ref_logp, entropy=scores.entropy)
+        sampler = rollout.sampler_logp[batch.idx] if rollout.sampler_logp is not None else None  # [b, T]
+        out = self.loss_fn(scores.logp, old_logp, batch.advantages, w, batch.mask, batch.active, num_tokens=num_tokens,
+                           num_seqs=num_seqs, ref_logp=batch.ref_logp, entropy=scores.entropy, sampler_logp=sampler)
         # DDP averages gradients over processes; the normalisers are already global, so undo the mean
         self.manual_backward(out.loss * self.plan.world)
         stats.add_micro_batch(out.loss, out.clipped_low, out.clipped_high, out.kl, w, batch.mask, batch.active,
-                              scores.entropy, self.weighting.bounds)
+                              scores.entropy, self.weighting.bounds, out.sampler_kl)
 
     def optimiser_step(self, opt, sched) -> float:
         """Clip, step and schedule (the backend's way); returns the pre-clip gradient norm."""

