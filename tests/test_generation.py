@@ -150,7 +150,7 @@ def test_every_engine_name_has_an_engine_and_selects_it(tokenizer, monkeypatch):
     assert set(get_args(EngineName)) == set(ENGINES)
     assert ENGINES["fast"] is FastEngine and ENGINES["hf"] is HFEngine
     with pytest.raises(ValueError, match="model.sampling.engine"):
-        SamplingConfig(engine="vllm")
+        SamplingConfig(engine="nope")
     calls = []
 
     class RecordingEngine(HFEngine):  # any class with generate(...) -> Rollout plugs in

@@ -103,6 +103,28 @@ def test_weight_sync_after_an_optimiser_step(policy):
     assert (after - before).abs().max() > 1e-2
 
 
+def test_lora_policies_push_merged_base_weights():
+    from trgrpo.policy import LoraConfig
+
+    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, seed=4), lora=LoraConfig(r=4))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    prompt = tok(PROMPTS[1], add_special_tokens=False).input_ids
+    ids = prompt + tok("12", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    generate_rollout(model, tok, PROMPTS[:1], _sampling("vllm"), greedy=True)
+    engine = SharedEngine.of(model, tok, _sampling("vllm").vllm)
+    before = _engine_logps(engine, model, ids, len(prompt))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    (-trainer_logps_with_grad(model, ids, len(prompt))).backward()
+    opt.step()  # only the adapters move
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
+    want = logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt):]).unsqueeze(1)).squeeze(1)
+    after = _engine_logps(engine, model, ids, len(prompt))
+    assert torch.allclose(after, want, atol=1e-4) and (after - before).abs().max() > 1e-3
+
+
 def trainer_logps_with_grad(model, ids: list[int], prompt_len: int) -> torch.Tensor:
     logits = model(torch.tensor([ids])).logits[0, prompt_len - 1:-1]
     return logits.log_softmax(-1).gather(-1, torch.tensor(ids[prompt_len:]).unsqueeze(1)).sum()

@@ -58,6 +58,9 @@ class VLLMConfig:
     sleep: bool = False
     """Sleep mode level 1 between rollouts: the KV cache is freed and the weights moved to CPU memory while
     the policy trains, and brought back before the next rollout (GPU only)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations inside vLLM; auto = the policy's parameter dtype (float32 master weights under
+    ``precision: bf16-mixed``: set bfloat16 there). The sampler's log-probs then differ more from the trainer's."""
     enforce_eager: bool = False
     """No CUDA graphs (start-up faster, decoding slower); always on for CPU."""
     max_model_len: int | None = None

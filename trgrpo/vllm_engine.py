@@ -150,7 +150,7 @@ class SharedEngine:
         launcher = {"distributed_executor_backend": "external_launcher"} if world > 1 else {}
         return vllm.LLM(**launcher,
             model=self.folder.name, tokenizer=self.folder.name, load_format="dummy",
-            dtype=str(dtype).removeprefix("torch."), seed=0, tensor_parallel_size=1,
+            dtype=str(dtype).removeprefix("torch.") if cfg.dtype == "auto" else cfg.dtype, seed=0, tensor_parallel_size=1,
             max_model_len=cfg.max_model_len or getattr(config, "max_position_embeddings", None),
             gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager or not on_gpu,
             enable_prefix_caching=True, enable_sleep_mode=cfg.sleep and on_gpu,
