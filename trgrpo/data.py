@@ -186,10 +186,11 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size={self.batch_size}{what} exceeds the {rows} training prompts")
         world = self.trainer.world_size if self.trainer is not None else 1
         if rows // world < self.draw_size:
+            drawn = "" if self.dynamic_sampling is None else f" (drawn: {self.draw_size}, data.dynamic_sampling)"
             raise ValueError(
                 f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
-                f"training prompts to each process, fewer than one batch of {self.draw_size} "
-                f"prompts (data.batch_size={self.batch_size}{'' if self.dynamic_sampling is None else ' x oversample'}; data.batch_size is per process; each process samples whole groups for its own "
+                f"training prompts to each process, fewer than one batch of data.batch_size={self.batch_size}{drawn} "
+                "prompts (data.batch_size is per process; each process samples whole groups for its own "
                 "prompts): lower data.batch_size or the number of processes, or add prompts"
             )
 
