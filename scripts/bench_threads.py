@@ -6,7 +6,7 @@
 Why: on a machine whose cores another process keeps busy, OpenMP worker threads that spin while they
 wait (libgomp's default) fight that process for the cores, and every parallel region waits for its
 slowest thread.  The demo took six times as long that way.  This script measures which default
-(``trgrpo.threads`` chose OMP_WAIT_POLICY=PASSIVE from it) degrades gracefully.
+(``trgrpo.threads`` chose GOMP_SPINCOUNT=10000 from it and from whole demo runs) degrades gracefully.
 
 Each measurement is a fresh process (the OpenMP runtime reads its environment when torch is imported)
 running the same fixed workload with the demo's tiny model (hidden 128, 2 layers): supervised steps of
@@ -141,7 +141,7 @@ def main() -> None:
                    help="seconds of workload per child; a slower child stops early (after at least one step of "
                         "each phase) and its time is extrapolated from the steps it made (marked ~)")
     p.add_argument("--competitor", choices=["spin", "torch"], default="spin")
-    p.add_argument("--settings", nargs="+", default=["default", "passive", "spin1k"], choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["default", "passive", "spin10k"], choices=list(SETTINGS))
     p.add_argument("--conditions", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

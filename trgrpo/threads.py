@@ -1,21 +1,24 @@
 """OpenMP defaults that degrade gracefully when other processes share the CPU cores.
 
 torch's CPU kernels run on OpenMP threads.  By default libgomp (the OpenMP runtime of the Linux pip wheels)
-lets an idle thread spin for a few milliseconds before it sleeps; the demo's many small kernels keep it
-spinning, and when another process is busy on the same cores the spinning threads fight that process for
-them while every parallel region waits for a descheduled thread: on 2 shared cores the demo took 15
-minutes instead of 2.5.  ``OMP_WAIT_POLICY=PASSIVE`` (standard OpenMP, every runtime) makes idle threads
-sleep at once.  ``python scripts/bench_threads.py`` on 2 cores, demo-sized workload: next to a busy
-process PASSIVE took 0.03-0.09x the default's time; on an idle machine it costs about 1.2-1.5x (the
-threads wake up for every kernel).  A short libgomp spin (``GOMP_SPINCOUNT=1000``) kept the idle
-machine's speed but was 1.6x slower than PASSIVE when busy, and does nothing under other runtimes.
+lets an idle thread spin for about 300,000 iterations before it sleeps; the demo's many small kernels keep
+it spinning, and when another process is busy on the same cores the spinning threads and that process fight
+for them, every parallel region waiting for a descheduled thread: on 2 shared cores the demo took 613 s
+instead of 75 s.  ``GOMP_SPINCOUNT=10000`` lets an idle thread spin briefly and then sleep: on a quiet
+machine the demo is as fast as with the default (68 s vs 75 s), and with two busy processes on the same two
+cores it took 245 s.  ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) did better under load (130 s) but made the
+quiet run 1.5x slower (110 s), so it is the knob for a machine known to be shared.  The measurements:
+``scripts/bench_threads.py`` and the README section "CPU threads on a shared machine".
 
-The runtime reads the variable once, when torch is imported, so ``trgrpo/__init__.py`` applies it before
-anything imports torch, and only then: a program that imported torch before trgrpo keeps its environment
-untouched.  A value you set wins, and so does ``GOMP_SPINCOUNT`` (then nothing is set)::
+The runtime reads the variables once, when torch is imported, so ``trgrpo/__init__.py`` applies the default
+before anything imports torch, and only then: a program that imported torch before trgrpo keeps its
+environment untouched.  A value you set wins (either variable)::
 
-    OMP_WAIT_POLICY=ACTIVE python -m trgrpo fit ...   # always spin: fastest on cores nothing else uses
-    GOMP_SPINCOUNT=300000 python -m trgrpo fit ...    # libgomp's own default (spin about 3 ms, then sleep)
+    OMP_WAIT_POLICY=PASSIVE python -m trgrpo fit --config configs/demo.yaml   # a machine shared with busy jobs
+    OMP_WAIT_POLICY=ACTIVE python -m trgrpo fit ...                           # always spin (dedicated cores)
+    GOMP_SPINCOUNT=300000 python -m trgrpo fit ...                            # libgomp's own default spin
+
+Other OpenMP runtimes (macOS's libomp) ignore ``GOMP_SPINCOUNT``.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Environment set when the user has not set it (nor ``GOMP_SPINCOUNT``, which overrides the policy)."""
+THREAD_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+"""Environment set when the user has set neither ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY``."""
+
+USER_KNOBS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
 def apply_thread_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set each of ``THREAD_DEFAULTS`` the user has not set, unless torch is imported already (too late to
+    """Set ``THREAD_DEFAULTS`` unless the user set a wait knob or torch is imported already (too late to
     matter, and then the host program owns its threads).  Returns the variables it set."""
     environ = os.environ if environ is None else environ
-    if "torch" in sys.modules or "GOMP_SPINCOUNT" in environ:
+    if "torch" in sys.modules or any(k in environ for k in USER_KNOBS):
         return {}
     added = {k: v for k, v in THREAD_DEFAULTS.items() if k not in environ}
     environ.update(added)
