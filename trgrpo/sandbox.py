@@ -85,6 +85,16 @@ class JobResult(NamedTuple):
 # --------------------------------------------------------------------------- the worker side
 
 
+def failures(results: list[JobResult], completions: list[str], checker: str) -> tuple[list[int], str]:
+    """Indices of the jobs that did not finish, and a one-line message about the first (empty if none)."""
+    failed = [i for i, r in enumerate(results) if r.status != "ok"]
+    if not failed:
+        return failed, ""
+    first = results[failed[0]]
+    what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
+    return failed, f"{checker} {what} on {completions[failed[0]][-200:]!r}"
+
+
 def resolve(path: str) -> Callable:
     """The function named ``"module:qualified.name"``."""
     module, _, name = path.partition(":")

@@ -30,7 +30,7 @@ import random
 import re
 
 from trgrpo.rewards import SampleFailures
-from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, get_pool, runs_in_sandbox
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, failures, get_pool, runs_in_sandbox
 from trgrpo.tasks.base import Split, Task
 from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
@@ -112,12 +112,7 @@ def verify_answers(golds: list[str], completions: list[str], pattern: str | None
     results = pool.map("trgrpo.tasks.math_data:check_answer",
                        [((str(g), c, pattern), {}) for g, c in zip(golds, completions, strict=True)])
     scores = [1.0 if r.status == "ok" and r.value is True else 0.0 for r in results]
-    failed = [i for i, r in enumerate(results) if r.status != "ok"]
-    message = ""
-    if failed:
-        first = results[failed[0]]
-        what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
-        message = f"math-verify {what} on {completions[failed[0]][-200:]!r}"
+    failed, message = failures(results, completions, "math-verify")
     return scores, failed, message
 
 

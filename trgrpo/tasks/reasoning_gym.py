@@ -36,7 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 from trgrpo.rewards import SampleFailures
-from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, get_pool, runs_in_sandbox
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, failures, get_pool, runs_in_sandbox
 from trgrpo.tasks.base import Split, Task
 from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 
@@ -148,12 +148,7 @@ def score_answers(completions: list[str], rows: list[dict], answer_tag: str | No
     results = get_pool(workers, timeout, memory_mb, ("reasoning_gym",)).map("trgrpo.tasks.reasoning_gym:score_answer",
                                                                            jobs)
     scores = [float(r.value) if r.status == "ok" else 0.0 for r in results]
-    failed = [i for i, r in enumerate(results) if r.status != "ok"]
-    message = ""
-    if failed:
-        first = results[failed[0]]
-        what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
-        message = f"reasoning-gym's scorer {what} on {completions[failed[0]][-200:]!r}"
+    failed, message = failures(results, completions, "reasoning-gym's scorer")
     return scores, failed, message
 
 
