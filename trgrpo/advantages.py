@@ -53,11 +53,15 @@ def group_reward_spread(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size).std(dim=1)
 
 
+def group_has_spread(rewards: Tensor, group_size: int, tol: float = 1e-8) -> Tensor:
+    """[num_groups] bool: max - min of the group's rewards exceeds ``tol`` (the group carries a signal)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.max(dim=1).values - grouped.min(dim=1).values) > tol
+
+
 def zero_spread_fraction(rewards: Tensor, group_size: int, tol: float = 1e-8) -> float:
     """Share of groups whose rewards are all equal (they contribute no policy gradient)."""
-    grouped = rewards.view(-1, group_size)
-    same = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= tol
-    return same.float().mean().item()
+    return (~group_has_spread(rewards, group_size, tol)).float().mean().item()
 
 
-__all__ = ["AdvantageScale", "compute_advantages", "group_reward_spread", "zero_spread_fraction"]
+__all__ = ["AdvantageScale", "compute_advantages", "group_has_spread", "group_reward_spread", "zero_spread_fraction"]

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from trgrpo.advantages import group_has_spread
 from trgrpo.rewards import RewardResult
 from trgrpo.rollout import Rollout
 
@@ -54,8 +55,7 @@ class GroupSelection(NamedTuple):
 
 def select_groups(rewards: torch.Tensor, group_size: int, keep: int, min_spread: float) -> torch.Tensor:
     """[N] rewards -> [keep] indices of the kept groups: spread first (in order), then zero-spread fillers."""
-    grouped = rewards.view(-1, group_size)
-    spread = (grouped.max(dim=1).values - grouped.min(dim=1).values) > min_spread  # [U]
+    spread = group_has_spread(rewards, group_size, min_spread)  # [U]
     order = torch.cat([torch.nonzero(spread).flatten(), torch.nonzero(~spread).flatten()])
     return order[:keep].sort().values
 
@@ -68,8 +68,7 @@ def keep_groups(rollout: Rollout, rewards: RewardResult, group_size: int, keep: 
         return rollout, rewards, GroupSelection(drawn, 0, 0)
     groups = select_groups(rewards.total, group_size, keep, min_spread)  # [keep]
     rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()  # [keep * G]
-    grouped = rewards.total.view(-1, group_size)[groups]
-    filled = int(((grouped.max(dim=1).values - grouped.min(dim=1).values) <= min_spread).sum())
+    filled = int((~group_has_spread(rewards.total[rows], group_size, min_spread)).sum())
     kept = RewardResult(rewards.total[rows], {k: v[rows] for k, v in rewards.per_term.items()}, rewards.errors)
     return rollout.select(rows), kept, GroupSelection(drawn, drawn - keep, filled)
 

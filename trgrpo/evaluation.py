@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trgrpo.rewards import compute_rewards, reward_columns
+from trgrpo.rewards import batch_rows, compute_rewards, reward_columns
 from trgrpo.rollout import generate_rollout
 
 
@@ -200,7 +200,7 @@ class HeldoutEvaluator:
     @torch.no_grad()
     def greedy(self, model, tokenizer, batch: dict[str, list]):
         """(greedy rollout, the batch's rows, [B] correctness) of a batch of held-out prompts."""
-        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        rows = batch_rows(batch)
         rollout = generate_rollout(model, tokenizer, batch["prompt"], self.sampling, greedy=True, rows=rows)
         return rollout, rows, torch.tensor(self._verify(rollout.completions, rows), dtype=torch.float32)
 

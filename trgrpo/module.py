@@ -35,7 +35,7 @@ from trgrpo.dynamic_sampling import apply_dynamic_sampling
 from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, write_sample_table
 from trgrpo.losses import GRPOLoss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
-from trgrpo.rewards import RewardResult, RewardSpec, compute_rewards, exact_match, reward_columns
+from trgrpo.rewards import RewardResult, RewardSpec, batch_rows, compute_rewards, exact_match, reward_columns
 from trgrpo.rollout import Rollout, SamplingConfig, generate_rollout
 from trgrpo.scoring import TokenScorer
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
@@ -171,7 +171,7 @@ class GRPOModule(L.LightningModule):
 
     def rollout(self, prompts: list[str], batch: dict[str, list] | None = None) -> Rollout:
         """G sampled completions per prompt (multi-turn episodes with ``sampling.agent``), from whole weights."""
-        rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)] if batch else None
+        rows = batch_rows(batch) if batch else None
         with self.generation_weights():
             return generate_rollout(self.policy_model, self.tokenizer, prompts, self.sampling, rows=rows)
 

@@ -300,6 +300,11 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
     return scores, errors
 
 
+def batch_rows(batch: dict[str, list]) -> list[dict]:
+    """Column lists -> one dict per row (the inverse of the layout rewards receive)."""
+    return [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+
+
 def reward_columns(batch: dict[str, list], completion_mask, truncated, group_size: int = 1) -> dict[str, list]:
     """The columns rewards receive: the task's (each repeated for the G completions of its prompt, the
     prompt itself left out), plus ``completion_length`` (trained tokens, from the [N, T] mask) and

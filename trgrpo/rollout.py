@@ -266,21 +266,28 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """``model.generate`` on the G-times-repeated prompts: any causal LM."""
 
-    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
-        enc = encode_prompts(model, tokenizer, prompts)
-        ids = enc.input_ids.repeat_interleave(group_size, dim=0)  # [N, P]
-        attn = enc.attention_mask.repeat_interleave(group_size, dim=0)
-        gen_cfg = GenerationConfig(
+    @staticmethod
+    def generation_config(tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig, greedy: bool,
+                          max_new_tokens: int, min_new_tokens: int | None = None) -> GenerationConfig:
+        """The ``sampling`` settings as ``generate`` takes them (none of them with ``greedy``)."""
+        return GenerationConfig(
             do_sample=not greedy,
-            temperature=sampling.temperature if not greedy else None,
-            top_p=sampling.top_p if not greedy else None,
-            top_k=sampling.top_k if not greedy else None,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
         )
+
+    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
+        enc = encode_prompts(model, tokenizer, prompts)
+        ids = enc.input_ids.repeat_interleave(group_size, dim=0)  # [N, P]
+        attn = enc.attention_mask.repeat_interleave(group_size, dim=0)
+        gen_cfg = self.generation_config(tokenizer, sampling, greedy, sampling.max_new_tokens,
+                                         min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None)
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
         return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, out[:, ids.shape[1]:], group_size)
 
@@ -295,12 +302,7 @@ class HFEngine:
             def __call__(self, input_ids, scores, **kwargs):
                 return checker(input_ids[:, width:])
 
-        gen_cfg = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=max(max_new_tokens), eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
+        gen_cfg = self.generation_config(tokenizer, sampling, greedy, max(max_new_tokens))
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
                              stopping_criteria=StoppingCriteriaList([_Stop()]))[:, width:]
         return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
