@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "scoring": PURE_MATH,
     "fastpath": PURE_MATH,  # the fast sampler and shared-prompt forwards
     "config": PURE_MATH,  # option dataclasses of the loss and the optimiser (no Lightning)
+    "diagnostics": PURE_MATH,  # gradient share by token-probability bucket
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "rollout": COMPONENTS,
     "dynamic_sampling": COMPONENTS,  # DAPO's filter of groups without reward spread (data and module use it)
@@ -51,6 +52,9 @@ LAYERS: dict[str, int] = {
     "module": MODULE,
     "backend": MODULE,  # the DeepSpeed glue the module delegates to (imports Lightning's strategies)
     "cli": CLI,
+    "compare": CLI,  # python -m trgrpo compare: runs fit per strategy and seed as subprocesses
+    "comparereport": CLI,  # its report and plots
+    "comparestats": PURE_MATH,  # its statistics (t intervals, paired differences, curves from metrics.csv)
     "__main__": CLI,
 }
 

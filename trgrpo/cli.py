@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -176,7 +177,12 @@ def check_strategy(strategy, config_files: list[str]) -> None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TRGRPOCLI:
-    """Entry point; ``args`` lets tests drive the real CLI in-process."""
+    """Entry point; ``args`` lets tests drive the real CLI in-process.  ``compare`` goes to ``trgrpo.compare``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "compare":
+        from trgrpo.compare import main as compare
+
+        raise SystemExit(compare(argv[1:]))
     set_docstring_parse_options(attribute_docstrings=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -1,0 +1,276 @@
+"""``python -m trgrpo compare``: every weighting strategy x every seed as its own ``fit``, then one report.
+
+    python -m trgrpo compare --base configs/demo.yaml \\
+        --strategies configs/weighting/grpo.yaml configs/weighting/tr_grpo.yaml --seeds 0 1 2 \\
+        --rl_steps 200 --out results/demo [-- extra fit arguments for every run]
+
+Each run is ``python -m trgrpo fit --config BASE --config FRAGMENT --seed_everything S --data.seed S`` with a
+CSV logger writing into ``OUT/runs/<strategy>/seed<S>/`` (the strategy is the fragment's file stem), its stdout
+and stderr streamed to ``stdout.log`` and ``stderr.log`` there.  With ``--rl_steps N`` every run gets the
+``trgrpo.callbacks.RLStepLimit`` callback (N RL steps, whatever the optimiser updates per step) and a
+``trainer.max_steps`` far above what N steps need.  A run that exits 0 gets ``done.json``; a rerun skips it
+(unless its settings changed) and deletes and redoes any other run folder.  A failed run gets ``failed.json``
+with the tail of its stderr; the sweep goes on.  The report (``OUT/report.md`` and PNG plots, see
+``trgrpo.comparereport``) is written at the end, or alone with ``--report_only``.  docs/compare.md has more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+DONE, FAILED, SETTINGS = "done.json", "failed.json", "settings.json"
+WEIGHTING_DIR = Path("configs/weighting")
+
+
+@dataclass(frozen=True)
+class Run:
+    strategy: str
+    fragment: str
+    seed: int
+    folder: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} seed {self.seed}"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(
+        prog="python -m trgrpo compare",
+        description="Run every weighting strategy with every seed (paired: the same seed gives every strategy "
+                    "the same initialisation, warm-start and data order), then write OUT/report.md and plots. "
+                    "Arguments after '--' go to every 'fit' run unchanged.")
+    parser.add_argument("--base", default="configs/demo.yaml", help="base config (default: %(default)s)")
+    parser.add_argument("--strategies", nargs="+", metavar="FRAGMENT",
+                        help="weighting fragments (configs/weighting/*.yaml) or their names (grpo, tr_grpo, ...); "
+                             "the strategy name is the file stem")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--report_only: the sweep's)")
+    parser.add_argument("--rl_steps", type=int, default=None,
+                        help="RL steps per run (trgrpo.callbacks.RLStepLimit); default: the base's max_steps")
+    parser.add_argument("--out", required=True, help="output folder (runs/, report.md, plots)")
+    parser.add_argument("--baseline", default="grpo", help="strategy of the paired differences (default: grpo)")
+    parser.add_argument("--report_only", action="store_true", help="write the report from existing runs only")
+    parser.add_argument("--heartbeat", type=float, default=60.0,
+                        help="seconds between 'still running' lines (0: none; default: %(default)s)")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    previous = read_json(Path(args.out) / SETTINGS) if args.report_only else None
+    if not args.strategies and previous:  # --report_only: the sweep's own strategies
+        args.strategies = previous["fragments"]
+    args.seeds = args.seeds or (previous or {}).get("seeds") or [0, 1, 2]
+    if not args.strategies:
+        parser.error("--strategies is required (except with --report_only on a folder a sweep wrote)")
+    args.fragments = [resolve_fragment(s) for s in args.strategies]
+    names = [Path(f).stem for f in args.fragments]
+    if len(set(names)) != len(names):
+        parser.error(f"two fragments share a file stem (the strategy name): {names}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"repeated seeds: {args.seeds}")
+    if args.rl_steps is not None and args.rl_steps < 1:
+        parser.error("--rl_steps must be >= 1")
+    if not args.report_only:
+        for path in [args.base, *args.fragments]:
+            if not Path(path).is_file():
+                parser.error(f"no such config file: {path}")
+    return args
+
+
+def resolve_fragment(name: str) -> str:
+    """A fragment path as given, or ``configs/weighting/<name>.yaml`` for a bare strategy name."""
+    if not Path(name).is_file() and (WEIGHTING_DIR / f"{name}.yaml").is_file():
+        return str(WEIGHTING_DIR / f"{name}.yaml")
+    return name
+
+
+def plan(out: Path, fragments: Sequence[str], seeds: Sequence[int]) -> list[Run]:
+    """Seed by seed, every strategy: a partial sweep holds complete pairs early."""
+    return [Run(Path(f).stem, f, s, out / "runs" / Path(f).stem / f"seed{s}") for s in seeds for f in fragments]
+
+
+def rl_step_limit_available() -> bool:
+    import trgrpo.callbacks as callbacks  # imports Lightning: only when runs are launched
+
+    return hasattr(callbacks, "RLStepLimit")
+
+
+def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str],
+                step_limit: bool = True) -> list[str]:
+    """The ``fit`` command line of one run (the CSV logger's folder is the run folder)."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(run.folder.parent), "name": "", "version": run.folder.name}}
+    cmd = [sys.executable, "-m", "trgrpo", "fit", "--config", base, "--config", run.fragment,
+           "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
+           "--trainer.logger", json.dumps(logger)]
+    if rl_steps is not None:
+        if step_limit:
+            limit = {"class_path": "trgrpo.callbacks.RLStepLimit", "init_args": {"steps": rl_steps}}
+            # the callback ends the run; max_steps only bounds it if something went wrong (Lopti makes 2
+            # optimiser updates per RL step, more with several epochs or mini-batches)
+            cmd += ["--trainer.max_steps", str(rl_steps * 64), f"--trainer.callbacks+={json.dumps(limit)}"]
+        else:
+            cmd += ["--trainer.max_steps", str(rl_steps)]
+    return cmd + list(extra)
+
+
+def settings(run: Run, base: str, rl_steps: int | None, extra: Sequence[str]) -> dict:
+    """What determines a run's result: a finished run with other settings is redone."""
+    return {"base": base, "fragment": run.fragment, "seed": run.seed, "rl_steps": rl_steps, "extra": list(extra)}
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def execute(run: Run, cmd: Sequence[str], heartbeat: float, say: Callable[[str], None]) -> tuple[int, float]:
+    """Run one command with its output streamed to the run folder; returns (exit status, seconds)."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "command.txt").write_text(shlex.join(cmd) + "\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    with open(run.folder / "stdout.log", "wb") as out, open(run.folder / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=heartbeat if heartbeat > 0 else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    say(f"    {run.label}: running for {fmt_seconds(time.monotonic() - start)}")
+        except BaseException:  # interrupted: stop the run (SIGTERM first: it exits promptly), then re-raise
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    return code, time.monotonic() - start
+
+
+def sweep(runs: Sequence[Run], command: Callable[[Run], list[str]], keys: Callable[[Run], dict],
+          heartbeat: float = 60.0, say: Callable[[str], None] = print) -> dict[Run, str]:
+    """Run what is not finished yet; returns each run's status ("done", "skipped" or "failed")."""
+    status: dict[Run, str] = {}
+    durations: list[float] = []
+    todo = []
+    for run in runs:
+        done = read_json(run.folder / DONE)
+        if done is not None and done.get("settings") == keys(run):
+            status[run] = "skipped"
+            durations.append(float(done.get("wall_s", 0.0)))
+        else:
+            if done is not None:
+                say(f"{run.label}: finished with other settings ({run.folder}); redoing it")
+            todo.append(run)
+    say(f"compare: {len(runs)} runs, {len(runs) - len(todo)} finished earlier (skipped), {len(todo)} to run")
+    start = time.monotonic()
+    for i, run in enumerate(todo, 1):
+        if run.folder.exists():  # unfinished, failed or stale: start it again from nothing
+            shutil.rmtree(run.folder)
+        eta = f"ETA {fmt_seconds(sum(durations) / len(durations) * (len(todo) - i + 1))}" if durations \
+            else "ETA after the first run"
+        say(f"[{i}/{len(todo)}] {run.label}: started (sweep elapsed {fmt_seconds(time.monotonic() - start)}, "
+            f"{eta}); output in {run.folder}/stdout.log")
+        cmd = command(run)
+        code, seconds = execute(run, cmd, heartbeat, say)
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {"strategy": run.strategy, "seed": run.seed, "returncode": code, "wall_s": round(seconds, 2),
+                  "finished": finished, "command": cmd, "settings": keys(run)}
+        if code == 0 and (run.folder / "metrics.csv").is_file():
+            write_json(run.folder / DONE, record)
+            durations.append(seconds)
+            status[run] = "done"
+            say(f"[{i}/{len(todo)}] {run.label}: done in {fmt_seconds(seconds)}")
+        else:
+            why = f"exit status {code}" if code != 0 else "exit status 0 but no metrics.csv"
+            record["error"] = why
+            record["stderr_tail"] = tail(run.folder / "stderr.log")
+            write_json(run.folder / FAILED, record)
+            status[run] = "failed"
+            indented = "\n".join("      " + line for line in record["stderr_tail"].splitlines()[-8:])
+            say(f"[{i}/{len(todo)}] {run.label}: FAILED ({why}) after {fmt_seconds(seconds)}; full log in "
+                f"{run.folder}/stderr.log; last lines:\n{indented}")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        argv = argv[1:]
+    args = parse_args(argv)
+    out = Path(args.out)
+    runs = plan(out, args.fragments, args.seeds)
+    started = time.monotonic()
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"argv": argv, "base": args.base, "fragments": args.fragments, "seeds": args.seeds,
+                  "rl_steps": args.rl_steps, "extra": args.extra}
+
+        @functools.cache
+        def step_limit() -> bool:  # asked when the first run starts (it imports Lightning)
+            record["rl_step_limit"] = args.rl_steps is None or rl_step_limit_available()
+            if not record["rl_step_limit"]:
+                print("compare: trgrpo.callbacks.RLStepLimit is not available; --rl_steps sets trainer.max_steps "
+                      "(optimiser updates: a multi-pass weighting such as Lopti then makes fewer RL steps)")
+            write_json(out / SETTINGS, record)
+            return record["rl_step_limit"]
+
+        previous = read_json(out / SETTINGS) or {}
+        write_json(out / SETTINGS, {**record, "rl_step_limit": previous.get("rl_step_limit", True)})
+
+        def handle_sigterm(signum, frame):
+            raise SystemExit(143)
+
+        handler = signal.signal(signal.SIGTERM, handle_sigterm)
+        try:
+            status = sweep(runs, lambda r: fit_command(r, args.base, args.rl_steps, args.extra, step_limit()),
+                           lambda r: settings(r, args.base, args.rl_steps, args.extra), args.heartbeat)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        failed = [r.label for r, s in status.items() if s == "failed"]
+        if failed:
+            print(f"compare: {len(failed)} run(s) failed: {', '.join(failed)}")
+    from trgrpo.comparereport import write_report
+
+    report = write_report(out, runs, args, session_s=time.monotonic() - started)
+    print(f"compare: report written to {report}")
+    return 0
