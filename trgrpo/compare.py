@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -30,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import yaml
 
 DONE, FAILED, SETTINGS = "done.json", "failed.json", "settings.json"
 WEIGHTING_DIR = Path("configs/weighting")
@@ -130,9 +133,19 @@ def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str],
     return cmd + list(extra)
 
 
+def config_digest(path: str) -> str | None:
+    """A digest of a YAML file's parsed content (comments and layout do not count); None if unreadable."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def settings(run: Run, base: str, rl_steps: int | None, extra: Sequence[str]) -> dict:
-    """What determines a run's result: a finished run with other settings is redone."""
-    return {"base": base, "fragment": run.fragment, "seed": run.seed, "rl_steps": rl_steps, "extra": list(extra)}
+    """What determines a run's result: a finished run with other settings (or edited configs) is redone."""
+    return {"base": base, "fragment": run.fragment, "seed": run.seed, "rl_steps": rl_steps, "extra": list(extra),
+            "base_digest": config_digest(base), "fragment_digest": config_digest(run.fragment)}
 
 
 def read_json(path: Path) -> dict | None:

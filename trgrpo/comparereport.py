@@ -178,6 +178,8 @@ def write_plots(out: Path, strategies: Sequence[str], runs: Sequence[Run], curve
             hi = [m + (e if not math.isnan(e) else 0.0) for m, e in zip(mean, se, strict=True)]
             line, = ax.plot(xs, mean, "o-" if attr == "accuracy" else "-", ms=3, label=f"{s} (n={len(series)})")
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{ylabel}: mean over seeds, ±1 standard error" + (" (smoothed)" if win > 1 else ""),
+                     fontsize=10)
         ax.set_xlabel(x_name)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
