@@ -4,7 +4,7 @@ A fragment in ``configs/weighting/`` sets ``model.weighting`` only and is given 
 ``python -m trgrpo fit --config configs/kk_qwen2.5_3b.yaml --config configs/weighting/ar.yaml``.
 jsonargparse merges a later ``class_path`` over an earlier one by dropping the earlier class's ``init_args``
 when the class changes (TR-GRPO's ``alpha`` never reaches ``Lopti``) and by merging them key by key when it is
-the same class, which is why ``tr_grpo.yaml`` names ``placement`` and ``lopti.yaml`` names ``ar_alpha``.
+the same class, which is why the TR-GRPO fragments name ``placement``, ``weight_kl`` and ``reverse`` and ``lopti.yaml`` names ``ar_alpha``.
 Parsing only (``run=False``): the 3B recipes build no model, so nothing is downloaded.
 
     python -m pytest tests/test_weighting_configs.py -q
@@ -32,6 +32,8 @@ PUBLISHED = {
     "grpo": ("UniformWeighting", {}),
     "tr_grpo": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate"}),
     "tr_grpo_ratio": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "ratio"}),
+    "tr_grpo_weight_kl": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate", "weight_kl": True}),
+    "tr_grpo_reverse": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate", "reverse": True}),
     "ar": ("AdvantageReweighting", {"alpha": 0.3}),
     "lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.0}),
     "ar_lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.3}),
@@ -124,3 +126,16 @@ def test_print_config_of_a_composed_recipe_names_the_fragment_weighting(capsys):
     assert printed["model"]["weighting"] == {"class_path": "trgrpo.weighting.AdvantageReweighting",
                                              "init_args": {"alpha": 0.3}}
     assert printed["data"]["task"]["class_path"] == "trgrpo.tasks.ArithmeticTask"  # still the demo
+
+
+GSPO = ROOT / "configs" / "loss" / "gspo.yaml"
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda p: p.stem)
+def test_the_gspo_fragment_changes_the_ratio_and_keeps_the_rest_of_the_loss(base):
+    cli = _parse(base, GSPO)
+    loss, alone = cli.config.model.loss.as_dict(), _base_alone(base)["model"]["loss"]
+    assert loss == {**alone, "ratio_level": "sequence", "aggregation": "seq_mean_token_mean", "clip_low": 0.0003,
+                    "clip_high": 0.0004}
+    assert type(cli.model.weighting).__name__ == "UniformWeighting"
+    assert cli.model.loss_fn.ratio_level == "sequence"

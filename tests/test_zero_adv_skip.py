@@ -37,10 +37,10 @@ def _train(skip: bool, dead_pattern, monkeypatch=None, **loss):
     scored = []
     score = module.scorer.score
 
-    def spy(model, rollout, idx, entropy=None):
+    def spy(model, rollout, idx, entropy=None, **kwargs):
         if torch.is_grad_enabled():  # the policy's training passes (not the reference model's scoring)
             scored.append(len(idx))
-        return score(model, rollout, idx, entropy)
+        return score(model, rollout, idx, entropy, **kwargs)
 
     module.scorer.score = spy
     L.seed_everything(0, verbose=False)

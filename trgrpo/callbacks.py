@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from trgrpo.checkpointing import capture_rng_states, restore_rng_states, write_atomically
+from trgrpo.progress import rl_steps_done
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,28 @@ class HFExport(L.Callback):
             print(f"Hugging Face model written to {out}", flush=True)
 
 
+class RLStepLimit(L.Callback):
+    """Stop training after ``steps`` RL steps (rollout + update), whatever the optimiser updates per step.
+
+    ``trainer.max_steps`` counts optimiser updates: Lopti makes two per RL step and several mini-batches or
+    epochs make more, so at equal ``max_steps`` strategies would get different numbers of RL steps.  This
+    callback counts RL steps instead (resumed runs included); set ``trainer.max_steps: -1`` or leave it larger.
+    The comparison tool (``python -m trgrpo compare --rl_steps N``) adds it to every run.
+
+    Args:
+        steps: RL steps after which the fit ends (>= 1).
+    """
+
+    def __init__(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"RLStepLimit: steps must be >= 1, got {steps}")
+        self.rl_step_limit = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if rl_steps_done(trainer) >= self.rl_step_limit:
+            trainer.should_stop = True
+
+
 class HeldoutAccuracy(L.Callback):
     """Greedy accuracy on the whole held-out split before RL and after it: logged as ``val/accuracy`` at
     those steps, kept for the plot, and printed as one ``before -> after`` line at the end of fit (with
@@ -207,7 +230,7 @@ class HeldoutAccuracy(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module, when: str) -> tuple[float, int]:
         acc, count = pl_module.heldout_accuracy(trainer.datamodule.val_dataloader())
         pl_module.eval_history.append((trainer.global_step, acc))
-        metrics = {"val/accuracy": acc}
+        metrics = {"val/accuracy": acc, "val/rl_step": float(rl_steps_done(trainer))}
         calls = getattr(pl_module.evaluator, "tool_calls", None)  # multi-turn: mean calls per completion
         if calls is not None:
             metrics["val/tool_calls"] = calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trgrpo.advantages import AdvantageScale
-from trgrpo.losses import Aggregation, KLEstimator
+from trgrpo.losses import Aggregation, KLEstimator, RatioLevel
 
 
 @dataclass
@@ -37,7 +37,13 @@ class LossConfig:
     each token's loss is weighted by min(pi_old / pi_sampler, cap), pi_old the trainer's probability before
     the update; empty = off (``fast`` and ``hf`` sample from the trainer's own distribution)."""
 
+    ratio_level: RatioLevel = "token"
+    """Importance ratio per token (PPO / GRPO) or per sequence (GSPO: exp of the mean token log-ratio, the
+    same for every token of a completion; use with seq_mean_token_mean and clip ranges near 3e-4 / 4e-4)."""
+
     def __post_init__(self) -> None:
+        if self.ratio_level not in ("token", "sequence"):
+            raise ValueError(f"model.loss.ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError(f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}")
         if self.clip_low >= 1:

@@ -82,6 +82,19 @@ def token_entropy(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -
     return out.view(logits.shape[:-1])
 
 
+def squared_prob_sum(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """sum_v softmax(logits)_v^2 per position, without gradient.  [..., V] -> [...] float32.
+
+    With p the probability of the sampled token, ||onehot - softmax||^2 = 1 - 2 p + this sum: the norm of
+    d log p / d logits, used by the gradient diagnostics (``trgrpo.diagnostics``).
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for rows in _row_chunks(flat.shape[0], chunk_rows, flat.shape[-1]):
+        out[rows] = torch.softmax(flat[rows].float(), dim=-1).square().sum(-1)
+    return out.view(logits.shape[:-1])
+
+
 def _entropy_chunk(x: Tensor) -> Tensor:
     logp = torch.log_softmax(x.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)

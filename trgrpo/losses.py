@@ -14,6 +14,11 @@ Token weights (see ``trgrpo.weighting``) enter in one of two places:
     placement="surrogate": loss_t <- w_t * loss_t            (w detached; equivalent to scaling A)
     placement="ratio":     r_t    <- w_t * r_t inside both the min and the clip
 
+Sequence-level ratios (GSPO, Zheng et al., 2025, arXiv 2507.18071): with ``ratio_level="sequence"`` every
+token of sequence i uses s_i = exp(mean_t(log pi_theta - log pi_old)) over its response tokens, in the
+token form whose value is s_i and whose gradient is s_i * grad log pi_theta(y_t); with
+``seq_mean_token_mean`` aggregation this is GSPO's objective (GSPO clips s_i with ranges near 3e-4 / 4e-4).
+
 Truncated importance sampling (Yao et al., 2025, "Your efficient RL framework secretly brings you off-policy
 RL training"): when the rollout engine's probabilities pi_sampler differ from the trainer's (vLLM kernels,
 precision), each token's loss is multiplied by the detached weight min(pi_old / pi_sampler, C), pi_old the
@@ -36,12 +41,14 @@ from torch import Tensor
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"]
 KLEstimator = Literal["k1", "k2", "k3"]
 Placement = Literal["surrogate", "ratio"]
+RatioLevel = Literal["token", "sequence"]
 
 
 class SurrogateOutput(NamedTuple):
     loss: Tensor  # [B, T] per-token loss (unmasked)
     clipped_low: Tensor  # [B, T] bool: A < 0 and ratio below 1 - clip_low (no gradient)
     clipped_high: Tensor  # [B, T] bool: A > 0 and ratio above 1 + clip_high (no gradient)
+    dual_clipped: Tensor | None = None  # [B, T] bool: A < 0 and ratio above dual_clip (no gradient)
 
 
 def clipped_surrogate(
@@ -61,7 +68,8 @@ def clipped_surrogate(
         objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
     clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
     clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
-    return SurrogateOutput(-objective, clipped_low, clipped_high)
+    dual = (ratio > dual_clip) & (advantages < 0) if dual_clip is not None else torch.zeros_like(clipped_low)
+    return SurrogateOutput(-objective, clipped_low, clipped_high, dual)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -> Tensor:
@@ -80,6 +88,24 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
         log_ratio = log_ratio.clamp(-20.0, 20.0)
         return torch.exp(log_ratio) - log_ratio - 1.0
     raise ValueError(f"kl estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}")
+
+
+def token_normaliser(mask: Tensor, mode: Aggregation, num_tokens: float, num_seqs: float, max_len: int) -> Tensor:
+    """[B, T] factor of each token in the aggregated loss: ``aggregate(x) == (x * mask * factor).sum()``.
+
+    ``token_mean``: 1 / num_tokens; ``seq_mean_token_mean``: 1 / (length of the token's sequence * num_seqs);
+    ``seq_sum_const``: 1 / (num_seqs * max_len).  See :func:`aggregate` for the arguments.
+    """
+    if mode == "token_mean":
+        return torch.full_like(mask, 1.0 / max(num_tokens, 1.0), dtype=torch.float32)
+    if mode == "seq_mean_token_mean":
+        lengths = mask.float().sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+        return (1.0 / (lengths * max(num_seqs, 1.0))).expand_as(mask)
+    if mode == "seq_sum_const":
+        return torch.full_like(mask, 1.0 / max(num_seqs * max_len, 1.0), dtype=torch.float32)
+    raise ValueError(
+        f"aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_sum_const', got {mode!r}"
+    )
 
 
 def aggregate(
@@ -102,17 +128,14 @@ def aggregate(
         num_seqs: sequences in the whole optimisation batch.
         max_len: the constant length of ``seq_sum_const`` (the generation budget).
     """
-    masked = per_token * mask
-    if mode == "token_mean":
-        return masked.sum() / max(num_tokens, 1.0)
-    if mode == "seq_mean_token_mean":
-        per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B]
-        return per_seq.sum() / max(num_seqs, 1.0)
-    if mode == "seq_sum_const":
-        return masked.sum() / max(num_seqs * max_len, 1.0)
-    raise ValueError(
-        f"aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_sum_const', got {mode!r}"
-    )
+    return (per_token * mask * token_normaliser(mask, mode, num_tokens, num_seqs, max_len)).sum()
+
+
+def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] GSPO token-form ratio: value exp(mean log-ratio of the sequence), gradient value * grad logp."""
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+    log_s = ((logp - old_logp).detach() * mask).sum(dim=1, keepdim=True) / lengths  # [B, 1]
+    return torch.exp(log_s + logp - logp.detach())
 
 
 class PolicyLossOutput(NamedTuple):
@@ -121,6 +144,7 @@ class PolicyLossOutput(NamedTuple):
     clipped_high: Tensor  # scalar: number of active tokens clipped above
     kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
     sampler_kl: Tensor | None = None  # scalar: summed k3 KL(sampler || trainer) over response tokens, or None
+    pg_coef: Tensor | None = None  # [B, T] |d loss / d logp| of the surrogate alone (detached; 0 where no gradient)
 
 
 def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
@@ -157,6 +181,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     sampler_logp: Tensor | None = None,
     sampler_is_cap: float | None = None,
+    ratio_level: RatioLevel = "token",
 ) -> PolicyLossOutput:
     """The full token-weighted GRPO loss of one micro-batch.
 
@@ -172,9 +197,14 @@ def policy_loss(
         entropy: [B, T] differentiable token entropy, required when entropy_coef > 0.
         sampler_logp: [B, T] log-probs under the engine that sampled (for ``sampler_kl`` and, with
             ``sampler_is_cap``, the truncated importance weight of every token's surrogate loss).
+        ratio_level: "token" (PPO / GRPO) or "sequence" (GSPO's length-normalised sequence ratio).
+
+    ``pg_coef`` is |d loss / d logp_t| of the weighted surrogate alone (KL and entropy terms left out):
+    |w A r| times the importance and aggregation factors, 0 where the clip, the dual clip or ``active``
+    stops the gradient.  Times ||onehot(y_t) - pi_t|| it is the norm of the token's gradient at the logits.
     """
     weights = weights.detach()
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    ratio = sequence_ratio(logp, old_logp, mask) if ratio_level == "sequence" else torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)  # [B, 1]
     if placement == "ratio":
         out = clipped_surrogate(weights * ratio, adv, clip_low, clip_high, dual_clip)
@@ -182,8 +212,13 @@ def policy_loss(
     else:
         out = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
         per_token = weights * out.loss
+    coef = (weights * ratio.detach() * adv.abs()).float()
     if sampler_is_cap is not None and sampler_logp is not None:
-        per_token = sampler_correction(old_logp, sampler_logp, sampler_is_cap) * per_token
+        correction = sampler_correction(old_logp, sampler_logp, sampler_is_cap)
+        per_token = correction * per_token
+        coef = coef * correction
+    flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & active.bool()
+    coef = coef * flows * mask * token_normaliser(mask, aggregation, num_tokens, num_seqs, max_len)
     kl_sum = logp.new_zeros(())
     if beta > 0.0:
         if ref_logp is None:
@@ -204,6 +239,7 @@ def policy_loss(
         clipped_high=(out.clipped_high & act).sum(),
         kl=kl_sum,
         sampler_kl=sampler_kl(old_logp, sampler_logp, mask) if sampler_logp is not None else None,
+        pg_coef=coef,
     )
 
 
@@ -218,12 +254,12 @@ class GRPOLoss:
     def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                  aggregation: Aggregation = "token_mean", beta: float = 0.0, kl_estimator: KLEstimator = "k3",
                  entropy_coef: float = 0.0, placement: Placement = "surrogate", weight_kl: bool = False,
-                 max_len: int = 1, sampler_is_cap: float | None = None) -> None:
+                 max_len: int = 1, sampler_is_cap: float | None = None, ratio_level: RatioLevel = "token") -> None:
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.aggregation, self.max_len = aggregation, max_len
         self.beta, self.kl_estimator, self.entropy_coef = beta, kl_estimator, entropy_coef
         self.placement, self.weight_kl = placement, weight_kl
-        self.sampler_is_cap = sampler_is_cap
+        self.sampler_is_cap, self.ratio_level = sampler_is_cap, ratio_level
 
     @classmethod
     def from_config(cls, loss, weighting, max_len: int) -> GRPOLoss:
@@ -231,7 +267,7 @@ class GRPOLoss:
         return cls(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
                    aggregation=loss.aggregation, beta=loss.beta, kl_estimator=loss.kl_estimator,
                    entropy_coef=loss.entropy_coef, placement=weighting.placement, weight_kl=weighting.weight_kl,
-                   max_len=max_len, sampler_is_cap=loss.sampler_is_cap)
+                   max_len=max_len, sampler_is_cap=loss.sampler_is_cap, ratio_level=loss.ratio_level)
 
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
                  active: Tensor, *, num_tokens: float, num_seqs: float, ref_logp: Tensor | None = None,
@@ -244,5 +280,5 @@ class GRPOLoss:
             placement=self.placement, aggregation=self.aggregation, ref_logp=ref_logp, beta=self.beta,
             kl_estimator=self.kl_estimator, weight_kl=self.weight_kl,
             entropy=entropy if self.entropy_coef > 0 else None, entropy_coef=self.entropy_coef,
-            sampler_logp=sampler_logp, sampler_is_cap=self.sampler_is_cap,
+            sampler_logp=sampler_logp, sampler_is_cap=self.sampler_is_cap, ratio_level=self.ratio_level,
         )

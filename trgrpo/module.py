@@ -31,10 +31,12 @@ from trgrpo.backend import PlainBackend, all_gather_objects, all_reduce_sum, tra
 from trgrpo.callbacks import HeldoutAccuracy
 from trgrpo.checkpointing import check_checkpoint_fits, gather_rng_states, pick_rng_state, restore_rng_states
 from trgrpo.config import LossConfig, OptimConfig
+from trgrpo.diagnostics import GradBuckets, check_edges
 from trgrpo.dynamic_sampling import apply_dynamic_sampling
 from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, write_sample_table
 from trgrpo.losses import GRPOLoss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
+from trgrpo.progress import rl_steps_done
 from trgrpo.rewards import RewardResult, RewardSpec, batch_rows, compute_rewards, exact_match, reward_columns
 from trgrpo.rollout import Rollout, SamplingConfig, generate_rollout
 from trgrpo.scoring import TokenScorer
@@ -59,6 +61,7 @@ class GRPOModule(L.LightningModule):
         eval: held-out evaluation: sampled mean@k / pass@k and the sample table (greedy accuracy always).
         batch_size: prompts per RL step per process; the CLI links it to ``data.batch_size`` (empty = taken
             from the first batch).
+        grad_buckets: probability edges of the ``train/grad_share/*`` diagnostics (``trgrpo.diagnostics``); () = off.
     """
 
     def __init__(
@@ -72,14 +75,14 @@ class GRPOModule(L.LightningModule):
         log_entropy: bool = True,
         eval: EvalConfig = EvalConfig(),
         batch_size: int | None = None,
+        grad_buckets: tuple[float, ...] = (0.1, 0.5),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.policy_cfg, self.sampling, self.loss_cfg, self.optim_cfg = policy, sampling, loss, optim
         self.weighting = weighting if weighting is not None else UniformWeighting()
-        self.rewards = rewards if rewards else [RewardSpec(fn=exact_match)]
-        self.log_entropy = log_entropy
-        self.eval_cfg = eval
+        self.rewards, self.log_entropy = rewards if rewards else [RewardSpec(fn=exact_match)], log_entropy
+        self.eval_cfg, self.grad_buckets = eval, check_edges(grad_buckets) if grad_buckets else None
         self.save_hyperparameters(ignore=["weighting", "rewards"])
         self.loss_fn = GRPOLoss.from_config(loss, self.weighting, sampling.max_new_tokens)
         self.scorer = TokenScorer(sampling.temperature)
@@ -89,8 +92,7 @@ class GRPOModule(L.LightningModule):
         self._tokenizer = None  # loaded on first use (the data module's setup), the model in configure_model
         self.policy_model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
-        self.eval_history: list[tuple[int, float]] = []
-        self.reward_history: list[tuple[int, float]] = []
+        self.eval_history, self.reward_history = [], []  # (step, held-out accuracy), (step, mean reward)
         self.last_stats: StepStats | None = None
         self.shuffle_generator = torch.Generator().manual_seed(0)
 
@@ -193,7 +195,7 @@ class GRPOModule(L.LightningModule):
 
     def update(self, rollout: Rollout, inputs: UpdateInputs) -> UpdateStats:
         """Every optimiser update of one rollout batch; returns the summed statistics of this process."""
-        stats = UpdateStats()
+        stats = UpdateStats(buckets=GradBuckets(self.grad_buckets) if self.grad_buckets else None)
         opt, sched = self.optimizers(), self.lr_schedulers()
         for step in self.plan.steps(inputs, self.shuffle_generator, all_reduce_sum):
             for batch in step.micro_batches:
@@ -205,7 +207,7 @@ class GRPOModule(L.LightningModule):
                           stats: UpdateStats) -> None:
         """Forward, token weights, loss and backward of one micro-batch."""
         entropy = "grad" if self.loss_cfg.entropy_coef > 0 else ("detached" if self.log_entropy else None)
-        scores = self.scorer.score(self.policy_model, rollout, batch.idx, entropy)
+        scores = self.scorer.score(self.policy_model, rollout, batch.idx, entropy, prob_sq=stats.buckets is not None)
         logp = scores.logp.detach()
         old_logp = batch.old_logp if batch.old_logp is not None else logp  # single pass: ratio exactly 1
         w = self.weighting.weights(logp, old_logp, batch.advantages, batch.mask)
@@ -216,6 +218,7 @@ class GRPOModule(L.LightningModule):
         self.manual_backward(out.loss * self.plan.world)
         stats.add_micro_batch(out.loss, out.clipped_low, out.clipped_high, out.kl, w, batch.mask, batch.active,
                               scores.entropy, self.weighting.bounds, out.sampler_kl)
+        stats.add_grad_buckets(out.pg_coef, logp, scores.prob_sq, old_logp, w, batch.active)
 
     def optimiser_step(self, opt, sched) -> float:
         """Clip, step and schedule (the backend's way); returns the pre-clip gradient norm."""
@@ -229,7 +232,7 @@ class GRPOModule(L.LightningModule):
             group_size=self.sampling.group_size, completion_mask=rollout.trainable_mask, truncated=rollout.truncated,
             update=update.reduced(self.device), lr=self.optimizers().param_groups[0]["lr"],
             bounded_weights=self.weighting.bounds is not None, kl=self.loss_cfg.beta > 0, timings=timings,
-            episodes=rollout.episodes, groups=groups)
+            episodes=rollout.episodes, groups=groups, rl_step=rl_steps_done(self.trainer) + 1, previous=self.last_stats)
         self.last_stats = stats
         n = len(rewards.total)
         self.log_dict(stats.metrics(), on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
@@ -249,7 +252,7 @@ class GRPOModule(L.LightningModule):
         metrics = self.evaluator.finish(all_gather_objects)
         acc = metrics.pop("val/accuracy", 0.0)
         self.log("val/accuracy", acc, prog_bar=True)
-        self.log_dict(metrics)
+        self.log_dict({**metrics, "val/rl_step": float(rl_steps_done(self.trainer))})
         if self.trainer.state.fn == "fit":
             self.eval_history.append((self.global_step, acc))
         if self.evaluator.table and self.trainer.is_global_zero:
@@ -258,8 +261,7 @@ class GRPOModule(L.LightningModule):
 
     def heldout_accuracy(self, loader) -> tuple[float, int]:
         """(greedy accuracy, prompts) on a held-out loader, shared out over processes."""
-        rank, world = self.global_rank, self.trainer.world_size
-        mine = (b for i, b in enumerate(loader) if i % world == rank)
+        mine = (b for i, b in enumerate(loader) if i % self.trainer.world_size == self.global_rank)
         with self.generation_weights():
             return self.evaluator.accuracy(self.policy_model, self.tokenizer, mine,
                                            lambda t: all_reduce_sum(t.float().to(self.device)).double().cpu())
@@ -270,10 +272,10 @@ class GRPOModule(L.LightningModule):
         """Add every process's random state; leave out the frozen reference (rebuilt from the config)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         checkpoint["trgrpo"] = {"rng": gather_rng_states(world, shuffle=self.shuffle_generator),
-                                "reward_history": self.reward_history, "eval_history": self.eval_history}
-        state = checkpoint.get("state_dict")
-        for key in [k for k in state or {} if k.startswith("ref_model.")]:
-            del state[key]
+                                "reward_history": self.reward_history, "eval_history": self.eval_history,
+                                "grad_norm": self.last_stats.grad_norm if self.last_stats else None}
+        for key in [k for k in checkpoint.get("state_dict") or {} if k.startswith("ref_model.")]:
+            del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model shape before anything is loaded; queue the random state."""
@@ -284,6 +286,7 @@ class GRPOModule(L.LightningModule):
         extra = checkpoint.get("trgrpo", {})
         self.reward_history = list(extra.get("reward_history", []))
         self.eval_history = list(extra.get("eval_history", []))
+        self.last_stats = StepStats(grad_norm=extra["grad_norm"]) if extra.get("grad_norm") is not None else None
         if extra.get("rng"):
             world = self.trainer.world_size if self._trainer is not None else 1
             self._pending_rng = pick_rng_state(extra["rng"], self.global_rank if self._trainer is not None else 0, world)

@@ -32,12 +32,19 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 TRAIN_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
+def rl_steps_done(trainer: L.Trainer) -> int:
+    """Training batches (= RL steps) processed so far, over all epochs, resumed ones included (inside a
+    training step: the steps before it)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
 def planned_rl_steps(trainer: L.Trainer, done: int, updates_per_step: float) -> int | None:
     """RL steps the fit will have made at its end (``done`` so far), or None when nothing bounds it.
 
-    ``updates_per_step`` is the optimiser updates one RL step makes (``global_step`` counts updates).
+    ``updates_per_step`` is the optimiser updates one RL step makes (``global_step`` counts updates); a
+    callback with an ``rl_step_limit`` attribute (``trgrpo.callbacks.RLStepLimit``) bounds it too.
     """
-    bounds = []
+    bounds = [cb.rl_step_limit for cb in trainer.callbacks if getattr(cb, "rl_step_limit", None)]
     if trainer.max_steps is not None and trainer.max_steps > 0:
         left = max(trainer.max_steps - trainer.global_step, 0)
         bounds.append(done + math.ceil(left / max(updates_per_step, 1e-9)))
@@ -71,10 +78,7 @@ class RLStepProgressBar(TQDMProgressBar):
                     bar_format=TRAIN_BAR_FORMAT, total=self._total(self.trainer, self._start_steps),
                     initial=self._start_steps)  # a resumed run starts at its step; the rate counts this run
 
-    @staticmethod
-    def rl_steps_done(trainer: L.Trainer) -> int:
-        """Training batches (= RL steps) processed in this run, over all epochs, resumed ones included."""
-        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    rl_steps_done = staticmethod(rl_steps_done)
 
     def _total(self, trainer: L.Trainer, done: int) -> int | None:
         steps, updates = done - self._start_steps, trainer.global_step - self._start_updates

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from trgrpo.fastpath.shared_prefix import completion_logits
-from trgrpo.logprobs import differentiable_entropy, selective_log_softmax, token_entropy
+from trgrpo.logprobs import differentiable_entropy, selective_log_softmax, squared_prob_sum, token_entropy
 
 if TYPE_CHECKING:
     from trgrpo.rollout import Rollout
@@ -34,6 +34,7 @@ EntropyMode = Literal["grad", "detached"] | None
 class TokenScores(NamedTuple):
     logp: Tensor  # [B, T] float32 log-probs of the completion tokens
     entropy: Tensor | None  # [B, T] float32 token entropy (None when not asked for)
+    prob_sq: Tensor | None = None  # [B, T] float32 sum of squared probabilities (gradient diagnostics)
 
 
 class TokenScorer:
@@ -46,8 +47,10 @@ class TokenScorer:
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
-    def score(self, model: torch.nn.Module, rollout: Rollout, idx: Tensor, entropy: EntropyMode = None) -> TokenScores:
-        """Scores of the completion tokens of rows ``idx`` [b]; differentiable when grad is enabled."""
+    def score(self, model: torch.nn.Module, rollout: Rollout, idx: Tensor, entropy: EntropyMode = None,
+              prob_sq: bool = False) -> TokenScores:
+        """Scores of the completion tokens of rows ``idx`` [b]; differentiable when grad is enabled.
+        ``prob_sq`` adds the detached sum of squared probabilities per token (for the gradient diagnostics)."""
         ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]  # [b, P + T]
         p = rollout.prompt_len
         logits = completion_logits(model, ids, attn, p)  # [b, T, V]
@@ -59,7 +62,7 @@ class TokenScorer:
             ent = differentiable_entropy(logits)
         elif entropy == "detached":
             ent = token_entropy(logits)
-        return TokenScores(logp, ent)
+        return TokenScores(logp, ent, squared_prob_sum(logits) if prob_sq else None)
 
     @torch.no_grad()
     def score_all(self, model: torch.nn.Module, rollout: Rollout, micro: int, entropy: bool = False) -> TokenScores:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from trgrpo.advantages import group_reward_spread
+from trgrpo.diagnostics import GradBuckets, logit_grad_norm_sq
 
 
 def _metric(name: str):
@@ -53,6 +54,7 @@ class UpdateStats:
     weight_at_upper: float = 0.0
     grad_norm: float = 0.0  # summed pre-clip norms (identical on every process)
     updates: float = 0.0  # optimiser steps (identical on every process)
+    buckets: GradBuckets | None = None  # gradient share by probability bucket (None: diagnostics off)
 
     def add_micro_batch(self, loss: Tensor, clipped_low: Tensor, clipped_high: Tensor, kl: Tensor, weights: Tensor,
                         mask: Tensor, active: Tensor, entropy: Tensor | None,
@@ -77,6 +79,12 @@ class UpdateStats:
                 self.weight_at_lower += (sel <= bounds[0]).sum().item()
                 self.weight_at_upper += (sel >= bounds[1]).sum().item()
 
+    def add_grad_buckets(self, pg_coef: Tensor, logp: Tensor, prob_sq: Tensor, rollout_logp: Tensor,
+                         weights: Tensor, active: Tensor) -> None:
+        """Add one micro-batch to the bucket diagnostics ([b, T] tensors; see ``trgrpo.diagnostics``)."""
+        if self.buckets is not None:
+            self.buckets.add(logit_grad_norm_sq(pg_coef, logp, prob_sq), rollout_logp, weights, active)
+
     def add_optimiser_step(self, grad_norm: float) -> None:
         self.grad_norm += grad_norm
         self.updates += 1
@@ -84,8 +92,8 @@ class UpdateStats:
     def reduced(self, device: torch.device | str = "cpu") -> UpdateStats:
         """These sums over every process (a copy; unchanged with one process or no process group)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return dataclasses.replace(self)
-        same = {"grad_norm", "updates", "weight_min", "weight_max"}
+            return dataclasses.replace(self)  # the buckets object is shared: nothing is added after reducing
+        same = {"grad_norm", "updates", "weight_min", "weight_max", "buckets"}
         keys = [f.name for f in dataclasses.fields(self) if f.name not in same]
         sums = torch.tensor([float(getattr(self, k) or 0.0) for k in keys], dtype=torch.float64, device=device)
         low = torch.tensor([self.weight_min, -self.weight_max], dtype=torch.float64, device=device)
@@ -95,6 +103,7 @@ class UpdateStats:
         out.entropy = out.entropy if self.entropy is not None else None
         out.sampler_kl = out.sampler_kl if self.sampler_kl is not None else None
         out.weight_min, out.weight_max = low[0].item(), -low[1].item()
+        out.buckets = self.buckets.reduced(device) if self.buckets is not None else None
         return out
 
 
@@ -112,6 +121,8 @@ class StepStats:
     clip_ratio_low: float | None = _metric("train/clip_ratio/low")
     clip_ratio_high: float | None = _metric("train/clip_ratio/high")
     grad_norm: float | None = _metric("train/grad_norm")
+    grad_norm_delta: float | None = _metric("train/grad_norm_delta")  # |grad_norm - previous RL step's|
+    rl_step: float | None = _metric("train/rl_step")  # RL steps completed, this one included
     lr: float | None = _metric("train/lr")
     weight_mean: float | None = _metric("train/weight/mean")
     weight_min: float | None = _metric("train/weight/min")
@@ -133,6 +144,7 @@ class StepStats:
     groups_filled: float | None = _metric("train/dynamic_sampling/filled")  # kept groups without reward spread
     sampler_kl: float | None = _metric("train/sampler_kl")  # k3 KL(sampler || trainer) per token (vllm engine)
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
+    buckets: dict[str, float] = field(default_factory=dict)  # train/grad_share/*, token_share/*, weight/<bucket>
 
     def timings(self) -> StepTimings:
         return StepTimings(self.time_generation, self.time_reward, self.time_old_logprobs, self.time_update)
@@ -142,16 +154,20 @@ class StepStats:
         out = {f.metadata["metric"]: getattr(self, f.name) for f in dataclasses.fields(self)
                if "metric" in f.metadata and getattr(self, f.name) is not None}
         out.update(self.reward_terms)
+        out.update(self.buckets)
         return out
 
     @classmethod
     def collect(cls, *, rewards: Tensor, per_term: dict[str, Tensor], reward_errors: int, group_size: int,
                 completion_mask: Tensor, truncated: Tensor, update: UpdateStats, lr: float,
-                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None, groups=None) -> StepStats:
+                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None, groups=None,
+                rl_step: int | None = None, previous: StepStats | None = None) -> StepStats:
         """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] trained-token mask
         (tool output excluded), [N] truncation flags, the step's (already reduced) ``UpdateStats`` and, for a
         multi-turn rollout, its ``trgrpo.multiturn.EpisodeStats`` ([N] calls, errors, turns); with dynamic
-        sampling ``rewards`` are every drawn completion's and ``groups`` the ``GroupSelection`` counts."""
+        sampling ``rewards`` are every drawn completion's and ``groups`` the ``GroupSelection`` counts.
+        ``rl_step`` is this step's number (1-based); ``previous`` the last step's stats of this run, for
+        ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the checkpoint)."""
         spread = group_reward_spread(rewards, group_size)
         tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
         any_active = update.active_tokens > 0
@@ -171,6 +187,9 @@ class StepStats:
             clip_ratio_low=update.clipped_low / active,
             clip_ratio_high=update.clipped_high / active,
             grad_norm=update.grad_norm / max(update.updates, 1.0),
+            grad_norm_delta=abs(update.grad_norm / max(update.updates, 1.0) - previous.grad_norm)
+            if previous is not None and previous.grad_norm is not None else None,
+            rl_step=float(rl_step) if rl_step is not None else None,
             lr=lr,
             weight_mean=update.weight_sum / active,
             weight_min=update.weight_min if any_active else 0.0,
@@ -183,6 +202,7 @@ class StepStats:
             time_generation=timings.generation, time_reward=timings.reward,
             time_old_logprobs=timings.old_logprobs, time_update=timings.update,
             reward_terms=terms,
+            buckets=update.buckets.metrics() if update.buckets is not None else {},
             **(tool_metrics(episodes) if episodes is not None else {}),
             **({} if groups is None else {"groups_drawn": float(groups.drawn), "groups_dropped": float(groups.dropped),
                                           "groups_filled": float(groups.filled)}),
