@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     runs = plan(out, args.fragments, args.seeds)
-    started = time.monotonic()
+    started, failed = time.monotonic(), []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
         record = {"argv": argv, "base": args.base, "fragments": args.fragments, "seeds": args.seeds,
@@ -277,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             status = sweep(runs, lambda r: fit_command(r, args.base, args.rl_steps, args.extra, step_limit()),
                            lambda r: settings(r, args.base, args.rl_steps, args.extra), args.heartbeat)
+        except (KeyboardInterrupt, SystemExit):
+            print("compare: interrupted; the run that was going has no done.json and starts again on the next call")
+            raise
         finally:
             signal.signal(signal.SIGTERM, handler)
         failed = [r.label for r, s in status.items() if s == "failed"]
@@ -286,4 +289,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = write_report(out, runs, args, session_s=time.monotonic() - started)
     print(f"compare: report written to {report}")
-    return 0
+    return 1 if not args.report_only and failed else 0  # a failed run is in the report and the exit status
