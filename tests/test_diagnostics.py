@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import DENSE_REWARD, arithmetic_args, run_cli
+
 from trgrpo.diagnostics import GradBuckets, bucket_names, check_edges, logit_grad_norm_sq
 from trgrpo.logprobs import selective_log_softmax, squared_prob_sum
 from trgrpo.losses import policy_loss, sequence_ratio

@@ -151,3 +151,26 @@ def test_two_rl_steps_of_the_demo_recipe(tmp_path):
     stats = cli.model.last_stats
     assert stats.frac_reward_zero_std < 1  # something was trained
     assert stats.sampler_kl is not None and 0 <= stats.sampler_kl < 1e-3  # same float32 model, same numbers
+
+
+def test_the_module_never_gathers_the_whole_policy_for_the_vllm_engine():
+    """Under ZeRO-3 the sync gathers one parameter at a time; the module's generation context must not gather
+    the whole model around a vLLM rollout (the backend gathers only when handed a model)."""
+    import contextlib
+
+    from trgrpo.module import GRPOModule
+
+    handed = []
+
+    class RecordingBackend:
+        @contextlib.contextmanager
+        def generation_weights(self, model):
+            handed.append(model)
+            yield
+
+    for engine in ("fast", "vllm"):
+        module = GRPOModule(sampling=SamplingConfig(engine=engine))
+        module.backend, module.policy_model = RecordingBackend(), torch.nn.Linear(1, 1)
+        with module.generation_weights():
+            pass
+    assert handed[0] is not None and handed[1] is None

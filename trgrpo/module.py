@@ -149,8 +149,8 @@ class GRPOModule(L.LightningModule):
         self.backend.note_backward()
 
     def generation_weights(self):
-        """Context with whole policy weights for sampling (ZeRO-3 gathers them; otherwise a no-op)."""
-        return self.backend.generation_weights(self.policy_model)
+        """Whole policy weights for sampling (ZeRO-3 gathers them); a no-op otherwise and for vLLM (its sync gathers)."""
+        return self.backend.generation_weights(None if self.sampling.engine == "vllm" else self.policy_model)
 
     # ------------------------------------------------------------------ the RL step
 
