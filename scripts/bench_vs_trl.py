@@ -15,6 +15,17 @@ Scenarios (each at two model sizes):
                ours may skip those sequences' forward/backward (``optim.skip_zero_advantage``), reported
                separately together with ours without skipping.
 
+vLLM (only when asked with ``--trainers``):
+    ours_vllm  ours with its vLLM rollout engine (``SamplingConfig(engine="vllm")``, trgrpo/vllm_engine.py).
+    trl_vllm   TRL with its own vLLM mode (``use_vllm=True, vllm_mode="colocate"``), fixed length by vLLM's
+               ``min_tokens``.
+    Both engines run eager (no CUDA graphs / torch.compile) and reserve ``--vllm-memory`` of the memory
+    (on the CPU build ``gpu_memory_utilization`` is the share of RAM; the KV cache is
+    ``VLLM_CPU_KVCACHE_SPACE`` = 1 GiB).  Engine creation is timed on its own (``startup_s``) and happens in
+    the warm-up step, which is not timed; the first weight push is in the warm-up step too.  A run that fails
+    (e.g. TRL's vLLM mode on a build it does not support) is recorded with its error instead of stopping
+    the benchmark.
+
 Every (scenario, trainer) run is a fresh process (so its peak RSS is its own), the trainers alternate,
 the first step of each process is warm-up and is not timed, and medians over all timed steps (6 per
 trainer and scenario by default) are reported, in wall-clock seconds and in CPU seconds of the process.
@@ -26,6 +37,8 @@ still measures its own work, while two OpenMP threads stall each other whenever 
     python scripts/bench_vs_trl.py --json docs/bench_vs_trl.json --plot docs/bench_vs_trl.png
     python scripts/bench_vs_trl.py --threads 1    # shared machine (how docs/benchmarks.md was recorded)
     python scripts/bench_vs_trl.py --sizes demo --scenarios fixed --steps 2 --rounds 1   # quick look
+    python scripts/bench_vs_trl.py --sizes demo --scenarios fixed --steps 2 --rounds 1 --threads 1 \
+        --trainers ours,ours_vllm,trl,trl_vllm --json docs/bench_vs_trl_vllm.json     # with vLLM (vllm-cpu)
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import functools
 import json
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -65,6 +79,8 @@ SIZES = {
                 prompts=8, group_size=8, max_new_tokens=48),
 }
 LR = 1e-5
+TRAINERS = ("ours", "trl", "ours_vllm", "trl_vllm")  # what --trainers may name; ours_noskip is added for half_dead
+VLLM_MEMORY = [0.15]  # gpu_memory_utilization of both vLLM engines (--vllm-memory)
 PREFIXES = ["", "Add: ", "Compute ", "What is the sum? ", "Give only the number. ", "Question: how much is ",
             "Work it out and answer with digits only: "]
 
@@ -73,7 +89,7 @@ PREFIXES = ["", "Add: ", "Compute ", "What is the sum? ", "Give only the number.
 class RunSpec:
     """One child process: one trainer on one scenario."""
 
-    trainer: str  # "ours", "ours_noskip", "ours_tr" or "trl"
+    trainer: str  # "ours", "ours_noskip", "ours_tr", "ours_vllm", "trl" or "trl_vllm"
     size: str
     scenario: str
     folder: str
@@ -147,6 +163,12 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def os_threads() -> int:
+    """Threads of this process (vLLM's engine adds its own beside torch's pool)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -201,7 +223,7 @@ def run_ours(spec: RunSpec) -> dict:
     from trgrpo.module import GRPOModule
     from trgrpo.policy import PolicyConfig
     from trgrpo.rewards import RewardSpec
-    from trgrpo.rollout import SamplingConfig
+    from trgrpo.rollout import SamplingConfig, VLLMConfig
     from trgrpo.weighting import TokenRegulatedWeighting, UniformWeighting
 
     dims = SIZES[spec.size]
@@ -209,13 +231,29 @@ def run_ours(spec: RunSpec) -> dict:
     steps = spec.warmup + spec.steps
     rows = prompt_rows(dims["prompts"] * steps, spec.scenario == "half_dead")
     optim_kwargs = {"lr": LR, "grad_clip": 1.0}
+    engine = "vllm" if spec.trainer == "ours_vllm" else spec.extra.get("engine", "fast")
+    startup: dict = {}
+    if engine == "vllm":
+        from trgrpo import vllm_engine
+
+        init = vllm_engine.SharedEngine.__init__
+
+        def timed_init(self, *a, **k):  # engine creation (in the untimed warm-up step), reported apart
+            t0 = time.perf_counter()
+            init(self, *a, **k)
+            startup["startup_s"] = report_startup(time.perf_counter() - t0)
+
+        vllm_engine.SharedEngine.__init__ = timed_init
+        if fixed:  # see fixed_length_params
+            vllm_engine.sampling_params = fixed_length_params(vllm_engine.sampling_params)
     if spec.trainer == "ours_noskip" or spec.scenario != "half_dead":
         optim_kwargs["skip_zero_advantage"] = False
     module = GRPOModule(
         policy=PolicyConfig(name_or_path=spec.folder),
         sampling=SamplingConfig(group_size=dims["group_size"], max_new_tokens=dims["max_new_tokens"],
                                 temperature=1.0, top_p=1.0, top_k=0, ignore_eos=fixed,
-                                engine=spec.extra.get("engine", "fast")),
+                                engine=engine, vllm=VLLMConfig(gpu_memory_utilization=spec.extra.get(
+                                    "vllm_memory", VLLM_MEMORY[0]), enforce_eager=True)),
         loss=LossConfig(clip_low=0.2, clip_high=0.2, beta=0.0),
         optim=OptimConfig(**optim_kwargs),
         weighting=TokenRegulatedWeighting() if spec.trainer == "ours_tr" else UniformWeighting(),
@@ -262,7 +300,32 @@ def run_ours(spec: RunSpec) -> dict:
                         limit_val_batches=0, callbacks=[StepTimer()])
     loader = DataLoader(rows, batch_size=dims["prompts"], shuffle=False, collate_fn=collate_rows, drop_last=True)
     trainer.fit(module, train_dataloaders=loader)
-    return {"records": records, "rss_after_load_mb": base}
+    return {"records": records, "rss_after_load_mb": base, **startup}
+
+
+def report_startup(seconds: float) -> float:
+    """Tell the parent the engine's start-up time at once (so a run that fails later still reports it)."""
+    print(f"STARTUP {seconds}", file=sys.__stdout__, flush=True)
+    return seconds
+
+
+def fixed_length_params(make):
+    """``trgrpo.vllm_engine.sampling_params`` with ``min_tokens = max_tokens`` under ``ignore_eos``.
+
+    vLLM's ``ignore_eos`` neither masks EOS nor drops it from the engine's ``stop_token_ids``, so with it
+    alone completions still end at a sampled EOS (about 37 of 48 tokens on the demo model).  ``min_tokens``
+    masks EOS until the budget is reached, as ``ignore_eos`` does in the fast sampler and ``min_new_tokens``
+    in ``generate`` (and what trl_vllm is given), so the fixed scenario is the same work for every trainer.
+    """
+
+    @functools.wraps(make)
+    def wrapped(vllm, sampling, n, max_tokens, *args, **kwargs):
+        params = make(vllm, sampling, n, max_tokens, *args, **kwargs)
+        if sampling.ignore_eos:
+            params.min_tokens = max_tokens
+        return params
+
+    return wrapped
 
 
 def weighting_check(module, args, update, reps: int = 5) -> dict:
@@ -301,6 +364,21 @@ def run_trl(spec: RunSpec) -> dict:
     dims = SIZES[spec.size]
     fixed = spec.scenario != "sampled"
     steps = spec.warmup + spec.steps
+    vllm = spec.trainer == "trl_vllm"
+    startup: dict = {}
+    if vllm:
+        import trl.generation.vllm_generation as trl_vllm
+
+        # eager like ours (no CUDA graphs / torch.compile: GRPOConfig has no switch for it)
+        trl_vllm.LLM = functools.partial(trl_vllm.LLM, enforce_eager=True)
+        init_vllm = trl_vllm.VLLMGeneration._init_vllm
+
+        def timed_init_vllm(self):  # engine creation (in GRPOTrainer's constructor), reported apart
+            t0 = time.perf_counter()
+            init_vllm(self)
+            startup["startup_s"] = report_startup(time.perf_counter() - t0)
+
+        trl_vllm.VLLMGeneration._init_vllm = timed_init_vllm
     g, n_prompts, budget = dims["group_size"], dims["prompts"], dims["max_new_tokens"]
     rows = prompt_rows(n_prompts * steps, spec.scenario == "half_dead")
     tok = AutoTokenizer.from_pretrained(spec.folder)
@@ -315,7 +393,9 @@ def run_trl(spec: RunSpec) -> dict:
         save_strategy="no", logging_steps=10_000, log_completions=False, shuffle_dataset=False,
         max_steps=steps, seed=spec.seed, dataloader_num_workers=0, disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
-        generation_kwargs={"min_new_tokens": budget} if fixed else None,
+        generation_kwargs=({"min_tokens" if vllm else "min_new_tokens": budget} if fixed else None),
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": spec.extra.get(
+            "vllm_memory", VLLM_MEMORY[0])} if vllm else {}),
     )
     clock = PhaseClock()
     records: list[dict] = []
@@ -358,7 +438,7 @@ def run_trl(spec: RunSpec) -> dict:
     trainer.training_step = timed_training_step
     base = rss_mb()
     trainer.train()
-    return {"records": records, "rss_after_load_mb": base}
+    return {"records": records, "rss_after_load_mb": base, **startup}
 
 
 def child_main(spec: RunSpec) -> None:
@@ -369,9 +449,14 @@ def child_main(spec: RunSpec) -> None:
     _GROUP[0] = SIZES[spec.size]["group_size"]
     _REWARD_RNG.seed(spec.seed)
     with contextlib.redirect_stdout(sys.stderr):
-        result = run_trl(spec) if spec.trainer == "trl" else run_ours(spec)
+        result = run_trl(spec) if spec.trainer.startswith("trl") else run_ours(spec)
+    result["warmup_wall_s"] = sum(r["wall"]["total"] for r in result["records"][:spec.warmup])
     result["records"] = result["records"][spec.warmup:]
     result["peak_rss_mb"] = peak_rss_mb()
+    import torch
+
+    result["torch_threads_end"] = torch.get_num_threads()
+    result["os_threads_end"] = os_threads()
     result["zero_spread"] = statistics.mean(_ZERO_SPREAD[spec.warmup:]) if _ZERO_SPREAD else float("nan")
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -414,13 +499,56 @@ def model_flops(size: str, params: int, sequences: int, prompts: int, prompt_len
     return {"generation": prompt + completion, "training": 3 * (prompt + completion)}
 
 
+class ChildFailed(RuntimeError):
+    """A child process that exited without a result; ``error`` is the first line that names the failure."""
+
+    def __init__(self, spec: RunSpec, error: str, stderr: str, stdout: str = "") -> None:
+        super().__init__(f"{spec.trainer} {spec.size} {spec.scenario} failed: {error}\n{stderr[-4000:]}")
+        self.error, self.stderr = error, stderr
+        starts = [float(ln.split()[1]) for ln in stdout.splitlines() if ln.startswith("STARTUP ")]
+        self.startup_s = starts[-1] if starts else None
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
+                             r"(?::.*)?)$")
+
+
+def failure_line(stderr: str, returncode: int) -> str:
+    """The exception line of the last traceback in ``stderr`` (``SomeError: message``; a ``[rank0]:`` prefix
+    dropped), else its last line.  Messages printed at interpreter exit (nanobind leak reports) are skipped."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if m := _EXCEPTION_LINE.match(line):
+            return m.group(1)
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def last_traceback(stderr: str, limit: int = 12_000) -> str:
+    """The last traceback in ``stderr`` up to its exception line (at most ``limit`` characters of its end)."""
+    start = stderr.rfind("Traceback (most recent call last)")
+    text = stderr[start:] if start >= 0 else stderr
+    error = failure_line(text, 0)
+    end = text.find(error)
+    return (text[:end + len(error)] if end >= 0 else text)[-limit:]
+
+
 def run_child(spec: RunSpec, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(spec))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if spec.threads:  # OpenMP code outside torch's own pool (vLLM's CPU kernels) gets the same number of threads
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+    if spec.trainer.endswith("_vllm"):  # the engine core in the training process, a 1 GiB KV cache on CPU
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", **env}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as err:
+        def text(x) -> str:
+            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+        raise ChildFailed(spec, f"timed out after {timeout:.0f} s", text(err.stderr), text(err.stdout)) from err
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec.trainer} {spec.size} {spec.scenario} failed:\n{proc.stderr[-4000:]}")
+        raise ChildFailed(spec, failure_line(proc.stderr, proc.returncode), proc.stderr, proc.stdout)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -448,6 +576,11 @@ def summarise(runs: list[dict]) -> dict:
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "rss_after_load_mb": max(run["rss_after_load_mb"] for run in runs),
         "weighting_check": next((r["weighting_check"] for r in recs if "weighting_check" in r), None),
+        "warmup_wall_s": statistics.median(run["warmup_wall_s"] for run in runs),
+        "torch_threads_end": max(run["torch_threads_end"] for run in runs),
+        "os_threads_end": max(run["os_threads_end"] for run in runs),
+        "startup_s": (statistics.median(run["startup_s"] for run in runs)
+                      if all("startup_s" in run for run in runs) else None),
     }
 
 
@@ -463,6 +596,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", default=None, help="write the phase plot (PNG) to this file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = default)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    ap.add_argument("--trainers", default="ours,trl",
+                    help=f"comma-separated, from {','.join(TRAINERS)} (the vLLM ones need vllm or vllm-cpu)")
+    ap.add_argument("--vllm-memory", type=float, default=VLLM_MEMORY[0],
+                    help="gpu_memory_utilization of both vLLM engines (on the CPU build: the share of RAM reserved)")
     args = ap.parse_args(argv)
     if args.child:
         child_main(RunSpec(**json.loads(args.child)))
@@ -474,12 +611,25 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     import trl
 
+    chosen = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    unknown = sorted(set(chosen) - set(TRAINERS))
+    if unknown:
+        ap.error(f"--trainers: unknown {unknown}; choose from {','.join(TRAINERS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    vllm_version = ""
+    if any(t.endswith("_vllm") for t in chosen):
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist in ("vllm", "vllm-cpu"):
+            with contextlib.suppress(PackageNotFoundError):
+                vllm_version = f", {dist} {version(dist)}"
+                break
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict = {"sizes": {}}
+          f"trl {trl.__version__}{vllm_version}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict = {"sizes": {}, "trainers": chosen, "vllm_memory": args.vllm_memory,
+                     "load_average_start": os.getloadavg()[0]}
     for size in args.sizes.split(","):
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
         params = build_model_folder(size, folder)
@@ -489,21 +639,38 @@ def main(argv: list[str] | None = None) -> None:
         rates = [matmul_gflops()]
         size_out: dict = {"params": params, "scenarios": {}}
         for scenario in args.scenarios.split(","):
-            trainers = ["ours", "trl"] + (["ours_noskip"] if scenario == "half_dead" else [])
+            trainers = chosen + (["ours_noskip"] if scenario == "half_dead" and "ours" in chosen else [])
             runs: dict[str, list] = {t: [] for t in trainers}
+            failed: dict[str, dict] = {}
             for r in range(args.rounds):
                 order = trainers if r % 2 == 0 else trainers[::-1]
                 for name in order:
-                    extra = {"weighting_check": scenario == "fixed" and name == "ours" and r == 0}
+                    if name in failed:
+                        continue
+                    extra = {"weighting_check": scenario == "fixed" and name == "ours" and r == 0,
+                             "vllm_memory": args.vllm_memory}
                     spec = RunSpec(name, size, scenario, str(folder), args.warmup, args.steps, seed=r,
                                    threads=args.threads, extra=extra)
                     t0 = time.perf_counter()
-                    runs[name].append(run_child(spec, args.timeout))
-                    print(f"  {scenario:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s", flush=True)
+                    try:
+                        runs[name].append(run_child(spec, args.timeout))
+                    except ChildFailed as err:  # recorded, and that trainer is not run again in this scenario
+                        failed[name] = {"error": err.error, "startup_s": err.startup_s,
+                                        "traceback": last_traceback(err.stderr)}
+                        started = f" (engine start-up {err.startup_s:.1f}s)" if err.startup_s is not None else ""
+                        print(f"  {scenario:9s} {name:11s} round {r}: FAILED after {time.perf_counter() - t0:.1f}s"
+                              f"{started}: {err.error}", flush=True)
+                        continue
+                    startup = runs[name][-1].get("startup_s")
+                    print(f"  {scenario:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s"
+                          + (f" (engine start-up {startup:.1f}s, not timed)" if startup is not None else ""),
+                          flush=True)
                 rates.append(matmul_gflops(1.0))
-            size_out["scenarios"][scenario] = {t: summarise(v) for t, v in runs.items()}
+            size_out["scenarios"][scenario] = {t: failed[t] if t in failed else summarise(v)
+                                               for t, v in runs.items()}
         size_out["matmul_gflops"] = statistics.median(rates)
         results["sizes"][size] = size_out
+    results["load_average_end"] = os.getloadavg()[0]
     print(f"\nload average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
     report(results)
     if args.json:
@@ -521,21 +688,41 @@ def report(results: dict) -> None:
         for size, so in results["sizes"].items():
             for scenario, trainers in so["scenarios"].items():
                 for name, s in trainers.items():
+                    if "error" in s:
+                        continue
                     m = s[kind]
                     print(f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | {s['tokens_per_s_' + kind]:.0f} | "
                           f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
                           + " | ".join(f"{m[k]:.3f}" for k in ["total", *PHASES]) + " |")
+    failures = [(size, scenario, name, s["error"]) for size, so in results["sizes"].items()
+                for scenario, trainers in so["scenarios"].items() for name, s in trainers.items() if "error" in s]
+    if failures:
+        print("\nFailed runs (not in the tables; the traceback is in the JSON):")
+        for size, scenario, name, error in failures:
+            s = results["sizes"][size]["scenarios"][scenario][name]
+            started = (f" (after an engine start-up of {s['startup_s']:.1f}s)"
+                       if s.get("startup_s") is not None else "")
+            print(f"  {size:5s} {scenario:9s} {name:11s} {error}{started}")
+    startups = [(size, scenario, name, s) for size, so in results["sizes"].items()
+                for scenario, trainers in so["scenarios"].items() for name, s in trainers.items()
+                if "error" not in s and s.get("startup_s") is not None]
+    if startups:
+        print("\nvLLM engine start-up (inside the untimed warm-up step; median over the processes):")
+        for size, scenario, name, s in startups:
+            print(f"  {size:5s} {scenario:9s} {name:11s} engine start-up {s['startup_s']:6.1f}s wall, "
+                  f"whole warm-up step {s['warmup_wall_s']:6.1f}s (start-up, first weight push, first rollout)")
     print("\nFLOP/s in the fixed scenario against the measured float32 matmul rate (FLOPs each trainer executes):")
     for size, so in results["sizes"].items():
         sc = so["scenarios"].get("fixed")
         if not sc:
             continue
         rate = so["matmul_gflops"]
-        for name in ("ours", "trl"):
+        for name in [t for t in TRAINERS if t in sc and "error" not in sc[t]]:
             s = sc[name]
             n, p, t = s["sequences"], s["prompt_len"], s["mean_completion_len"]
-            fl = model_flops(size, so["params"], n, n // SIZES[size]["group_size"], p, t, shared_prompts=name == "ours")
-            line = f"  {size:5s} {name:5s}"
+            fl = model_flops(size, so["params"], n, n // SIZES[size]["group_size"], p, t,
+                             shared_prompts=name.startswith("ours"))
+            line = f"  {size:5s} {name:9s}"
             for kind in ("wall", "cpu"):
                 m = s[kind]
                 gen = fl["generation"] / m["generation"] / 1e9
@@ -556,12 +743,23 @@ def report(results: dict) -> None:
           "Peak RSS: lower is better):")
     for size, so in results["sizes"].items():
         for scenario, trainers in so["scenarios"].items():
+            for a, b in (("ours_vllm", "trl_vllm"), ("ours_vllm", "ours"), ("trl_vllm", "trl")):
+                if a in trainers and b in trainers and "error" not in trainers[a] and "error" not in trainers[b]:
+                    x, y = trainers[a], trainers[b]
+                    print(f"  {size:5s} {scenario:9s} {a} / {b}: throughput "
+                          f"x{x['tokens_per_s_wall'] / y['tokens_per_s_wall']:.2f} wall "
+                          f"(x{x['tokens_per_s_cpu'] / y['tokens_per_s_cpu']:.2f} CPU), generation time "
+                          f"x{x['wall']['generation'] / y['wall']['generation']:.2f} wall "
+                          f"(x{x['cpu']['generation'] / y['cpu']['generation']:.2f} CPU), "
+                          f"peak RSS x{x['peak_rss_mb'] / y['peak_rss_mb']:.2f}")
+            if not all(t in trainers and "error" not in trainers[t] for t in ("ours", "trl")):
+                continue
             ours, ref = trainers["ours"], trainers["trl"]
             line = (f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
                     f"wall (x{ours['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU)  "
                     f"steps/s x{ref['wall']['total'] / ours['wall']['total']:.2f}  "
                     f"peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}")
-            if "ours_noskip" in trainers:
+            if "ours_noskip" in trainers and "error" not in trainers["ours_noskip"]:
                 ns = trainers["ours_noskip"]
                 line += (f"; without skipping x{ns['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} wall "
                          f"(x{ns['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU), skipping alone "
@@ -576,7 +774,11 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s for s in results["sizes"] if "fixed" in results["sizes"][s]["scenarios"]]
+    sizes = [s for s in results["sizes"] if all("error" not in results["sizes"][s]["scenarios"].get("fixed", {}).get(
+        t, {"error": ""}) for t in ("ours", "trl"))]
+    if not sizes:
+        print(f"no plot: no size has both ours and trl in the fixed scenario ({path} not written)")
+        return
     fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7), squeeze=False)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
     for row, kind in enumerate(("wall", "cpu")):
