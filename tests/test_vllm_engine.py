@@ -174,3 +174,15 @@ def test_the_module_never_gathers_the_whole_policy_for_the_vllm_engine():
         with module.generation_weights():
             pass
     assert handed[0] is not None and handed[1] is None
+
+
+def test_ignore_eos_never_samples_or_stops_at_eos():
+    """As with ``fast`` and ``hf``: every completion runs to the budget and EOS is masked, not just ignored."""
+    import vllm
+
+    from trgrpo.vllm_engine import sampling_params
+
+    params = sampling_params(vllm, SamplingConfig(ignore_eos=True), n=2, max_tokens=7, greedy=False, eos=5)
+    assert params.ignore_eos and params.min_tokens == 7 and 5 not in (params.stop_token_ids or [])
+    params = sampling_params(vllm, SamplingConfig(), n=2, max_tokens=7, greedy=False, eos=5)
+    assert not params.ignore_eos and params.min_tokens == 0 and params.stop_token_ids == [5]

@@ -192,7 +192,9 @@ def sampling_params(vllm, sampling: SamplingConfig, n: int, max_tokens: int, gre
     return vllm.SamplingParams(
         n=n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
         top_k=-1 if greedy or not sampling.top_k else sampling.top_k, max_tokens=max_tokens,
-        ignore_eos=sampling.ignore_eos, stop_token_ids=[eos], stop=stop or None, include_stop_str_in_output=True,
+        # ignore_eos: EOS is never sampled (min_tokens masks it, as the other engines do), nor a stop
+        ignore_eos=sampling.ignore_eos, min_tokens=max_tokens if sampling.ignore_eos else 0,
+        stop_token_ids=[] if sampling.ignore_eos else [eos], stop=stop or None, include_stop_str_in_output=True,
         logprobs=0, seed=None if greedy else int(torch.randint(0, 2**31 - 1, ()).item()), skip_special_tokens=False,
         detokenize=bool(stop),
     )
