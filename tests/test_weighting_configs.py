@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import recipe_params
 from lightning.pytorch.strategies import DDPStrategy
 
 import trgrpo.weighting
@@ -81,7 +82,7 @@ def test_a_fragment_sets_the_weighting_only_and_says_how_to_compose_it(fragment)
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("base", BASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("base", recipe_params(BASES, lambda p: p.stem))
 def test_every_base_composes_with_every_fragment(base, fragment):
     cls, init_args = _expected(fragment.stem)
     cli = _parse(base, fragment)
@@ -131,7 +132,7 @@ def test_print_config_of_a_composed_recipe_names_the_fragment_weighting(capsys):
 GSPO = ROOT / "configs" / "loss" / "gspo.yaml"
 
 
-@pytest.mark.parametrize("base", BASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("base", recipe_params(BASES, lambda p: p.stem))
 def test_the_gspo_fragment_changes_the_ratio_and_keeps_the_rest_of_the_loss(base):
     cli = _parse(base, GSPO)
     loss, alone = cli.config.model.loss.as_dict(), _base_alone(base)["model"]["loss"]
