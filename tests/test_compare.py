@@ -295,3 +295,13 @@ def test_real_sweep_of_two_strategies_and_two_seeds(tmp_path, capsys):
     assert compare_main(cmd[4:]) == 0  # rerun in-process: every run finished, nothing starts
     assert "4 finished earlier (skipped), 0 to run" in capsys.readouterr().out
     print(f"sweep {first:.0f}s, rerun {time.monotonic() - start - first:.0f}s")
+
+
+def test_bucket_columns_are_ordered_by_probability_and_grouped_by_family():
+    from trgrpo.comparestats import bucket_order
+
+    cols = ["train/token_share/p>=0.5", "train/grad_share/p>=0.5", "train/grad_share/0.1<=p<0.5",
+            "train/weight/p<0.1", "train/grad_share/p<0.1", "train/token_share/p<0.1"]
+    assert sorted(cols, key=bucket_order) == [
+        "train/grad_share/p<0.1", "train/grad_share/0.1<=p<0.5", "train/grad_share/p>=0.5",
+        "train/token_share/p<0.1", "train/token_share/p>=0.5", "train/weight/p<0.1"]

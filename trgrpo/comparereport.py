@@ -19,6 +19,7 @@ from trgrpo.compare import DONE, FAILED, SETTINGS, Run, fmt_seconds, read_json
 from trgrpo.comparestats import (
     CI_METHOD,
     band,
+    bucket_order,
     mean_ci,
     noise_note,
     paired_differences,
@@ -137,12 +138,17 @@ def write_report(out: Path, runs: Sequence[Run], args, session_s: float = 0.0) -
                 rows.append([s, diff.n, diff.fmt(digits, signed=True), interval, noise_note(diff)])
             lines += [f"### {TITLES[key]}", ""] + _table(["strategy", "pairs", "difference", "95% CI", "note"], rows)
 
-    extras = sorted({k for v in summary.values() for k in v if k not in TITLES and k != "rl_steps"})
+    extras = sorted({k for v in summary.values() for k in v if k not in TITLES and k != "rl_steps"}, key=bucket_order)
     if extras:
-        lines += ["## Extra diagnostics: mean over steps, then mean over seeds ± 95% t half-width", ""]
-        rows = [[s, *(mean_ci(v.get(k, math.nan) for v in by[s].values()).fmt(3) for k in extras)]
-                for s in strategies]
-        lines += _table(["strategy", *(f"`{k}`" for k in extras)], rows)
+        lines += ["## Extra diagnostics: mean over steps, then mean over seeds ± 95% t half-width", "",
+                  "`grad_share`: share of the squared logit-gradient norm of the surrogate from tokens whose rollout "
+                  "probability is in the bucket; `token_share`: share of the trained tokens; `weight`: their mean "
+                  "token weight (README, 'Where the gradient comes from').", ""]
+        for family in dict.fromkeys(bucket_order(k)[0] for k in extras):
+            cols = [k for k in extras if bucket_order(k)[0] == family]
+            rows = [[s, *(mean_ci(v.get(k, math.nan) for v in by[s].values()).fmt(3) for k in cols)]
+                    for s in strategies]
+            lines += _table(["strategy", *(f"`{k}`" for k in cols)], rows)
 
     plots = write_plots(out, strategies, runs, curves, x_name)
     if plots:

@@ -167,7 +167,20 @@ class RunCurves:
         return max(xs) if xs else math.nan
 
 
-EXTRA_PREFIXES = ("train/grad_share/",)
+EXTRA_PREFIXES = ("train/grad_share/", "train/token_share/", "train/weight/p", "train/weight/0")
+"""Per-step diagnostics averaged over a run: the probability-bucket shares and mean weights (trgrpo.diagnostics)."""
+
+
+def bucket_order(column: str) -> tuple[str, float]:
+    """Sort key of a bucket column: its family, then the bucket's lower edge (``p<0.1`` first)."""
+    family, _, bucket = column.rpartition("/")
+    if bucket.startswith("p<"):
+        return family, -1.0
+    edge = bucket.split("<=p")[0] if "<=p" in bucket else bucket.removeprefix("p>=")
+    try:
+        return family, float(edge)
+    except ValueError:
+        return family, math.inf
 
 
 def read_curves(path: str | Path) -> RunCurves:
