@@ -125,6 +125,7 @@ def test_curves_use_rl_steps_from_the_row_or_its_step():
     assert s["final_accuracy"] == 0.6 and s["best_accuracy"] == 0.6 and s["rl_steps"] == 3
     assert s["accuracy_auc"] == pytest.approx(0.4)
     assert s["grad_change_mean"] == pytest.approx(1.5)
+    assert s["grad_change_relative"] == pytest.approx(1.5 / (7.0 / 3.0))  # |1-2|, |2-4| over the mean 7/3
     old = curves_from_rows([_row(step=0, **{"val/accuracy": 0.1}), _row(step=9, **{"val/accuracy": 0.3})])
     assert not old.rl_steps_axis and old.accuracy == [(0.0, 0.1), (9.0, 0.3)]  # fallback: Lightning's step
 

@@ -37,8 +37,10 @@ METRICS = [
     ("grad_norm_std", "grad norm std", 3),
     ("grad_change_mean", "mean abs(Δ grad norm)", 3),
     ("grad_change_std", "std abs(Δ grad norm)", 3),
+    ("grad_change_relative", "mean abs(Δ grad norm) / grad norm mean", 3),
 ]
-PAIRED = ["final_accuracy", "best_accuracy", "accuracy_auc", "grad_norm_mean", "grad_change_mean"]
+PAIRED = ["final_accuracy", "best_accuracy", "accuracy_auc", "grad_norm_mean", "grad_change_mean",
+          "grad_change_relative"]
 TITLES = {key: title for key, title, _ in METRICS}
 
 

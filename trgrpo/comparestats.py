@@ -209,7 +209,10 @@ def summarise(curves: RunCurves) -> dict[str, float]:
     out = {"final_accuracy": accs[-1] if accs else math.nan, "best_accuracy": max(accs) if accs else math.nan,
            "accuracy_auc": normalised_auc(curves.accuracy), "grad_norm_mean": grad["mean"],
            "grad_norm_std": grad["std"], "grad_change_mean": grad["change_mean"],
-           "grad_change_std": grad["change_std"], "rl_steps": curves.last_step}
+           "grad_change_std": grad["change_std"], "rl_steps": curves.last_step,
+           # step-to-step change relative to the norm itself: a weighting that scales every weight up (TR-GRPO's
+           # w in [1, 1.4]) raises both, so only this ratio says whether the norm is smoother
+           "grad_change_relative": grad["change_mean"] / grad["mean"] if grad["mean"] else math.nan}
     out.update(curves.extras)
     return out
 
