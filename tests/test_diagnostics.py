@@ -116,6 +116,14 @@ def test_buckets_by_hand():
     assert m["train/weight/p>=0.5"] == pytest.approx(1.4)
 
 
+def test_empty_buckets_and_steps_without_gradient_log_nothing_rather_than_zero():
+    buckets = GradBuckets([0.5])
+    buckets.add(torch.zeros(1, 2), torch.tensor([[0.2, 0.3]]).log(), torch.ones(1, 2), torch.ones(1, 2))
+    m = buckets.metrics()
+    assert m == {"train/token_share/p<0.5": 1.0, "train/token_share/p>=0.5": 0.0, "train/weight/p<0.5": 1.0}
+    assert GradBuckets().metrics() == {}
+
+
 def test_bucket_edges_are_checked():
     assert bucket_names([0.5]) == ["p<0.5", "p>=0.5"]
     with pytest.raises(ValueError, match="model.grad_buckets"):

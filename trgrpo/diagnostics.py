@@ -99,14 +99,19 @@ class GradBuckets:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """The ``train/grad_share/*``, ``train/token_share/*`` and ``train/weight/*`` values of the step."""
+        """The ``train/grad_share/*``, ``train/token_share/*`` and ``train/weight/*`` values of the step.
+
+        A value without a denominator is left out rather than logged as 0 (no gradient at all: no shares; an
+        empty bucket: no mean weight), so that averages over steps are not pulled towards 0."""
         grad_total, token_total = self.grad_sq.sum().item(), self.tokens.sum().item()
         out: dict[str, float] = {}
         for i, name in enumerate(self.names):
-            out[f"train/grad_share/{name}"] = self.grad_sq[i].item() / grad_total if grad_total > 0 else 0.0
-            out[f"train/token_share/{name}"] = self.tokens[i].item() / token_total if token_total > 0 else 0.0
-            n = self.tokens[i].item()
-            out[f"train/weight/{name}"] = self.weight[i].item() / n if n > 0 else 0.0
+            if grad_total > 0:
+                out[f"train/grad_share/{name}"] = self.grad_sq[i].item() / grad_total
+            if token_total > 0:
+                out[f"train/token_share/{name}"] = self.tokens[i].item() / token_total
+            if self.tokens[i].item() > 0:
+                out[f"train/weight/{name}"] = self.weight[i].item() / self.tokens[i].item()
         return out
 
 
