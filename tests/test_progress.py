@@ -63,6 +63,21 @@ def test_total_follows_updates_per_rl_step(tmp_path):
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
 
 
+def test_an_rl_step_limit_stops_the_fit_and_bounds_the_total(tmp_path):
+    """Two updates per RL step: RLStepLimit(3) stops after 3 RL steps (6 updates), well before max_steps."""
+    from trgrpo.callbacks import RLStepLimit
+
+    bar = RLStepProgressBar()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=-1, max_steps=100,
+                        callbacks=[bar, RLStepLimit(3)])
+    trainer.fit(TwoBatchModule(updates=2))
+    assert trainer.global_step == 6
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        RLStepLimit(0)
+
+
 def test_without_max_steps_the_total_comes_from_the_epochs(tmp_path):
     bar = RLStepProgressBar()
     fit(tmp_path, bar, max_steps=-1, max_epochs=2)
