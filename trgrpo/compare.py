@@ -17,7 +17,6 @@ with the tail of its stderr; the sweep goes on.  The report (``OUT/report.md`` a
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -108,14 +107,7 @@ def plan(out: Path, fragments: Sequence[str], seeds: Sequence[int]) -> list[Run]
     return [Run(Path(f).stem, f, s, out / "runs" / Path(f).stem / f"seed{s}") for s in seeds for f in fragments]
 
 
-def rl_step_limit_available() -> bool:
-    import trgrpo.callbacks as callbacks  # imports Lightning: only when runs are launched
-
-    return hasattr(callbacks, "RLStepLimit")
-
-
-def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str],
-                step_limit: bool = True) -> list[str]:
+def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str]) -> list[str]:
     """The ``fit`` command line of one run (the CSV logger's folder is the run folder)."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
               "init_args": {"save_dir": str(run.folder.parent), "name": "", "version": run.folder.name}}
@@ -123,13 +115,10 @@ def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str],
            "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
            "--trainer.logger", json.dumps(logger)]
     if rl_steps is not None:
-        if step_limit:
-            limit = {"class_path": "trgrpo.callbacks.RLStepLimit", "init_args": {"steps": rl_steps}}
-            # the callback ends the run; max_steps only bounds it if something went wrong (Lopti makes 2
-            # optimiser updates per RL step, more with several epochs or mini-batches)
-            cmd += ["--trainer.max_steps", str(rl_steps * 64), f"--trainer.callbacks+={json.dumps(limit)}"]
-        else:
-            cmd += ["--trainer.max_steps", str(rl_steps)]
+        limit = {"class_path": "trgrpo.callbacks.RLStepLimit", "init_args": {"steps": rl_steps}}
+        # the callback ends the run; max_steps only bounds it if something went wrong (Lopti makes 2
+        # optimiser updates per RL step, more with several epochs or mini-batches)
+        cmd += ["--trainer.max_steps", str(rl_steps * 64), f"--trainer.callbacks+={json.dumps(limit)}"]
     return cmd + list(extra)
 
 
@@ -255,27 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, failed = time.monotonic(), []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
-        record = {"argv": argv, "base": args.base, "fragments": args.fragments, "seeds": args.seeds,
-                  "rl_steps": args.rl_steps, "extra": args.extra}
-
-        @functools.cache
-        def step_limit() -> bool:  # asked when the first run starts (it imports Lightning)
-            record["rl_step_limit"] = args.rl_steps is None or rl_step_limit_available()
-            if not record["rl_step_limit"]:
-                print("compare: trgrpo.callbacks.RLStepLimit is not available; --rl_steps sets trainer.max_steps "
-                      "(optimiser updates: a multi-pass weighting such as Lopti then makes fewer RL steps)")
-            write_json(out / SETTINGS, record)
-            return record["rl_step_limit"]
-
-        previous = read_json(out / SETTINGS) or {}
-        write_json(out / SETTINGS, {**record, "rl_step_limit": previous.get("rl_step_limit", True)})
+        write_json(out / SETTINGS, {"argv": argv, "base": args.base, "fragments": args.fragments,
+                                    "seeds": args.seeds, "rl_steps": args.rl_steps, "extra": args.extra})
 
         def handle_sigterm(signum, frame):
             raise SystemExit(143)
 
         handler = signal.signal(signal.SIGTERM, handle_sigterm)
         try:
-            status = sweep(runs, lambda r: fit_command(r, args.base, args.rl_steps, args.extra, step_limit()),
+            status = sweep(runs, lambda r: fit_command(r, args.base, args.rl_steps, args.extra),
                            lambda r: settings(r, args.base, args.rl_steps, args.extra), args.heartbeat)
         except (KeyboardInterrupt, SystemExit):
             print("compare: interrupted; the run that was going has no done.json and starts again on the next call")

@@ -84,8 +84,7 @@ def write_report(out: Path, runs: Sequence[Run], args, session_s: float = 0.0) -
                                                        {r.strategy: r for r in runs}.values()),
              f"- seeds: {', '.join(str(s) for s in dict.fromkeys(r.seed for r in runs))} (paired: seed S runs "
              "every strategy with seed_everything S and data.seed S)",
-             f"- RL steps per run: {sweep.get('rl_steps') or 'as the base config sets'}"
-             + ("" if sweep.get("rl_step_limit", True) else " (as trainer.max_steps: RLStepLimit was missing)"),
+             f"- RL steps per run: {sweep.get('rl_steps') or 'as the base config sets'}",
              f"- extra fit arguments: `{shlex.join(sweep.get('extra', []))}`" if sweep.get("extra") else
              "- extra fit arguments: none",
              f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

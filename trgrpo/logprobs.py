@@ -71,15 +71,19 @@ def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int | None = 
     return flat.view(shape)
 
 
-def token_entropy(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
-    """Entropy of softmax(logits) per position, without gradient.  [..., V] -> [...] float32."""
+def _detached_per_row(logits: Tensor, reduce, chunk_rows: int | None) -> Tensor:
+    """``reduce`` ([n, V] float32 -> [n]) over the last dim of detached logits, one row chunk at a time.
+    [..., V] -> [...] float32."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
     for rows in _row_chunks(flat.shape[0], chunk_rows, flat.shape[-1]):
-        x = flat[rows].float()
-        logp = torch.log_softmax(x, dim=-1)
-        out[rows] = -(logp.exp() * logp).sum(-1)
+        out[rows] = reduce(flat[rows].float())
     return out.view(logits.shape[:-1])
+
+
+def token_entropy(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """Entropy of softmax(logits) per position, without gradient.  [..., V] -> [...] float32."""
+    return _detached_per_row(logits, _entropy_chunk, chunk_rows)
 
 
 def squared_prob_sum(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> Tensor:
@@ -88,11 +92,7 @@ def squared_prob_sum(logits: Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS
     With p the probability of the sampled token, ||onehot - softmax||^2 = 1 - 2 p + this sum: the norm of
     d log p / d logits, used by the gradient diagnostics (``trgrpo.diagnostics``).
     """
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for rows in _row_chunks(flat.shape[0], chunk_rows, flat.shape[-1]):
-        out[rows] = torch.softmax(flat[rows].float(), dim=-1).square().sum(-1)
-    return out.view(logits.shape[:-1])
+    return _detached_per_row(logits, lambda x: torch.softmax(x, dim=-1).square().sum(-1), chunk_rows)
 
 
 def _entropy_chunk(x: Tensor) -> Tensor:

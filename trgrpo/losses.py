@@ -48,7 +48,7 @@ class SurrogateOutput(NamedTuple):
     loss: Tensor  # [B, T] per-token loss (unmasked)
     clipped_low: Tensor  # [B, T] bool: A < 0 and ratio below 1 - clip_low (no gradient)
     clipped_high: Tensor  # [B, T] bool: A > 0 and ratio above 1 + clip_high (no gradient)
-    dual_clipped: Tensor | None = None  # [B, T] bool: A < 0 and ratio above dual_clip (no gradient)
+    dual_clipped: Tensor  # [B, T] bool: A < 0 and ratio above dual_clip (no gradient; all False without it)
 
 
 def clipped_surrogate(
@@ -217,8 +217,9 @@ def policy_loss(
         correction = sampler_correction(old_logp, sampler_logp, sampler_is_cap)
         per_token = correction * per_token
         coef = coef * correction
+    norm = token_normaliser(mask, aggregation, num_tokens, num_seqs, max_len)  # [B, T], once for loss and coef
     flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & active.bool()
-    coef = coef * flows * mask * token_normaliser(mask, aggregation, num_tokens, num_seqs, max_len)
+    coef = coef * flows * mask * norm
     kl_sum = logp.new_zeros(())
     if beta > 0.0:
         if ref_logp is None:
@@ -231,7 +232,7 @@ def policy_loss(
             raise ValueError("entropy_coef > 0 needs the token entropy")
         per_token = per_token - entropy_coef * entropy
     per_token = per_token * active
-    loss = aggregate(per_token, mask, aggregation, num_tokens, num_seqs, max_len)
+    loss = (per_token * mask * norm).sum()  # = aggregate(per_token, mask, aggregation, ...)
     act = active.bool()
     return PolicyLossOutput(
         loss=loss,

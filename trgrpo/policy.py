@@ -2,8 +2,8 @@
 
 ``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``, a GGUF
 file (a ``.gguf`` path, or a folder / hub id plus ``gguf_file``) converted once to a cached float folder, or
-``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.sources``); left empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded)
-and paired with the embedded character tokenizer, so nothing is downloaded.  ``PolicyConfig.lora`` wraps
+``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.sources``); left empty,
+a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired with the embedded character tokenizer, so nothing is downloaded.  ``PolicyConfig.lora`` wraps
 the model in peft LoRA adapters (only the adapters train).
 """
 

@@ -78,15 +78,13 @@ class RLStepProgressBar(TQDMProgressBar):
                     bar_format=TRAIN_BAR_FORMAT, total=self._total(self.trainer, self._start_steps),
                     initial=self._start_steps)  # a resumed run starts at its step; the rate counts this run
 
-    rl_steps_done = staticmethod(rl_steps_done)
-
     def _total(self, trainer: L.Trainer, done: int) -> int | None:
         steps, updates = done - self._start_steps, trainer.global_step - self._start_updates
         per_step = updates / steps if steps > 0 and updates > 0 else 1.0
         return planned_rl_steps(trainer, done, per_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start_steps, self._start_updates = self.rl_steps_done(trainer), trainer.global_step
+        self._start_steps, self._start_updates = rl_steps_done(trainer), trainer.global_step
         self.train_progress_bar = self.init_train_tqdm()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
@@ -100,7 +98,7 @@ class RLStepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar = self.train_progress_bar
-        done = self.rl_steps_done(trainer)
+        done = rl_steps_done(trainer)
         if bar.disable or not self._should_update(done, bar.total):
             return
         bar.total = self._total(trainer, done)

@@ -354,6 +354,17 @@ def integer_match(prompts: list[str], completions: list[str], answer: list[str],
     return out
 
 
+def last_number(text: str) -> str | None:
+    """The last integer written in ``text`` (None when there is none)."""
+    found = _INT.findall(text)
+    return found[-1] if found else None
+
+
+def last_number_match(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float]:
+    """1.0 when the last integer in the completion equals the reference ``answer`` ("37 + 58 = 95" counts)."""
+    return [1.0 if last_number(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
 def regex_format(
     prompts: list[str], completions: list[str], pattern: str = r"^\s*-?\d+\s*$", **_: object
 ) -> list[float]:

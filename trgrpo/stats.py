@@ -170,6 +170,7 @@ class StepStats:
         ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the checkpoint)."""
         spread = group_reward_spread(rewards, group_size)
         tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
+        grad_norm = update.grad_norm / max(update.updates, 1.0)  # mean pre-clip norm over the step's updates
         any_active = update.active_tokens > 0
         terms: dict[str, float] = {}
         for name, values in per_term.items():
@@ -186,8 +187,8 @@ class StepStats:
             loss=update.loss / max(update.updates, 1.0),
             clip_ratio_low=update.clipped_low / active,
             clip_ratio_high=update.clipped_high / active,
-            grad_norm=update.grad_norm / max(update.updates, 1.0),
-            grad_norm_delta=abs(update.grad_norm / max(update.updates, 1.0) - previous.grad_norm)
+            grad_norm=grad_norm,
+            grad_norm_delta=abs(grad_norm - previous.grad_norm)
             if previous is not None and previous.grad_norm is not None else None,
             rl_step=float(rl_step) if rl_step is not None else None,
             lr=lr,

@@ -13,23 +13,11 @@ accuracy is measured on prompts never trained on.
 from __future__ import annotations
 
 import random
-import re
 from typing import Literal
 
+# last_number_match is the reward of answer_from="last_number"; importable from here, where the recipes name it
+from trgrpo.rewards import last_number, last_number_match  # noqa: F401
 from trgrpo.tasks.base import Split, Task
-
-_INT = re.compile(r"-?\d+")
-
-
-def last_number(text: str) -> str | None:
-    """The last integer written in ``text`` (None when there is none)."""
-    found = _INT.findall(text)
-    return found[-1] if found else None
-
-
-def last_number_match(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float]:
-    """1.0 when the last integer of the completion equals the reference ``answer``."""
-    return [1.0 if last_number(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
 class ArithmeticTask(Task):
