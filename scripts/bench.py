@@ -44,23 +44,40 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             t = pl_module.last_stats.timings()
             # "update" as reported here includes the no-grad old / reference log-prob passes
-            records.append({"step": time.perf_counter() - self.t0, "generation": t.generation, "reward": t.reward,
-                            "update": t.old_logprobs + t.update})
+            records.append(
+                {
+                    "step": time.perf_counter() - self.t0,
+                    "generation": t.generation,
+                    "reward": t.reward,
+                    "update": t.old_logprobs + t.update,
+                }
+            )
 
-    cli = main([
-        "--seed_everything=0",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='trgrpo-bench-')}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
-        f"--trainer.max_steps={args.steps + 1}",
-        "--data.task=trgrpo.tasks.ArithmeticTask", "--data.task.init_args.train_size=512",
-        f"--data.batch_size={args.prompts}",
-        f"--model.sampling.group_size={args.group}", f"--model.sampling.max_new_tokens={args.tokens}",
-        f"--model.policy.tiny.hidden_size={args.hidden}", f"--model.policy.tiny.num_hidden_layers={args.layers}",
-        f"--model.policy.tiny.intermediate_size={4 * args.hidden}", "--model.optim.lr=1e-4",
-        f"--model.weighting={WEIGHTINGS[args.worker]}",
-    ], run=False)
+    cli = main(
+        [
+            "--seed_everything=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='trgrpo-bench-')}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.max_steps={args.steps + 1}",
+            "--data.task=trgrpo.tasks.ArithmeticTask",
+            "--data.task.init_args.train_size=512",
+            f"--data.batch_size={args.prompts}",
+            f"--model.sampling.group_size={args.group}",
+            f"--model.sampling.max_new_tokens={args.tokens}",
+            f"--model.policy.tiny.hidden_size={args.hidden}",
+            f"--model.policy.tiny.num_hidden_layers={args.layers}",
+            f"--model.policy.tiny.intermediate_size={4 * args.hidden}",
+            "--model.optim.lr=1e-4",
+            f"--model.weighting={WEIGHTINGS[args.worker]}",
+        ],
+        run=False,
+    )
     from trgrpo.rewards import RewardSpec
 
     cli.model.rewards = [RewardSpec(fn=digit_share)]
@@ -98,20 +115,27 @@ def main() -> None:
         return
     results: dict[str, dict] = {k: {"records": [], "peak_mb": []} for k in WEIGHTINGS}
     for r in range(args.rounds):
-        for name in (WEIGHTINGS if r % 2 == 0 else reversed(list(WEIGHTINGS))):
+        for name in WEIGHTINGS if r % 2 == 0 else reversed(list(WEIGHTINGS)):
             res = run_round(name, args)
             results[name]["records"] += res["records"]
             results[name]["peak_mb"].append(res["peak_mb"])
     phases = ["generation", "reward", "update", "step"]
-    med = {k: {p: statistics.median(rec[p] for rec in v["records"] if p in rec) for p in phases}
-           for k, v in results.items()}
-    print(f"setting: {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
-          f"tiny Qwen2 hidden={args.hidden} layers={args.layers}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps each")
+    med = {
+        k: {p: statistics.median(rec[p] for rec in v["records"] if p in rec) for p in phases}
+        for k, v in results.items()
+    }
+    print(
+        f"setting: {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
+        f"tiny Qwen2 hidden={args.hidden} layers={args.layers}, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.steps} steps each"
+    )
     print(f"{'strategy':<10}" + "".join(f"{p + ' s':>14}" for p in phases) + f"{'peak RSS MB':>14}")
     for k in WEIGHTINGS:
-        print(f"{k:<10}" + "".join(f"{med[k][p]:>14.4f}" for p in phases)
-              + f"{max(results[k]['peak_mb']):>14.1f}")
+        print(
+            f"{k:<10}"
+            + "".join(f"{med[k][p]:>14.4f}" for p in phases)
+            + f"{max(results[k]['peak_mb']):>14.1f}"
+        )
     ratio = med["tr_grpo"]["step"] / med["uniform"]["step"]
     upd = med["tr_grpo"]["update"] / med["uniform"]["update"]
     mem = max(results["tr_grpo"]["peak_mb"]) / max(results["uniform"]["peak_mb"])

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
-from trgrpo.rollout import SamplingConfig, VLLMConfig, generate_rollout  # noqa: E402
+from trgrpo.rollout import SamplingConfig, VLLMConfig
+from trgrpo.rollout.engines import generate_rollout  # noqa: E402
 
 
 def main() -> None:
@@ -35,17 +36,30 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     args = p.parse_args()
-    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                            num_attention_heads=args.heads, intermediate_size=4 * args.hidden))
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            intermediate_size=4 * args.hidden,
+        )
+    )
     tok = load_tokenizer(cfg)
     model = load_model(cfg, tok).to("cuda" if torch.cuda.is_available() else "cpu")
     prompts = [f"{i % 97}+{(7 * i) % 89}=" for i in range(args.prompts)]
     n_tokens = args.prompts * args.group * args.tokens
-    print(f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f}M parameters, {args.prompts} prompts x G "
-          f"{args.group} x {args.tokens} tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f}M parameters, {args.prompts} prompts x G "
+        f"{args.group} x {args.tokens} tokens, torch threads {torch.get_num_threads()}"
+    )
     for engine in args.engines:
-        sampling = SamplingConfig(engine=engine, group_size=args.group, max_new_tokens=args.tokens, ignore_eos=True,
-                                  vllm=VLLMConfig(enforce_eager=not torch.cuda.is_available()))
+        sampling = SamplingConfig(
+            engine=engine,
+            group_size=args.group,
+            max_new_tokens=args.tokens,
+            ignore_eos=True,
+            vllm=VLLMConfig(enforce_eager=not torch.cuda.is_available()),
+        )
         t0 = time.perf_counter()
         generate_rollout(model, tok, prompts, sampling)  # warm-up (vLLM: start-up and the first weight push)
         first = time.perf_counter() - t0

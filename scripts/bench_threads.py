@@ -46,8 +46,11 @@ def workload(sft_steps: int, rl_steps: int, budget: float) -> dict:
 
     from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 
-    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=512))
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(
+            hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512
+        )
+    )
     tok = load_tokenizer(cfg)
     model = load_model(cfg, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -78,7 +81,9 @@ def workload(sft_steps: int, rl_steps: int, budget: float) -> dict:
         train_on([f"{a}+{b}={a + b}" for a, b in operands(64)])
 
     def rl_step() -> None:  # one RL step: 32 prompts x 8 sampled completions, then an update on them
-        batch = tok([f"{a}+{b}=" for a, b in operands(32) for _ in range(8)], return_tensors="pt", padding=True)
+        batch = tok(
+            [f"{a}+{b}=" for a, b in operands(32) for _ in range(8)], return_tensors="pt", padding=True
+        )
         model.eval()
         with torch.no_grad():
             out = model.generate(**batch, do_sample=True, max_new_tokens=6, pad_token_id=tok.pad_token_id)
@@ -87,8 +92,13 @@ def workload(sft_steps: int, rl_steps: int, budget: float) -> dict:
 
     sft, sft_capped = run_phase(sft_steps, sft_step, budget / 2)
     rl, rl_capped = run_phase(rl_steps, rl_step, budget / 2)
-    return {"sft": sft, "rl": rl, "total": sft + rl, "threads": torch.get_num_threads(),
-            "capped": sft_capped or rl_capped}
+    return {
+        "sft": sft,
+        "rl": rl,
+        "total": sft + rl,
+        "threads": torch.get_num_threads(),
+        "capped": sft_capped or rl_capped,
+    }
 
 
 def spin() -> None:
@@ -126,8 +136,17 @@ def measure(setting: str, args: argparse.Namespace) -> dict:
     """One fresh child under ``setting``."""
     env = {k: v for k, v in os.environ.items() if k not in CLEARED}
     env.update(SETTINGS[setting], TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, __file__, "--child", "--sft-steps", str(args.sft_steps), "--rl-steps", str(args.rl_steps),
-           "--budget", str(args.budget)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--sft-steps",
+        str(args.sft_steps),
+        "--rl-steps",
+        str(args.rl_steps),
+        "--budget",
+        str(args.budget),
+    ]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -137,9 +156,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="rounds; each runs every setting once, alternating")
     p.add_argument("--sft-steps", type=int, default=30)
     p.add_argument("--rl-steps", type=int, default=4)
-    p.add_argument("--budget", type=float, default=15.0,
-                   help="seconds of workload per child; a slower child stops early (after at least one step of "
-                        "each phase) and its time is extrapolated from the steps it made (marked ~)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=15.0,
+        help="seconds of workload per child; a slower child stops early (after at least one step of "
+        "each phase) and its time is extrapolated from the steps it made (marked ~)",
+    )
     p.add_argument("--competitor", choices=["spin", "torch"], default="spin")
     p.add_argument("--settings", nargs="+", default=["default", "passive", "spin10k"], choices=list(SETTINGS))
     p.add_argument("--conditions", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
@@ -150,8 +173,11 @@ def main() -> None:
         return
 
     times: dict[tuple[str, str], list[float]] = {}
-    print(f"cores {len(os.sched_getaffinity(0))}, competitor {args.competitor!r}, workload: {args.sft_steps} SFT steps + "
-          f"{args.rl_steps} RL steps", flush=True)
+    print(
+        f"cores {len(os.sched_getaffinity(0))}, competitor {args.competitor!r}, workload: {args.sft_steps} SFT steps + "
+        f"{args.rl_steps} RL steps",
+        flush=True,
+    )
     for rep in range(args.reps):
         for condition in args.conditions:
             order = args.settings if (rep % 2 == 0) else args.settings[::-1]
@@ -163,8 +189,11 @@ def main() -> None:
                     r = measure(setting, args)
                     times.setdefault((condition, setting), []).append(r["total"])
                     cap = "~" if r["capped"] else " "
-                    print(f"round {rep + 1} {condition:5s} load {load} {setting:9s} threads {r['threads']} "
-                          f"sft {r['sft']:6.2f}s rl {r['rl']:6.2f}s total {cap}{r['total']:6.2f}s", flush=True)
+                    print(
+                        f"round {rep + 1} {condition:5s} load {load} {setting:9s} threads {r['threads']} "
+                        f"sft {r['sft']:6.2f}s rl {r['rl']:6.2f}s total {cap}{r['total']:6.2f}s",
+                        flush=True,
+                    )
             finally:
                 stop(procs)
 

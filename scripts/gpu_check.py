@@ -27,16 +27,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "intermediate_size": 4864,
-         "max_position_embeddings": 2048}
+SHAPE = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 2048,
+}
 
 
 def install(wheels: str) -> None:
     """pip install, from the wheels folder only, whatever of the project, deepspeed and vllm is missing."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels]
     subprocess.run([*cmd, "-e", f"{ROOT}[deepspeed,vllm]"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
-                   check=False)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+        check=False,
+    )
 
 
 def one_run(stage: int, engine: str, steps: int, out: Path) -> None:
@@ -47,19 +54,35 @@ def one_run(stage: int, engine: str, steps: int, out: Path) -> None:
     from trgrpo.cli import main
 
     logs = out.parent / f"logs-{stage}-{engine}"
-    args = ["fit", "--config", str(ROOT / f"configs/strategy/deepspeed_zero{stage}.yaml"),
-            "--trainer.devices=1", f"--trainer.max_steps={steps}", "--trainer.precision=bf16-mixed",
-            "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={logs}",
-            f"--trainer.default_root_dir={logs}", "--model.policy.name_or_path=null",
-            *[f"--model.policy.tiny.{k}={v}" for k, v in SHAPE.items()],
-            "--data.task=trgrpo.tasks.ArithmeticTask", "--data.task.init_args.train_size=512",
-            "--data.task.init_args.val_size=8", "--data.batch_size=16", "--model.sampling.group_size=8",
-            "--model.sampling.max_new_tokens=256", "--model.sampling.ignore_eos=true",
-            f"--model.sampling.engine={engine}", "--model.sampling.vllm.dtype=bfloat16",
-            "--model.sampling.vllm.gpu_memory_utilization=0.3", "--model.optim.lr=1e-6",
-            "--model.optim.micro_batch_size=32", "--model.loss.beta=0",
-            '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]']
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / f"configs/strategy/deepspeed_zero{stage}.yaml"),
+        "--trainer.devices=1",
+        f"--trainer.max_steps={steps}",
+        "--trainer.precision=bf16-mixed",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={logs}",
+        f"--trainer.default_root_dir={logs}",
+        "--model.policy.name_or_path=null",
+        *[f"--model.policy.tiny.{k}={v}" for k, v in SHAPE.items()],
+        "--data.task=trgrpo.tasks.ArithmeticTask",
+        "--data.task.init_args.train_size=512",
+        "--data.task.init_args.val_size=8",
+        "--data.batch_size=16",
+        "--model.sampling.group_size=8",
+        "--model.sampling.max_new_tokens=256",
+        "--model.sampling.ignore_eos=true",
+        f"--model.sampling.engine={engine}",
+        "--model.sampling.vllm.dtype=bfloat16",
+        "--model.sampling.vllm.gpu_memory_utilization=0.3",
+        "--model.optim.lr=1e-6",
+        "--model.optim.micro_batch_size=32",
+        "--model.loss.beta=0",
+        '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]',
+    ]
     torch.cuda.reset_peak_memory_stats()
     main(args)
     (path,) = logs.glob("**/metrics.csv")
@@ -73,15 +96,22 @@ def summarise(result: dict, sequences: int) -> dict:
     rows = result["rows"][1:] or result["rows"]
     tokens = [r["train/completion_length"] * sequences for r in rows]
     gen = statistics.median(t / r["train/time/generation"] for t, r in zip(tokens, rows, strict=True))
-    train = statistics.median(t / (r["train/time/old_logprobs"] + r["train/time/update"])
-                              for t, r in zip(tokens, rows, strict=True))
+    train = statistics.median(
+        t / (r["train/time/old_logprobs"] + r["train/time/update"]) for t, r in zip(tokens, rows, strict=True)
+    )
     kl = [r["train/sampler_kl"] for r in rows if "train/sampler_kl" in r]
-    return {"gen_tok_s": gen, "train_tok_s": train, "peak_gib": result["peak_gib"],
-            "sampler_kl": statistics.median(kl) if kl else None}
+    return {
+        "gen_tok_s": gen,
+        "train_tok_s": train,
+        "peak_gib": result["peak_gib"],
+        "sampler_kl": statistics.median(kl) if kl else None,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--engines", nargs="+", default=["fast", "vllm"])
@@ -96,23 +126,34 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible")
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, steps {args.steps} "
-          f"(16 prompts x G 8 x 256 tokens per step)")
+    print(
+        f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, steps {args.steps} "
+        f"(16 prompts x G 8 x 256 tokens per step)"
+    )
     print(f"{'run':<14}{'gen tok/s':>12}{'train tok/s':>13}{'peak GiB*':>10}{'sampler_kl':>12}{'wall s':>9}")
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     for stage in args.stages:
         for engine in args.engines:
             out, t0 = tmp / f"{stage}-{engine}.json", time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", str(stage), engine,
-                                   str(out)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--one", str(stage), engine, str(out)],
+                capture_output=True,
+                text=True,
+            )
             wall, name = time.perf_counter() - t0, f"zero{stage} {engine}"
             if proc.returncode != 0 or not out.exists():
-                print(f"{name:<14}FAILED ({wall:.0f} s): {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+                print(
+                    f"{name:<14}FAILED ({wall:.0f} s): {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+                )
                 continue
             s = summarise(json.loads(out.read_text()), 16 * 8)
             kl = f"{s['sampler_kl']:.2e}" if s["sampler_kl"] is not None else "-"
-            print(f"{name:<14}{s['gen_tok_s']:>12.0f}{s['train_tok_s']:>13.0f}{s['peak_gib']:>10.1f}{kl:>12}{wall:>9.0f}")
-    print("* torch.cuda.max_memory_allocated of the process (vLLM's KV cache included, its sleep-mode pool not)")
+            print(
+                f"{name:<14}{s['gen_tok_s']:>12.0f}{s['train_tok_s']:>13.0f}{s['peak_gib']:>10.1f}{kl:>12}{wall:>9.0f}"
+            )
+    print(
+        "* torch.cuda.max_memory_allocated of the process (vLLM's KV cache included, its sleep-mode pool not)"
+    )
     print(f"logs: {tmp}")
 
 

@@ -24,8 +24,12 @@ def main(out: str = "docs/tr_grpo_weight.png") -> None:
     p = torch.linspace(0, 1, 501)
     default = TokenRegulatedWeighting()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(p, default.weight_of_prob(p), lw=2,
-            label=f"TR-GRPO default: alpha={default.alpha}, tau=1/9, mu={default.mu}, clip [1, 1.4]")
+    ax.plot(
+        p,
+        default.weight_of_prob(p),
+        lw=2,
+        label=f"TR-GRPO default: alpha={default.alpha}, tau=1/9, mu={default.mu}, clip [1, 1.4]",
+    )
     ax.plot(p, TokenRegulatedWeighting(tau=9.0).weight_of_prob(p), "--", label="literal tau = 9 (constant 1)")
     ax.plot(p, 0.3 * p + 0.7, ":", label="Advantage Reweighting, alpha = 0.3")
     ax.set_xlabel("token probability p")

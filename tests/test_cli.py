@@ -27,26 +27,54 @@ def test_every_config_parses(config):
 
 @pytest.mark.slow
 def test_demo_config_smoke_step(tmp_path):
-    cli = run_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--data.val_batch_size=4",
-                  "--data.batch_size=2", "--model.sampling.group_size=2",
-                  "--trainer.callbacks+=trgrpo.callbacks.RewardPlot",
-                  config=str(ROOT / "configs" / "demo.yaml"))
+    cli = run_cli(
+        tmp_path,
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--data.val_batch_size=4",
+        "--data.batch_size=2",
+        "--model.sampling.group_size=2",
+        "--trainer.callbacks+=trgrpo.callbacks.RewardPlot",
+        config=str(ROOT / "configs" / "demo.yaml"),
+    )
     assert cli.trainer.global_step == 2
     log_dir = Path(cli.trainer.log_dir)
     metrics = (log_dir / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
-    for key in ["train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
-                "train/truncated_ratio", "train/clip_ratio/low", "train/clip_ratio/high", "train/entropy",
-                "train/grad_norm", "train/weight/mean", "train/weight/min", "train/weight/max",
-                "train/weight/at_lower", "train/weight/at_upper", "train/rewards/exact_match", "val/accuracy"]:
+    for key in [
+        "train/reward",
+        "train/reward_std",
+        "train/frac_reward_zero_std",
+        "train/completion_length",
+        "train/truncated_ratio",
+        "train/clip_ratio/low",
+        "train/clip_ratio/high",
+        "train/entropy",
+        "train/grad_norm",
+        "train/weight/mean",
+        "train/weight/min",
+        "train/weight/max",
+        "train/weight/at_lower",
+        "train/weight/at_upper",
+        "train/rewards/exact_match",
+        "val/accuracy",
+    ]:
         assert key in header, key
     assert (log_dir / "reward_accuracy.png").stat().st_size > 1000
 
 
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"),
-              "--model.weighting=AdvantageReweighting", "--model.weighting.init_args.alpha=0.3", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "demo.yaml"),
+                "--model.weighting=AdvantageReweighting",
+                "--model.weighting.init_args.alpha=0.3",
+                "--print_config",
+            ]
+        )
     text = capsys.readouterr().out
     parsed = yaml.safe_load(text)
     assert parsed["model"]["weighting"]["class_path"] == "trgrpo.weighting.AdvantageReweighting"
@@ -67,15 +95,23 @@ def test_help_documents_options_from_docstrings(capsys):
 
 
 def test_weighting_swaps_by_short_name():
-    cli = main(["--config", str(ROOT / "configs" / "demo.yaml"), "--model.weighting=UniformWeighting"],
-               run=False)
+    cli = main(
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.weighting=UniformWeighting"], run=False
+    )
     assert type(cli.model.weighting).__name__ == "UniformWeighting"
 
 
 def test_validate_subcommand_runs(tmp_path):
-    cli = run_cli(tmp_path, "--data.task=trgrpo.tasks.ArithmeticTask", "--data.task.init_args.train_size=20",
-                  "--data.task.init_args.val_size=4", "--data.task.init_args.max_value=9",
-                  "--data.val_batch_size=4", "--model.sampling.max_new_tokens=3", subcommand="validate")
+    cli = run_cli(
+        tmp_path,
+        "--data.task=trgrpo.tasks.ArithmeticTask",
+        "--data.task.init_args.train_size=20",
+        "--data.task.init_args.val_size=4",
+        "--data.task.init_args.max_value=9",
+        "--data.val_batch_size=4",
+        "--model.sampling.max_new_tokens=3",
+        subcommand="validate",
+    )
     assert "val/accuracy" in cli.trainer.callback_metrics
 
 

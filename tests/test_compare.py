@@ -20,8 +20,8 @@ import yaml
 
 from trgrpo.compare import DONE, FAILED, Run, fit_command, parse_args, plan, settings, sweep
 from trgrpo.compare import main as compare_main
-from trgrpo.comparereport import write_report
-from trgrpo.comparestats import (
+from trgrpo.compare.report import write_report
+from trgrpo.compare.stats import (
     curves_from_rows,
     mean_ci,
     noise_note,
@@ -114,7 +114,9 @@ def test_curves_use_rl_steps_from_the_row_or_its_step():
         _row(step=3, **{"train/grad_norm": 4.0, "train/rl_step": 3}),  # Lopti: two updates per RL step
         _row(step=3, **{"val/accuracy": 0.5}),
         _row(step=3, **{"val/rl_step": 3}),  # logged in another row of the same step
-        _row(step=4, **{"val/accuracy": 0.6, "val/rl_step": 3}),  # after training: the same RL step, last wins
+        _row(
+            step=4, **{"val/accuracy": 0.6, "val/rl_step": 3}
+        ),  # after training: the same RL step, last wins
     ]
     c = curves_from_rows(rows)
     assert c.rl_steps_axis
@@ -132,8 +134,14 @@ def test_curves_use_rl_steps_from_the_row_or_its_step():
 
 # ------------------------------------------------------------------ report from fabricated runs
 
-FINAL = {("grpo", 0): 0.40, ("grpo", 1): 0.50, ("grpo", 2): 0.60,
-         ("tr_grpo", 0): 0.45, ("tr_grpo", 1): 0.60, ("tr_grpo", 2): 0.65}
+FINAL = {
+    ("grpo", 0): 0.40,
+    ("grpo", 1): 0.50,
+    ("grpo", 2): 0.60,
+    ("tr_grpo", 0): 0.45,
+    ("tr_grpo", 1): 0.60,
+    ("tr_grpo", 2): 0.65,
+}
 
 
 def _fake_metrics(path: Path, final: float, grad: float, share: float | None = None) -> None:
@@ -145,8 +153,10 @@ def _fake_metrics(path: Path, final: float, grad: float, share: float | None = N
         if share is not None:
             row["train/grad_share/low"] = share
         rows.append(row)
-    rows += [{"epoch": 0, "step": 4, "val/accuracy": (0.2 + final) / 2, "val/rl_step": 5},
-             {"step": 10, "val/accuracy": final, "val/rl_step": 10}]
+    rows += [
+        {"epoch": 0, "step": 4, "val/accuracy": (0.2 + final) / 2, "val/rl_step": 5},
+        {"step": 10, "val/accuracy": final, "val/rl_step": 10},
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, cols)
@@ -163,11 +173,15 @@ def test_report_from_fabricated_runs(tmp_path):
     runs = plan(tmp_path, frags, [0, 1, 2, 3])
     for run in runs:
         if (run.strategy, run.seed) in FINAL:
-            _fake_metrics(run.folder / "metrics.csv", FINAL[run.strategy, run.seed], 1.0 + run.seed, share=0.25)
+            _fake_metrics(
+                run.folder / "metrics.csv", FINAL[run.strategy, run.seed], 1.0 + run.seed, share=0.25
+            )
             (run.folder / DONE).write_text(json.dumps({"wall_s": 10.0, "returncode": 0}))
     failed = next(r for r in runs if (r.strategy, r.seed) == ("tr_grpo", 3))
     failed.folder.mkdir(parents=True)
-    (failed.folder / FAILED).write_text(json.dumps({"wall_s": 2.0, "returncode": 1, "error": "exit status 1"}))
+    (failed.folder / FAILED).write_text(
+        json.dumps({"wall_s": 2.0, "returncode": 1, "error": "exit status 1"})
+    )
     report = write_report(tmp_path, runs, _args(), session_s=3.0).read_text()
 
     assert "Student t" in report and "| tr_grpo | 3 | **FAILED** |" in report
@@ -212,7 +226,9 @@ def test_sweep_resumes_redoes_unfinished_runs_and_survives_failures(tmp_path):
     assert record["returncode"] == 1 and "this strategy breaks" in record["stderr_tail"]
     assert "this strategy breaks" in (broken.folder / "stderr.log").read_text()
     assert "training" in (runs[0].folder / "stdout.log").read_text()
-    assert any("FAILED" in line for line in lines) and any(line.startswith("[2/4] broken seed 0") for line in lines)
+    assert any("FAILED" in line for line in lines) and any(
+        line.startswith("[2/4] broken seed 0") for line in lines
+    )
 
     # rerun: finished runs are skipped; the unfinished one (no marker) and the failed ones start again
     (runs[2].folder / DONE).unlink()
@@ -223,26 +239,51 @@ def test_sweep_resumes_redoes_unfinished_runs_and_survives_failures(tmp_path):
     assert not (runs[2].folder / "leftover").exists()
     assert "1 finished earlier (skipped), 3 to run" in lines[0] and "ETA" in lines[1]
     # changed settings: the finished run is redone
-    status = sweep(runs[:1], _stand_in, lambda r: {"seed": r.seed, "rl_steps": 7}, heartbeat=0, say=lines.append)
+    status = sweep(
+        runs[:1], _stand_in, lambda r: {"seed": r.seed, "rl_steps": 7}, heartbeat=0, say=lines.append
+    )
     assert status[runs[0]] == "done"
 
 
 def test_fit_command_pairs_seeds_and_counts_rl_steps(tmp_path):
-    args = parse_args(["--strategies", "grpo", "configs/weighting/lopti.yaml", "--seeds", "3", "--rl_steps", "50",
-                       "--out", str(tmp_path), "--", "--trainer.val_check_interval=10"])
+    args = parse_args(
+        [
+            "--strategies",
+            "grpo",
+            "configs/weighting/lopti.yaml",
+            "--seeds",
+            "3",
+            "--rl_steps",
+            "50",
+            "--out",
+            str(tmp_path),
+            "--",
+            "--trainer.val_check_interval=10",
+        ]
+    )
     assert args.fragments == ["configs/weighting/grpo.yaml", "configs/weighting/lopti.yaml"]
     assert args.extra == ["--trainer.val_check_interval=10"]
     run = plan(tmp_path, args.fragments, args.seeds)[1]
     assert run.folder == tmp_path / "runs" / "lopti" / "seed3"
     cmd = fit_command(run, args.base, args.rl_steps, args.extra)
-    assert cmd[1:9] == ["-m", "trgrpo", "fit", "--config", "configs/demo.yaml", "--config",
-                        "configs/weighting/lopti.yaml", "--seed_everything"]
+    assert cmd[1:9] == [
+        "-m",
+        "trgrpo",
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--config",
+        "configs/weighting/lopti.yaml",
+        "--seed_everything",
+    ]
     assert cmd[9:12] == ["3", "--data.seed", "3"] and cmd[-1] == "--trainer.val_check_interval=10"
     logger = json.loads(cmd[cmd.index("--trainer.logger") + 1])
     assert logger["init_args"] == {"save_dir": str(run.folder.parent), "name": "", "version": "seed3"}
     limit = next(a for a in cmd if a.startswith("--trainer.callbacks+="))
-    assert json.loads(limit.split("=", 1)[1]) == {"class_path": "trgrpo.callbacks.RLStepLimit",
-                                                  "init_args": {"steps": 50}}
+    assert json.loads(limit.split("=", 1)[1]) == {
+        "class_path": "trgrpo.callbacks.RLStepLimit",
+        "init_args": {"steps": 50},
+    }
     assert settings(run, args.base, 50, args.extra)["rl_steps"] == 50
     with pytest.raises(SystemExit):
         parse_args(["--strategies", "grpo", "grpo", "--out", str(tmp_path)])
@@ -264,17 +305,41 @@ def test_the_cli_dispatches_compare(capsys):
 def test_real_sweep_of_two_strategies_and_two_seeds(tmp_path, capsys):
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg["trainer"].update(val_check_interval=2, enable_progress_bar=False, enable_model_summary=False)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(steps=10, batch_size=16, cache_dir=str(tmp_path / "warm"))
-    cfg["model"]["policy"]["tiny"] = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                      "intermediate_size": 64}
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        steps=10, batch_size=16, cache_dir=str(tmp_path / "warm")
+    )
+    cfg["model"]["policy"]["tiny"] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
     cfg["model"]["sampling"]["group_size"] = 4
     cfg["data"].update(batch_size=4, val_batch_size=16)
     cfg["data"]["task"]["init_args"].update(train_size=64, val_size=16)
     base = tmp_path / "tiny.yaml"
     base.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "trgrpo", "compare", "--base", str(base), "--strategies", "grpo", "tr_grpo",
-           "--seeds", "0", "1", "--rl_steps", "4", "--out", str(out), "--", "--trainer.log_every_n_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trgrpo",
+        "compare",
+        "--base",
+        str(base),
+        "--strategies",
+        "grpo",
+        "tr_grpo",
+        "--seeds",
+        "0",
+        "1",
+        "--rl_steps",
+        "4",
+        "--out",
+        str(out),
+        "--",
+        "--trainer.log_every_n_steps=1",
+    ]
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -299,10 +364,21 @@ def test_real_sweep_of_two_strategies_and_two_seeds(tmp_path, capsys):
 
 
 def test_bucket_columns_are_ordered_by_probability_and_grouped_by_family():
-    from trgrpo.comparestats import bucket_order
+    from trgrpo.compare.stats import bucket_order
 
-    cols = ["train/token_share/p>=0.5", "train/grad_share/p>=0.5", "train/grad_share/0.1<=p<0.5",
-            "train/weight/p<0.1", "train/grad_share/p<0.1", "train/token_share/p<0.1"]
+    cols = [
+        "train/token_share/p>=0.5",
+        "train/grad_share/p>=0.5",
+        "train/grad_share/0.1<=p<0.5",
+        "train/weight/p<0.1",
+        "train/grad_share/p<0.1",
+        "train/token_share/p<0.1",
+    ]
     assert sorted(cols, key=bucket_order) == [
-        "train/grad_share/p<0.1", "train/grad_share/0.1<=p<0.5", "train/grad_share/p>=0.5",
-        "train/token_share/p<0.1", "train/token_share/p>=0.5", "train/weight/p<0.1"]
+        "train/grad_share/p<0.1",
+        "train/grad_share/0.1<=p<0.5",
+        "train/grad_share/p>=0.5",
+        "train/token_share/p<0.1",
+        "train/token_share/p>=0.5",
+        "train/weight/p<0.1",
+    ]

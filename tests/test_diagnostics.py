@@ -48,18 +48,35 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize(
+    "setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default"
+)
 def test_logit_gradient_norms_match_autograd(setting):
     setting = dict(setting)
     logits, ids, mask, active, adv, drift = _inputs(0)
     logp = selective_log_softmax(logits, ids)
-    old = (logp.detach() + drift)
+    old = logp.detach() + drift
     weights = TokenRegulatedWeighting().weights(logp.detach(), old, adv, mask)
     placement = setting.pop("placement", "surrogate")
-    sampler = old + 0.3 * torch.randn(B, T, generator=torch.Generator().manual_seed(1)) \
-        if setting.pop("sampler", False) else None
-    out = policy_loss(logp, old, adv, weights, mask, active, num_tokens=mask.sum().item(), num_seqs=float(B),
-                      max_len=T, placement=placement, sampler_logp=sampler, **setting)
+    sampler = (
+        old + 0.3 * torch.randn(B, T, generator=torch.Generator().manual_seed(1))
+        if setting.pop("sampler", False)
+        else None
+    )
+    out = policy_loss(
+        logp,
+        old,
+        adv,
+        weights,
+        mask,
+        active,
+        num_tokens=mask.sum().item(),
+        num_seqs=float(B),
+        max_len=T,
+        placement=placement,
+        sampler_logp=sampler,
+        **setting,
+    )
     out.loss.backward()
     expected = logits.grad.square().sum(-1)  # [B, T] squared norm of each token's logit gradient
     got = logit_grad_norm_sq(out.pg_coef, logp, squared_prob_sum(logits))
@@ -74,7 +91,7 @@ def test_logit_gradient_norms_match_autograd(setting):
 def test_sequence_ratio_is_gspo():
     """Token form with seq_mean_token_mean aggregation = GSPO's sequence objective, value and gradient."""
     logits, ids, mask, active, adv, drift = _inputs(2)
-    old = (selective_log_softmax(logits, ids).detach() + 0.05 * drift)
+    old = selective_log_softmax(logits, ids).detach() + 0.05 * drift
     eps = 0.02
 
     logp = selective_log_softmax(logits, ids)
@@ -82,9 +99,21 @@ def test_sequence_ratio_is_gspo():
     lengths = mask.sum(1)
     expected_s = torch.exp(((logp - old) * mask).sum(1) / lengths).detach()
     torch.testing.assert_close(ratio.detach()[:, 0], expected_s)
-    ours = policy_loss(logp, old, adv, mask, mask, mask, num_tokens=mask.sum().item(), num_seqs=float(B),
-                       max_len=T, clip_low=eps, clip_high=eps, aggregation="seq_mean_token_mean",
-                       ratio_level="sequence").loss
+    ours = policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        mask,
+        mask,
+        num_tokens=mask.sum().item(),
+        num_seqs=float(B),
+        max_len=T,
+        clip_low=eps,
+        clip_high=eps,
+        aggregation="seq_mean_token_mean",
+        ratio_level="sequence",
+    ).loss
     (g_ours,) = torch.autograd.grad(ours, logits)
 
     logp = selective_log_softmax(logits, ids)
@@ -103,8 +132,12 @@ def test_buckets_by_hand():
     weights = torch.tensor([[1.0, 1.2, 1.4, 1.4]])
     active = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     buckets.add(grad_sq, probs.log(), weights, active)
-    buckets.add(torch.tensor([[1.0, 100.0]]), torch.tensor([[0.3, 0.05]]).log(), torch.ones(1, 2),
-                torch.tensor([[1.0, 0.0]]))  # the second token is not trained: not counted
+    buckets.add(
+        torch.tensor([[1.0, 100.0]]),
+        torch.tensor([[0.3, 0.05]]).log(),
+        torch.ones(1, 2),
+        torch.tensor([[1.0, 0.0]]),
+    )  # the second token is not trained: not counted
     m = buckets.reduced().metrics()
     total = 4 + 1 + 2 + 1 + 1
     assert m["train/grad_share/p<0.1"] == pytest.approx(4 / total)
@@ -145,9 +178,17 @@ def _metrics(tmp_path):
 def test_training_logs_diagnostics_and_rl_steps_with_lopti(tmp_path):
     """Lopti makes two updates per RL step: RLStepLimit still stops after 3 RL steps, ``train/rl_step`` and
     ``val/rl_step`` count RL steps, and the bucket shares of every step sum to one."""
-    run_cli(tmp_path, *arithmetic_args(), DENSE_REWARD, "--model.weighting=trgrpo.weighting.Lopti", "--trainer.max_steps=-1",
-            "--trainer.max_epochs=100", "--trainer.val_check_interval=2",
-            "--trainer.callbacks+=trgrpo.callbacks.RLStepLimit", "--trainer.callbacks.steps=3")
+    run_cli(
+        tmp_path,
+        *arithmetic_args(),
+        DENSE_REWARD,
+        "--model.weighting=trgrpo.weighting.Lopti",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=100",
+        "--trainer.val_check_interval=2",
+        "--trainer.callbacks+=trgrpo.callbacks.RLStepLimit",
+        "--trainer.callbacks.steps=3",
+    )
     rows = _metrics(tmp_path)
     train = [r for r in rows if r.get("train/rl_step")]
     assert [float(r["train/rl_step"]) for r in train] == [1.0, 2.0, 3.0]

@@ -34,27 +34,39 @@ def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=F
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     texts = [f"{j % 9 + 1}{sum(map(ord, p)) % 10}" for p in prompts for j in range(g)]
-    completion = torch.tensor([tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                               for t in texts])  # [N, 3]
+    completion = torch.tensor(
+        [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in texts]
+    )  # [N, 3]
     ids = torch.cat([enc.input_ids.repeat_interleave(g, 0), completion], 1)
     attn = torch.cat([enc.attention_mask.repeat_interleave(g, 0), torch.ones_like(completion)], 1)
-    return Rollout(input_ids=ids.to(device), attention_mask=attn.to(device),
-                   completion_mask=torch.ones(completion.shape, device=device),
-                   truncated=torch.zeros(len(texts), dtype=torch.bool, device=device),
-                   prompt_len=enc.input_ids.shape[1], completions=texts)
+    return Rollout(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        completion_mask=torch.ones(completion.shape, device=device),
+        truncated=torch.zeros(len(texts), dtype=torch.bool, device=device),
+        prompt_len=enc.input_ids.shape[1],
+        completions=texts,
+    )
 
 
 def common_args(tmp: Path) -> list[str]:
     from helpers import TINY, arithmetic_args
 
-    return ["fit", *TINY, *arithmetic_args(batch_size=4, group_size=4, max_new_tokens=3),
-            "--trainer.max_steps=2", "--trainer.precision=32-true",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp}",
-            f"--trainer.default_root_dir={tmp}",
-            "--model.optim.lr=0.01", "--model.loss.beta=0.05",
-            # the completions above start with 1..4: the format reward splits every group in two
-            '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": "^[12]\\\\d$"}}, '
-            '{"fn": "trgrpo.rewards.exact_match", "weight": 0.5}]']
+    return [
+        "fit",
+        *TINY,
+        *arithmetic_args(batch_size=4, group_size=4, max_new_tokens=3),
+        "--trainer.max_steps=2",
+        "--trainer.precision=32-true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp}",
+        f"--trainer.default_root_dir={tmp}",
+        "--model.optim.lr=0.01",
+        "--model.loss.beta=0.05",
+        # the completions above start with 1..4: the format reward splits every group in two
+        '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": "^[12]\\\\d$"}}, '
+        '{"fn": "trgrpo.rewards.exact_match", "weight": 0.5}]',
+    ]
 
 
 def _free_port() -> int:
@@ -83,14 +95,37 @@ def _metrics(tmp: Path) -> dict[int, dict[str, float]]:
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    _run([sys.executable, str(HERE / "test_distributed.py"), str(one / "w.pt"), *common_args(one),
-          "--model.optim.micro_batch_size=8"], one)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-          str(HERE / "test_distributed.py"), str(two / "w.pt"), *common_args(two),
-          "--data.batch_size=2", "--model.optim.micro_batch_size=4",
-          "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.enable_checkpointing=true",
-          "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-          f"--trainer.callbacks.dirpath={two / 'ckpt'}", "--trainer.callbacks.save_last=true"], two)
+    _run(
+        [
+            sys.executable,
+            str(HERE / "test_distributed.py"),
+            str(one / "w.pt"),
+            *common_args(one),
+            "--model.optim.micro_batch_size=8",
+        ],
+        one,
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            str(HERE / "test_distributed.py"),
+            str(two / "w.pt"),
+            *common_args(two),
+            "--data.batch_size=2",
+            "--model.optim.micro_batch_size=4",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.enable_checkpointing=true",
+            "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+            f"--trainer.callbacks.dirpath={two / 'ckpt'}",
+            "--trainer.callbacks.save_last=true",
+        ],
+        two,
+    )
 
     # the first step's gradient (summed over processes and micro-batches) is the same; AdamW is blind to a
     # wrong gradient scale, so this and grad_norm are what catch a normaliser divided twice
@@ -113,8 +148,15 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     m1, m2 = _metrics(one), _metrics(two)
     assert sorted(m1) == sorted(m2) and len(m1) == 2  # one row per step, logged once
     for step in m1:
-        for key in ("train/loss", "train/grad_norm", "train/reward", "train/kl", "train/clip_ratio/low",
-                    "train/weight/mean", "train/completion_length"):
+        for key in (
+            "train/loss",
+            "train/grad_norm",
+            "train/reward",
+            "train/kl",
+            "train/clip_ratio/low",
+            "train/weight/mean",
+            "train/completion_length",
+        ):
             assert m2[step][key] == pytest.approx(m1[step][key], rel=1e-4, abs=1e-6), (step, key)
     assert m1[0]["train/grad_norm"] > 0
 
@@ -128,8 +170,11 @@ def test_a_world_size_leaving_a_process_without_a_whole_batch_fails_before_train
 
     datamodule = PromptDataModule(task=ArithmeticTask(), batch_size=4)
     datamodule.trainer = SimpleNamespace(world_size=4)
-    with pytest.raises(ValueError, match=r"world size 4 .* leaves 3 of the 12 training prompts to each process, "
-                                         r"fewer than one batch of data.batch_size=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"world size 4 .* leaves 3 of the 12 training prompts to each process, "
+        r"fewer than one batch of data.batch_size=4",
+    ):
         datamodule.check_prompt_count(12)
     datamodule.trainer = SimpleNamespace(world_size=3)
     datamodule.check_prompt_count(12)  # 4 prompts each: fine
@@ -140,10 +185,14 @@ def test_processes_draw_disjoint_prompts_whose_union_is_the_single_process_batch
 
     rows = list(range(40))
     single = list(ResumableSampler(rows, num_replicas=1, rank=0, seed=3, batch_size=4, progress=lambda: 0))
-    ranks = [list(ResumableSampler(rows, num_replicas=2, rank=r, seed=3, batch_size=2, progress=lambda: 0))
-             for r in (0, 1)]
+    ranks = [
+        list(ResumableSampler(rows, num_replicas=2, rank=r, seed=3, batch_size=2, progress=lambda: 0))
+        for r in (0, 1)
+    ]
     for k in range(10):  # batch k of one process with 4 prompts = batches k of two processes with 2 each
-        assert sorted(single[4 * k:4 * k + 4]) == sorted(ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2])
+        assert sorted(single[4 * k : 4 * k + 4]) == sorted(
+            ranks[0][2 * k : 2 * k + 2] + ranks[1][2 * k : 2 * k + 2]
+        )
     assert not set(ranks[0]) & set(ranks[1])
 
 

@@ -1,6 +1,6 @@
 """Dynamic sampling (``data.dynamic_sampling``): which groups are kept, the metrics, and an exact resume.
 
-    python -m pytest tests/test_dynamic_sampling.py -q
+python -m pytest tests/test_dynamic_sampling.py -q
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ def test_groups_with_spread_are_kept_first_in_drawn_order_then_fillers():
 
 def _rollout(n: int, t: int = 3) -> Rollout:
     ids = torch.arange(n).unsqueeze(1).expand(n, 2 + t).clone()  # row i is all i: the row's identity
-    return Rollout(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=torch.ones(n, t),
-                   truncated=torch.arange(n) % 2 == 0, prompt_len=2, completions=[str(i) for i in range(n)],
-                   sampler_logp=-torch.arange(n).float().unsqueeze(1).expand(n, t))
+    return Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        completion_mask=torch.ones(n, t),
+        truncated=torch.arange(n) % 2 == 0,
+        prompt_len=2,
+        completions=[str(i) for i in range(n)],
+        sampler_logp=-torch.arange(n).float().unsqueeze(1).expand(n, t),
+    )
 
 
 def test_keep_groups_slices_every_rollout_field_and_counts():
@@ -42,8 +48,14 @@ def test_keep_groups_slices_every_rollout_field_and_counts():
     assert rollout.input_ids[:, 0].tolist() == rows and rollout.completions == [str(i) for i in rows]
     assert rollout.truncated.tolist() == [i % 2 == 0 for i in rows]
     assert rollout.sampler_logp[:, 0].tolist() == [-float(i) for i in rows]
-    assert torch.equal(rollout.trainable_mask, rollout.completion_mask) and rollout.trainable_mask.shape == (6, 3)
-    assert kept.total.tolist() == rewards[rows].tolist() and kept.per_term["term"].tolist() == (2 * rewards[rows]).tolist()
+    assert torch.equal(rollout.trainable_mask, rollout.completion_mask) and rollout.trainable_mask.shape == (
+        6,
+        3,
+    )
+    assert (
+        kept.total.tolist() == rewards[rows].tolist()
+        and kept.per_term["term"].tolist() == (2 * rewards[rows]).tolist()
+    )
     assert (counts.drawn, counts.dropped, counts.filled) == (4, 1, 1)
     # nothing to drop: the same objects
     same = keep_groups(_rollout(4), RewardResult(rewards[:4], {}, 0), 2, keep=2, min_spread=1e-6)
@@ -51,7 +63,9 @@ def test_keep_groups_slices_every_rollout_field_and_counts():
 
 
 def test_oversample_must_draw_more_than_the_batch():
-    assert DynamicSampling(oversample=1.5).draw_size(3) == 5 and DynamicSampling(oversample=2).draw_size(4) == 8
+    assert (
+        DynamicSampling(oversample=1.5).draw_size(3) == 5 and DynamicSampling(oversample=2).draw_size(4) == 8
+    )
     with pytest.raises(ValueError, match="data.dynamic_sampling.oversample must be > 1"):
         DynamicSampling(oversample=1.0)
 
@@ -67,17 +81,27 @@ class PromptRecorder(L.Callback):
 
 
 # 12 prompts, 2 trained per step, 4 drawn: an epoch is 3 RL steps
-RUN = [*arithmetic_args(batch_size=2, group_size=4, max_new_tokens=3), "--data.task.init_args.train_size=12",
-       '--data.dynamic_sampling={"oversample": 2.0}', DENSE_REWARD, "--model.sampling.temperature=1.5",
-       "--model.optim.lr=0.01", "--trainer.callbacks+=test_dynamic_sampling.PromptRecorder",
-       "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=100"]
+RUN = [
+    *arithmetic_args(batch_size=2, group_size=4, max_new_tokens=3),
+    "--data.task.init_args.train_size=12",
+    '--data.dynamic_sampling={"oversample": 2.0}',
+    DENSE_REWARD,
+    "--model.sampling.temperature=1.5",
+    "--model.optim.lr=0.01",
+    "--trainer.callbacks+=test_dynamic_sampling.PromptRecorder",
+    "--trainer.val_check_interval=null",
+    "--trainer.check_val_every_n_epoch=100",
+]
 
 
 def _metrics(folder) -> dict[int, dict[str, float]]:
     (path,) = folder.glob("**/metrics.csv")
     with open(path) as f:
-        return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-                for r in csv.DictReader(f) if r.get("train/loss")}
+        return {
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        }
 
 
 def _recorder(cli) -> PromptRecorder:
@@ -85,21 +109,29 @@ def _recorder(cli) -> PromptRecorder:
 
 
 def test_dynamic_sampling_trains_full_batches_and_resumes_at_the_exact_data_position(tmp_path):
-    ckpt = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-            f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=2",
-            "--trainer.callbacks.save_top_k=-1"]
+    ckpt = [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
     full = run_cli(tmp_path / "full", *RUN, *ckpt, "--trainer.max_steps=5")
     assert full.model.plan.rollout == 2 * 4  # every update trains on batch_size groups
     prompts = _recorder(full).prompts
     assert all(len(p) == 4 for p in prompts.values())  # ... out of 2 * batch_size drawn
     expected = _metrics(tmp_path / "full")
-    assert all(row["train/dynamic_sampling/drawn"] == 4 and row["train/dynamic_sampling/dropped"] == 2
-               for row in expected.values())
+    assert all(
+        row["train/dynamic_sampling/drawn"] == 4 and row["train/dynamic_sampling/dropped"] == 2
+        for row in expected.values()
+    )
     assert len(expected) == 5
 
     (step2,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
     resumed = run_cli(tmp_path / "resumed", *RUN, "--trainer.max_steps=5", f"--ckpt_path={step2}")
-    assert _recorder(resumed).prompts == {s: prompts[s] for s in (2, 3, 4)}  # same prompts, across the epoch end
+    assert _recorder(resumed).prompts == {
+        s: prompts[s] for s in (2, 3, 4)
+    }  # same prompts, across the epoch end
     got = _metrics(tmp_path / "resumed")
     assert sorted(got) == [2, 3, 4]
     for step, row in got.items():

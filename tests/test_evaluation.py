@@ -1,6 +1,6 @@
 """Evaluation helpers: pass@k, mean@k, per-level aggregation and the sample table.
 
-    python -m pytest tests/test_evaluation.py -q
+python -m pytest tests/test_evaluation.py -q
 """
 
 from __future__ import annotations
@@ -53,16 +53,26 @@ def test_mean_at_k():
 def test_level_aggregation_by_hand():
     levels = sort_levels([3, 4, 3])
     index = {lvl: i for i, lvl in enumerate(levels)}
-    sums = level_sums(index, [3, 3, 4], greedy=[1.0, 0.0, 1.0], sampled=[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], k=2)
+    sums = level_sums(
+        index, [3, 3, 4], greedy=[1.0, 0.0, 1.0], sampled=[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], k=2
+    )
     # level 3: 2 prompts, 1 greedy-correct, mean@2 0.5 + 0, pass@2 1 + 0; level 4: 1 prompt, all correct
     # (float64 sums of 0, 0.5 and 1: exact)
     assert sums.tolist() == [[2.0, 1.0, 0.5, 1.0], [1.0, 1.0, 1.0, 1.0]]
     m = level_metrics(levels, sums, k=2)
-    assert m == pytest.approx({
-        "val/accuracy": 2 / 3, "val/mean@2": 0.5, "val/pass@2": 2 / 3,
-        "val/accuracy/level_3": 0.5, "val/mean@2/level_3": 0.25, "val/pass@2/level_3": 0.5,
-        "val/accuracy/level_4": 1.0, "val/mean@2/level_4": 1.0, "val/pass@2/level_4": 1.0,
-    })
+    assert m == pytest.approx(
+        {
+            "val/accuracy": 2 / 3,
+            "val/mean@2": 0.5,
+            "val/pass@2": 2 / 3,
+            "val/accuracy/level_3": 0.5,
+            "val/mean@2/level_3": 0.25,
+            "val/pass@2/level_3": 0.5,
+            "val/accuracy/level_4": 1.0,
+            "val/mean@2/level_4": 1.0,
+            "val/pass@2/level_4": 1.0,
+        }
+    )
 
 
 def test_without_levels_or_samples_only_overall_accuracy():
@@ -94,17 +104,29 @@ def test_eval_config_validation():
 
 
 def test_sample_table_markdown_and_jsonl(tmp_path):
-    rows = [SampleRow(3, "Who | is\nwho?", "A is a knight.", "<think>x</think>", 0.0,
-                      {"format": 1.0, "answer": None, "total": 1.0}),
-            SampleRow(3, "q2", "B", "y" * 1000, 1.0, {"format": -1.0, "answer": 2.0, "total": 1.0})]
+    rows = [
+        SampleRow(
+            3,
+            "Who | is\nwho?",
+            "A is a knight.",
+            "<think>x</think>",
+            0.0,
+            {"format": 1.0, "answer": None, "total": 1.0},
+        ),
+        SampleRow(3, "q2", "B", "y" * 1000, 1.0, {"format": -1.0, "answer": 2.0, "total": 1.0}),
+    ]
     md = write_sample_table(tmp_path / "val_samples", 40, rows)
     assert md.name == "step_0000040.md"
     lines = md.read_text().splitlines()
     assert lines[2] == "| level | prompt | answer | completion | correct | format | answer | total |"
-    assert lines[4].startswith("| 3 | Who \\| is<br>who? | A is a knight. | <think>x</think> | 0 | 1 |  | 1 |")
+    assert lines[4].startswith(
+        "| 3 | Who \\| is<br>who? | A is a knight. | <think>x</think> | 0 | 1 |  | 1 |"
+    )
     assert len(lines[5]) < 700  # long completions are shortened in the table ...
     full = [json.loads(x) for x in md.with_suffix(".jsonl").read_text().splitlines()]
-    assert full[1]["completion"] == "y" * 1000 and full[0]["rewards"]["answer"] is None  # ... not in the jsonl
+    assert (
+        full[1]["completion"] == "y" * 1000 and full[0]["rewards"]["answer"] is None
+    )  # ... not in the jsonl
 
 
 def test_level_sums_dtype_survives_all_reduce_shape():

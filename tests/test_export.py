@@ -16,8 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trgrpo.export import main as export_main
 
-TRAIN = [*arithmetic_args(), "--trainer.max_steps=2", "--model.optim.lr=0.01",
-         '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]']
+TRAIN = [
+    *arithmetic_args(),
+    "--trainer.max_steps=2",
+    "--model.optim.lr=0.01",
+    '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]',
+]
 
 
 def _logits(model, tokenizer, text="12+7="):
@@ -30,23 +34,37 @@ def _logits(model, tokenizer, text="12+7="):
 def trained(tmp_path_factory):
     """A 2-step run with a checkpoint and the end-of-fit export."""
     tmp = tmp_path_factory.mktemp("run")
-    cli = run_cli(tmp, *TRAIN, "--trainer.enable_checkpointing=true",
-                  "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-                  f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true",
-                  "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={tmp / 'hf'}")
+    cli = run_cli(
+        tmp,
+        *TRAIN,
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=trgrpo.callbacks.HFExport",
+        f"--trainer.callbacks.dirpath={tmp / 'hf'}",
+    )
     return tmp, cli
 
 
 def test_end_of_fit_export_loads_with_transformers_and_matches_the_policy(trained):
     tmp, cli = trained
     out = tmp / "hf"
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     policy = cli.model.policy_model.eval()
-    assert tok.get_vocab() == cli.model.tokenizer.get_vocab() and tok.eos_token == cli.model.tokenizer.eos_token
+    assert (
+        tok.get_vocab() == cli.model.tokenizer.get_vocab() and tok.eos_token == cli.model.tokenizer.eos_token
+    )
     torch.testing.assert_close(_logits(model, tok), _logits(policy, tok), rtol=0, atol=1e-6)
     # and it is the trained policy, not the initial one
     initial = AutoModelForCausalLM.from_config(model.config)
@@ -77,8 +95,9 @@ def test_export_from_checkpoint_gives_the_same_model(trained, tmp_path):
 
 def test_export_can_cast_to_bfloat16(trained, tmp_path):
     tmp, _ = trained
-    out = export_main(["--ckpt", str(tmp / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "bf16"),
-                       "--dtype", "bfloat16"])
+    out = export_main(
+        ["--ckpt", str(tmp / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    )
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert model.dtype == torch.bfloat16
 

@@ -17,15 +17,8 @@ from transformers import (
 
 from trgrpo.fastpath.sampler import fast_generation_supported
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-from trgrpo.rollout import (
-    ENGINES,
-    EngineName,
-    FastEngine,
-    HFEngine,
-    Rollout,
-    SamplingConfig,
-    generate_rollout,
-)
+from trgrpo.rollout import EngineName, Rollout, SamplingConfig
+from trgrpo.rollout.engines import ENGINES, FastEngine, HFEngine, generate_rollout
 
 # prompts of different lengths, so the batch is left-padded
 PROMPTS = ["12+34=", "7+5=", "The sum of 99 and 1 is ", "3+3="]
@@ -37,8 +30,14 @@ def tokenizer():
 
 
 def _qwen2(tokenizer, kv_heads=None):
-    model = load_model(PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                         intermediate_size=64)), tokenizer)
+    model = load_model(
+        PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+            )
+        ),
+        tokenizer,
+    )
     if kv_heads is None:
         return model
     cfg = model.config
@@ -49,9 +48,17 @@ def _qwen2(tokenizer, kv_heads=None):
 
 def _other(cls, config_cls, tokenizer, **extra):
     torch.manual_seed(0)
-    cfg = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=tokenizer.eos_token_id, **extra)
+    cfg = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
     return cls(cfg)
 
 
@@ -87,8 +94,11 @@ def test_fast_engine_is_used_and_greedy_tokens_are_identical(tokenizer, name):
     _assert_same(*_rollouts(model, tokenizer, greedy=True))
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"ignore_eos": True}],
-                         ids=["plain", "temperature_topk_topp", "ignore_eos"])
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"ignore_eos": True}],
+    ids=["plain", "temperature_topk_topp", "ignore_eos"],
+)
 @pytest.mark.parametrize("name", ["qwen2", "qwen2_gqa"])
 def test_sampled_tokens_are_identical_for_the_same_seed(tokenizer, name, sampling):
     # the same multinomial draws on the same probabilities (up to float rounding, which does not move a draw
@@ -109,13 +119,21 @@ def test_eos_stops_sequences_and_ignore_eos_fills_the_budget(tokenizer):
     fixed = _rollouts(model, tokenizer, greedy=False, temperature=5.0, ignore_eos=True)[1]
     assert fixed.completion_mask.shape[1] == 12 and bool(fixed.completion_mask.all())
     assert bool(fixed.truncated.all())
-    assert not (fixed.input_ids[:, fixed.prompt_len:] == tokenizer.eos_token_id).any()
+    assert not (fixed.input_ids[:, fixed.prompt_len :] == tokenizer.eos_token_id).any()
 
 
 def test_unsupported_models_fall_back_to_generate(tokenizer):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     assert not fast_generation_supported(model)
     hf, fast = _rollouts(model, tokenizer, greedy=False)
     _assert_same(hf, fast)
@@ -130,8 +148,12 @@ def test_training_mode_is_restored(tokenizer):
 @pytest.mark.parametrize("engine", ["fast", "hf"])
 def test_single_turn_rollouts_train_every_completion_token(tokenizer, engine):
     torch.manual_seed(1)
-    r = generate_rollout(_qwen2(tokenizer), tokenizer, PROMPTS, SamplingConfig(group_size=3, max_new_tokens=12,
-                                                                               engine=engine, temperature=5.0))
+    r = generate_rollout(
+        _qwen2(tokenizer),
+        tokenizer,
+        PROMPTS,
+        SamplingConfig(group_size=3, max_new_tokens=12, engine=engine, temperature=5.0),
+    )
     assert r.trainable_mask.dtype == r.completion_mask.dtype
     assert torch.equal(r.trainable_mask, r.completion_mask)
     assert r.sampler_logp is None or r.sampler_logp.shape == r.completion_mask.shape
@@ -139,8 +161,14 @@ def test_single_turn_rollouts_train_every_completion_token(tokenizer, engine):
 
 def test_a_hand_built_rollout_trains_its_completion_mask():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    r = Rollout(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long),
-                completion_mask=mask, truncated=torch.zeros(2, dtype=torch.bool), prompt_len=1, completions=["", ""])
+    r = Rollout(
+        input_ids=torch.zeros(2, 3, dtype=torch.long),
+        attention_mask=torch.ones(2, 3, dtype=torch.long),
+        completion_mask=mask,
+        truncated=torch.zeros(2, dtype=torch.bool),
+        prompt_len=1,
+        completions=["", ""],
+    )
     assert r.trainable_mask is mask and r.sampler_logp is None
     tool = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # a context-only token is not trained
     assert r._replace(trainable_mask=tool).trainable_mask is tool
@@ -159,6 +187,7 @@ def test_every_engine_name_has_an_engine_and_selects_it(tokenizer, monkeypatch):
             return super().generate(model, tokenizer, prompts, sampling, group_size, greedy)
 
     monkeypatch.setitem(ENGINES, "hf", RecordingEngine)
-    r = generate_rollout(_qwen2(tokenizer), tokenizer, PROMPTS[:2], SamplingConfig(group_size=2, max_new_tokens=3,
-                                                                                   engine="hf"))
+    r = generate_rollout(
+        _qwen2(tokenizer), tokenizer, PROMPTS[:2], SamplingConfig(group_size=2, max_new_tokens=3, engine="hf")
+    )
     assert calls == [(2, False)] and r.input_ids.shape[0] == 4

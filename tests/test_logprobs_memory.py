@@ -68,15 +68,20 @@ def _clear_refs_works() -> bool:
 def _extra_peak(variant: str, grad: bool) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, variant, "grad" if grad else "nograd", str(ROWS), str(VOCAB)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
-                    reason="needs Linux /proc/self/clear_refs to reset the peak-RSS mark")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _clear_refs_works(),
+    reason="needs Linux /proc/self/clear_refs to reset the peak-RSS mark",
+)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "with_grad"])
 def test_extra_peak_memory_is_at_least_4x_lower_than_naive(grad):
     naive, ours = _extra_peak("naive", grad), _extra_peak("chunked", grad)
@@ -96,10 +101,10 @@ def test_results_match_naive_with_a_150k_vocabulary(dtype):
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     naive = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     naive_ent = -(logp_all.exp() * logp_all).sum(-1)
-    naive_grad, = torch.autograd.grad(naive.sum(), logits)
+    (naive_grad,) = torch.autograd.grad(naive.sum(), logits)
 
     ours = selective_log_softmax(logits, ids)
-    ours_grad, = torch.autograd.grad(ours.sum(), logits)
+    (ours_grad,) = torch.autograd.grad(ours.sum(), logits)
     assert ours.dtype == torch.float32
     # Both paths compute in float32 (bfloat16 logits are upcast first), but logsumexp and log_softmax sum the
     # 150k exps in different orders, and that order also varies between CPUs: the log-sum-exp (~16-26 here)

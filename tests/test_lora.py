@@ -36,9 +36,14 @@ def test_lora_wraps_the_named_modules_and_freezes_the_base():
     assert tuple(a.shape) == (4, 32)
 
 
-@pytest.mark.parametrize("bad, message", [(dict(r=0), "lora.r must be >= 1"),
-                                          (dict(dropout=1.0), r"lora.dropout must be in \[0, 1\)"),
-                                          (dict(target_modules=[]), "must name at least one module")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(r=0), "lora.r must be >= 1"),
+        (dict(dropout=1.0), r"lora.dropout must be in \[0, 1\)"),
+        (dict(target_modules=[]), "must name at least one module"),
+    ],
+)
 def test_bad_lora_settings_name_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(**bad)
@@ -48,11 +53,22 @@ def test_bad_lora_settings_name_the_key(bad, message):
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     (tmp / "lora.yaml").write_text(LORA_YAML)
-    base = {k: v.clone() for k, v in load_model(PolicyConfig(tiny=TINY), load_tokenizer(PolicyConfig())).state_dict().items()}
-    cli = run_cli(tmp, *arithmetic_args(), "--trainer.max_steps=3", "--config", str(tmp / "lora.yaml"),
-                  "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={tmp / 'adapter'}",
-                  "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={tmp / 'merged'}",
-                  "--trainer.callbacks.merge_lora=true")
+    base = {
+        k: v.clone()
+        for k, v in load_model(PolicyConfig(tiny=TINY), load_tokenizer(PolicyConfig())).state_dict().items()
+    }
+    cli = run_cli(
+        tmp,
+        *arithmetic_args(),
+        "--trainer.max_steps=3",
+        "--config",
+        str(tmp / "lora.yaml"),
+        "--trainer.callbacks+=trgrpo.callbacks.HFExport",
+        f"--trainer.callbacks.dirpath={tmp / 'adapter'}",
+        "--trainer.callbacks+=trgrpo.callbacks.HFExport",
+        f"--trainer.callbacks.dirpath={tmp / 'merged'}",
+        "--trainer.callbacks.merge_lora=true",
+    )
     return tmp, cli, base
 
 
@@ -72,7 +88,11 @@ def test_lora_run_trains_only_adapters_and_uses_the_base_as_reference(lora_run):
     base_now = model.get_base_model().state_dict()
     # the frozen base is the initial model (LoRA layers hold it as base_layer); never updated, so compared exactly
     for k, v in base.items():
-        key = k if k in base_now else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        key = (
+            k
+            if k in base_now
+            else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         torch.testing.assert_close(base_now[key], v, rtol=0, atol=0, msg=k)
     assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # adapters moved
     kls = [float(r["train/kl"]) for r in _metric_rows(tmp)]
@@ -93,8 +113,9 @@ def test_lora_run_trains_only_adapters_and_uses_the_base_as_reference(lora_run):
 def test_lora_exports_the_adapter_and_on_request_the_merged_model(lora_run):
     tmp, cli, _ = lora_run
     adapter = tmp / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= \
-        {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
     assert "model.safetensors" not in {p.name for p in adapter.iterdir()}
     assert "LoRA adapter weights only" in (adapter / "README.md").read_text()
 
@@ -102,12 +123,18 @@ def test_lora_exports_the_adapter_and_on_request_the_merged_model(lora_run):
     assert (tmp / "merged" / "adapter" / "adapter_config.json").exists()
     ids = cli.model.tokenizer(["3+4=12"], return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, cli.model.policy_model.eval()(input_ids=ids).logits,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits,
+            cli.model.policy_model.eval()(input_ids=ids).logits,
+            rtol=0,
+            atol=1e-5,
+        )
 
     from peft import PeftModel
 
     base = load_model(PolicyConfig(tiny=TINY), cli.model.tokenizer)
     reloaded = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5
+        )

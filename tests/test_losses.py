@@ -61,15 +61,29 @@ def test_aggregations():
 
 def test_global_normaliser_makes_split_batches_sum_to_the_whole():
     full = aggregate(PER_TOKEN, MASK, "seq_mean_token_mean", 5, 2, 4)
-    halves = sum(aggregate(PER_TOKEN[i:i + 1], MASK[i:i + 1], "seq_mean_token_mean", 5, 2, 4) for i in range(2))
+    halves = sum(
+        aggregate(PER_TOKEN[i : i + 1], MASK[i : i + 1], "seq_mean_token_mean", 5, 2, 4) for i in range(2)
+    )
     assert torch.allclose(full, halves)
 
 
 def test_policy_loss_with_kl_weights_and_ratio_one():
     logp = torch.log(torch.tensor([[0.5, 0.25]]))
     ones = torch.ones(1, 2)
-    out = policy_loss(logp, logp, torch.tensor([2.0]), torch.tensor([[1.0, 1.5]]), ones, ones,
-                      num_tokens=2, num_seqs=1, max_len=2, beta=0.1, ref_logp=logp - 1.0, kl_estimator="k1")
+    out = policy_loss(
+        logp,
+        logp,
+        torch.tensor([2.0]),
+        torch.tensor([[1.0, 1.5]]),
+        ones,
+        ones,
+        num_tokens=2,
+        num_seqs=1,
+        max_len=2,
+        beta=0.1,
+        ref_logp=logp - 1.0,
+        kl_estimator="k1",
+    )
     # surrogate: -(w * A) = [-2, -3]; k1 KL = logp - ref = 1 per token -> +0.1 each; mean = (-1.9 - 2.9) / 2
     assert out.loss.item() == pytest.approx(-2.4)
     assert out.kl.item() == pytest.approx(2.0)
@@ -79,14 +93,36 @@ def test_ratio_placement_stops_gradient_of_confident_positive_tokens():
     logp = torch.zeros(1, 1, requires_grad=True)
     w = torch.tensor([[1.4]])
     one = torch.ones(1, 1)
-    out = policy_loss(logp, logp.detach(), torch.tensor([1.0]), w, one, one, num_tokens=1, num_seqs=1,
-                      max_len=1, clip_high=0.28, placement="ratio")
+    out = policy_loss(
+        logp,
+        logp.detach(),
+        torch.tensor([1.0]),
+        w,
+        one,
+        one,
+        num_tokens=1,
+        num_seqs=1,
+        max_len=1,
+        clip_high=0.28,
+        placement="ratio",
+    )
     # w * r = 1.4 > 1.28: the clipped branch wins and carries no gradient
     assert out.loss.item() == pytest.approx(-1.28)
     out.loss.backward()
     assert logp.grad.item() == 0.0  # the clamp's constant branch: exactly no gradient
     logp.grad = None
-    surrogate = policy_loss(logp, logp.detach(), torch.tensor([1.0]), w, one, one, num_tokens=1, num_seqs=1,
-                            max_len=1, clip_high=0.28, placement="surrogate")
+    surrogate = policy_loss(
+        logp,
+        logp.detach(),
+        torch.tensor([1.0]),
+        w,
+        one,
+        one,
+        num_tokens=1,
+        num_seqs=1,
+        max_len=1,
+        clip_high=0.28,
+        placement="surrogate",
+    )
     surrogate.loss.backward()
     assert logp.grad.item() == pytest.approx(-1.4)  # d/dlogp of -1.4 * exp(logp - old) at ratio 1

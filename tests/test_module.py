@@ -13,9 +13,18 @@ from trgrpo.scoring import TokenScorer
 
 def _one_step(tmp_path, *extra):
     """(gradients at the first optimiser step, weights after one RL step)."""
-    cli = run_cli(tmp_path, "--seed_everything=3", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                  "--model.optim.lr=0.01", "--model.sampling.temperature=1.5", *arithmetic_args(4, 4, 4), DENSE_REWARD,
-                  "--trainer.callbacks+=helpers.GradRecorder", *extra)
+    cli = run_cli(
+        tmp_path,
+        "--seed_everything=3",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--model.optim.lr=0.01",
+        "--model.sampling.temperature=1.5",
+        *arithmetic_args(4, 4, 4),
+        DENSE_REWARD,
+        "--trainer.callbacks+=helpers.GradRecorder",
+        *extra,
+    )
     (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, GradRecorder)]
     weights = {k: v.detach().clone() for k, v in cli.model.policy_model.state_dict().items()}
     return recorder.grads, weights
@@ -44,7 +53,9 @@ def _assert_changed(a, b):
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_sum_const"])
 def test_update_does_not_depend_on_micro_batch_split(tmp_path, aggregation):
     grads, _ = _one_step(tmp_path / "a", f"--model.loss.aggregation={aggregation}")
-    split, _ = _one_step(tmp_path / "b", f"--model.loss.aggregation={aggregation}", "--model.optim.micro_batch_size=4")
+    split, _ = _one_step(
+        tmp_path / "b", f"--model.loss.aggregation={aggregation}", "--model.optim.micro_batch_size=4"
+    )
     _assert_same(grads, split)
     assert any(g.abs().max() > 1e-4 for g in grads.values())  # a real, non-zero gradient
 
@@ -59,8 +70,13 @@ def test_tr_grpo_gradient_differs_from_uniform(tmp_path):
     uniform, _ = _one_step(tmp_path / "u", "--model.weighting=UniformWeighting")
     # a random policy gives every token p ~ 1/110, below where the default weight starts to rise (and so
     # the default TR-GRPO step equals the uniform one); a steep tau makes the weight vary there
-    tr, _ = _one_step(tmp_path / "t", "--model.weighting=TokenRegulatedWeighting", "--model.weighting.init_args.tau=0.005",
-                      "--model.weighting.init_args.lower=0.0", "--model.weighting.init_args.upper=2.0")
+    tr, _ = _one_step(
+        tmp_path / "t",
+        "--model.weighting=TokenRegulatedWeighting",
+        "--model.weighting.init_args.tau=0.005",
+        "--model.weighting.init_args.lower=0.0",
+        "--model.weighting.init_args.upper=2.0",
+    )
     same, _ = _one_step(tmp_path / "d", "--model.weighting=TokenRegulatedWeighting")
     assert any(not torch.allclose(uniform[k], tr[k], atol=1e-7) for k in uniform)
     _assert_same(uniform, same)
@@ -100,8 +116,14 @@ def test_lopti_updates_low_probability_tokens_first(tmp_path, monkeypatch):
 
 
 def test_several_epochs_and_mini_batches_take_that_many_optimiser_steps(tmp_path):
-    cli = run_cli(tmp_path, "--trainer.max_steps=4", "--trainer.limit_val_batches=0", *arithmetic_args(4, 4, 3),
-                  "--model.optim.epochs=2", "--model.optim.mini_batch_size=8")
+    cli = run_cli(
+        tmp_path,
+        "--trainer.max_steps=4",
+        "--trainer.limit_val_batches=0",
+        *arithmetic_args(4, 4, 3),
+        "--model.optim.epochs=2",
+        "--model.optim.mini_batch_size=8",
+    )
     # 16 sequences / 8 per mini-batch * 2 epochs = 4 optimiser steps in one RL step
     assert cli.trainer.global_step == 4
 
@@ -111,7 +133,10 @@ def test_several_epochs_and_mini_batches_take_that_many_optimiser_steps(tmp_path
     [
         (["--model.sampling.group_size=1"], "group_size must be >= 2"),
         (["--model.weighting=TokenRegulatedWeighting", "--model.weighting.init_args.lower=2"], "lower"),
-        (["--model.optim.mini_batch_size=6"], "mini_batch_size=6 must be a multiple of model.sampling.group_size"),
+        (
+            ["--model.optim.mini_batch_size=6"],
+            "mini_batch_size=6 must be a multiple of model.sampling.group_size",
+        ),
         (["--model.loss.dual_clip=0.5"], "dual_clip must be > 1"),
     ],
 )

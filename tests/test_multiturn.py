@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import trgrpo.scoring as scoring_mod
+from trgrpo.agent.episodes import run_episodes
+from trgrpo.agent.tools import AgentConfig, ToolEnvironment
 from trgrpo.losses import GRPOLoss
-from trgrpo.multiturn import run_episodes
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-from trgrpo.rollout import ENGINES, SamplingConfig, StopStrings, generate_rollout
+from trgrpo.rollout.base import SamplingConfig, StopStrings
+from trgrpo.rollout.engines import ENGINES, generate_rollout
 from trgrpo.scoring import TokenScorer
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
-from trgrpo.tools import AgentConfig, ToolEnvironment
 from trgrpo.weighting import AdvantageReweighting, HighEntropyTokens, Lopti, TokenRegulatedWeighting
 
 TOOL_TEXT = {"value": "def"}
@@ -69,8 +70,20 @@ class SecretEnv(ToolEnvironment):
     """A stateful environment: a secret drawn at reset from the seed and the row."""
 
     def tools(self):
-        return [{"type": "function", "function": {"name": "peek", "description": "the secret", "parameters": {
-            "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": "peek",
+                    "description": "the secret",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string"}},
+                        "required": ["q"],
+                    },
+                },
+            }
+        ]
 
     def reset(self, row, seed):
         self.secret = f"{row['prompt']}{random.Random(seed).randint(0, 10**9)}"
@@ -91,7 +104,11 @@ class ScriptedEngine:
         for ctx, budget in zip(contexts, max_new_tokens, strict=True):
             turn = tokenizer.decode(ctx).count("</information>") + tokenizer.decode(ctx).count("<|tool|>")
             text = self.script[min(turn, len(self.script) - 1)]
-            out.append(checker.cut(tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id, budget))
+            out.append(
+                checker.cut(
+                    tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id, budget
+                )
+            )
         return out
 
 
@@ -102,8 +119,14 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return load_model(PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                        intermediate_size=64)), tokenizer).eval()
+    return load_model(
+        PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            )
+        ),
+        tokenizer,
+    ).eval()
 
 
 def _run(model, tokenizer, script, prompts=("Q1 ",), g=2, max_new_tokens=64, **agent):
@@ -113,16 +136,18 @@ def _run(model, tokenizer, script, prompts=("Q1 ",), g=2, max_new_tokens=64, **a
 
 def _tool_spans(tokenizer, rollout, row):
     """Decoded text of the context-only (tool) tokens of a row."""
-    ids = rollout.input_ids[row, rollout.prompt_len:]
+    ids = rollout.input_ids[row, rollout.prompt_len :]
     tool = (rollout.completion_mask[row] == 1) & (rollout.trainable_mask[row] == 0)
     return tokenizer.decode(ids[tool])
 
 
 def test_a_call_its_result_and_the_answer_laid_out_as_one_completion(model, tokenizer):
     r = _run(model, tokenizer, ["<lookup>cat</lookup>", "<answer>x</answer>"], tools=[lookup])
-    assert r.completions[0] == "<lookup>cat</lookup>\n\n<information>def:cat</information>\n\n<answer>x</answer>"
+    assert (
+        r.completions[0] == "<lookup>cat</lookup>\n\n<information>def:cat</information>\n\n<answer>x</answer>"
+    )
     assert _tool_spans(tokenizer, r, 0) == "\n\n<information>def:cat</information>\n\n"
-    assert torch.equal(r.attention_mask[:, r.prompt_len:].float(), r.completion_mask)
+    assert torch.equal(r.attention_mask[:, r.prompt_len :].float(), r.completion_mask)
     assert bool((r.trainable_mask <= r.completion_mask).all())
     assert r.episodes.tool_calls.tolist() == [1, 1] and r.episodes.turns.tolist() == [2, 2]
     assert r.episodes.tool_errors.tolist() == [0, 0] and not r.truncated.any()
@@ -134,14 +159,25 @@ def test_failing_tools_return_an_error_text_and_are_counted(model, tokenizer):
     r = _run(model, tokenizer, script, g=1, tools=[lookup, boom, slow], max_turns=4, tool_timeout=0.2)
     assert time.perf_counter() - t0 < 0.9  # the slow tool is abandoned after its timeout
     text = _tool_spans(tokenizer, r, 0)
-    assert "Error: RuntimeError: kaput" in text and "timed out after 0.2s" in text and "without an opening" in text
+    assert (
+        "Error: RuntimeError: kaput" in text
+        and "timed out after 0.2s" in text
+        and "without an opening" in text
+    )
     assert r.episodes.tool_errors.tolist() == [3] and r.episodes.tool_calls.tolist() == [3]
     assert r.completions[0].endswith("<answer>y</answer>") and not r.truncated.any()
 
 
 def test_a_tool_result_over_the_budget_is_cut_with_a_marker_then_the_episode_ends(model, tokenizer):
-    r = _run(model, tokenizer, ["<long_text>a</long_text>"] * 2 + ["<answer>z</answer>"], g=1, tools=[long_text],
-             max_tool_tokens=60, max_turns=5)
+    r = _run(
+        model,
+        tokenizer,
+        ["<long_text>a</long_text>"] * 2 + ["<answer>z</answer>"],
+        g=1,
+        tools=[long_text],
+        max_tool_tokens=60,
+        max_turns=5,
+    )
     tool = (r.completion_mask[0] == 1) & (r.trainable_mask[0] == 0)
     assert int(tool.sum()) == 60  # exactly the budget: wrapper and marker included
     assert _tool_spans(tokenizer, r, 0).endswith("x [truncated]</information>\n\n")
@@ -154,14 +190,27 @@ def test_calls_past_max_turns_and_a_spent_budget_end_the_episode_truncated(model
     assert r.episodes.tool_calls.tolist() == [2] and r.episodes.turns.tolist() == [3] and r.truncated.all()
     r = _run(model, tokenizer, ["a" * 100], g=1, tools=[lookup], max_new_tokens=30)
     assert int(r.trainable_mask.sum()) == 30 and r.truncated.all() and r.episodes.tool_calls.tolist() == [0]
-    r = _run(model, tokenizer, ["<lookup>a</lookup>", "b" * 100], g=1, tools=[lookup], max_new_tokens=40,
-             max_turn_tokens=25)
+    r = _run(
+        model,
+        tokenizer,
+        ["<lookup>a</lookup>", "b" * 100],
+        g=1,
+        tools=[lookup],
+        max_new_tokens=40,
+        max_turn_tokens=25,
+    )
     assert int(r.trainable_mask.sum()) == 18 + 22 and r.truncated.all()  # 40 model tokens over two turns
 
 
 def test_the_g_completions_of_a_prompt_see_the_same_task_instance(model, tokenizer):
-    r = _run(model, tokenizer, ["<peek>q</peek>", "<answer>a</answer>"], prompts=("P1 ", "P2 "), g=3,
-             environment=SecretEnv())
+    r = _run(
+        model,
+        tokenizer,
+        ["<peek>q</peek>", "<answer>a</answer>"],
+        prompts=("P1 ", "P2 "),
+        g=3,
+        environment=SecretEnv(),
+    )
     seen = [_tool_spans(tokenizer, r, i) for i in range(6)]
     assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5] and seen[0] != seen[3]
 
@@ -169,7 +218,9 @@ def test_the_g_completions_of_a_prompt_see_the_same_task_instance(model, tokeniz
 @pytest.mark.parametrize("engine", sorted(set(ENGINES) - {"vllm"}))  # vllm: tests/test_vllm_engine.py
 def test_engines_continue_contexts_to_a_stop_string(model, tokenizer, engine):
     sampling = SamplingConfig(group_size=2, max_new_tokens=12)
-    ctx = [tokenizer("12+34=", add_special_tokens=False).input_ids] * 2 + [tokenizer("7+", add_special_tokens=False).input_ids]
+    ctx = [tokenizer("12+34=", add_special_tokens=False).input_ids] * 2 + [
+        tokenizer("7+", add_special_tokens=False).input_ids
+    ]
     free = ENGINES[engine]().continue_contexts(model, tokenizer, ctx, sampling, [12, 12, 5], [], True)
     assert [o.finish for o in free] == ["length"] * 3 and [len(o.ids) for o in free] == [12, 12, 5]
     stop = tokenizer.decode(free[0].ids[3:5])  # a 2-token string the greedy model produces
@@ -177,8 +228,9 @@ def test_engines_continue_contexts_to_a_stop_string(model, tokenizer, engine):
     first = tokenizer.decode(free[0].ids).find(stop) + len(stop)
     assert cut[0].finish == "stop" and tokenizer.decode(cut[0].ids) == tokenizer.decode(free[0].ids)[:first]
     assert cut[0] == cut[1]  # greedy: the same context gives the same continuation
-    other = ENGINES["hf" if engine == "fast" else "fast"]().continue_contexts(model, tokenizer, ctx, sampling,
-                                                                              [12, 12, 5], [stop], True)
+    other = ENGINES["hf" if engine == "fast" else "fast"]().continue_contexts(
+        model, tokenizer, ctx, sampling, [12, 12, 5], [stop], True
+    )
     assert other == cut  # both engines: the same tokens
 
 
@@ -197,8 +249,16 @@ def _two_rollouts(model, tokenizer):
     out = []
     for value in ("abc", "xyz"):
         TOOL_TEXT["value"] = value
-        out.append(_run(model, tokenizer, ["<lookup>cat</lookup>", "<answer>12</answer>"], prompts=("Q1 ", "Q22 "),
-                        g=2, tools=[lookup]))
+        out.append(
+            _run(
+                model,
+                tokenizer,
+                ["<lookup>cat</lookup>", "<answer>12</answer>"],
+                prompts=("Q1 ", "Q22 "),
+                g=2,
+                tools=[lookup],
+            )
+        )
     TOOL_TEXT["value"] = "def"
     return out
 
@@ -223,8 +283,17 @@ def _loss_and_logits(model, rollout, monkeypatch, perturb_tool_logits=False):
     mask, adv = rollout.trainable_mask, torch.tensor([1.0, -1.0, 0.5, -0.5])
     logp = scores.logp
     ref = logp.detach() - 0.3
-    loss = GRPOLoss(beta=0.1)(logp, logp.detach() - 0.1, adv, torch.ones_like(mask) * mask, mask, mask,
-                              num_tokens=mask.sum().item(), num_seqs=4, ref_logp=ref)
+    loss = GRPOLoss(beta=0.1)(
+        logp,
+        logp.detach() - 0.1,
+        adv,
+        torch.ones_like(mask) * mask,
+        mask,
+        mask,
+        num_tokens=mask.sum().item(),
+        num_seqs=4,
+        ref_logp=ref,
+    )
     loss.loss.backward()
     return loss, kept["logits"], logp.detach()
 
@@ -236,12 +305,16 @@ def test_tool_tokens_get_exactly_zero_gradient_and_change_only_the_context(model
     tool = (a.completion_mask == 1) & (a.trainable_mask == 0)  # [N, T]
     assert tool.any() and torch.equal(a.trainable_mask, b.trainable_mask)
     assert not torch.equal(a.input_ids, b.input_ids)  # the tool text differs ...
-    assert torch.equal(a.input_ids[:, :a.prompt_len + 1], b.input_ids[:, :b.prompt_len + 1])  # ... nothing before it
+    assert torch.equal(
+        a.input_ids[:, : a.prompt_len + 1], b.input_ids[:, : b.prompt_len + 1]
+    )  # ... nothing before it
     loss_a, logits_a, logp_a = _loss_and_logits(model, a, monkeypatch)
     assert torch.equal(logits_a.grad[tool], torch.zeros_like(logits_a.grad[tool]))  # exactly zero
     assert logits_a.grad[a.trainable_mask.bool()].abs().sum() > 0
     loss_p, _, _ = _loss_and_logits(model, a, monkeypatch, perturb_tool_logits=True)
-    assert torch.equal(loss_a.loss, loss_p.loss) and torch.equal(loss_a.kl, loss_p.kl)  # tool logits: no effect
+    assert torch.equal(loss_a.loss, loss_p.loss) and torch.equal(
+        loss_a.kl, loss_p.kl
+    )  # tool logits: no effect
     loss_b, _, logp_b = _loss_and_logits(model, b, monkeypatch)
     positions = torch.arange(tool.shape[1])
     last_tool = torch.where(tool, positions, -1).max(1, keepdim=True).values  # [N, 1]
@@ -263,10 +336,25 @@ def test_weightings_entropy_quantile_kl_and_length_metric_exclude_tool_tokens(mo
     spiked = torch.where(tool, 100.0, entropy)  # tool positions would own the top quantile if counted
     (kept,) = HighEntropyTokens(q=0.5).passes(logp, mask, spiked)
     assert torch.equal(kept, HighEntropyTokens(q=0.5).passes(logp, mask, entropy)[0]) and not kept[tool].any()
-    stats = StepStats.collect(rewards=torch.zeros(4), per_term={}, reward_errors=0, group_size=2,
-                              completion_mask=r.trainable_mask, truncated=r.truncated, update=UpdateStats(), lr=1.0,
-                              bounded_weights=False, kl=False, timings=StepTimings(0, 0, 0, 0), episodes=r.episodes)
-    assert stats.completion_length == r.trainable_mask.sum(1).mean().item() < r.completion_mask.sum(1).mean().item()
+    stats = StepStats.collect(
+        rewards=torch.zeros(4),
+        per_term={},
+        reward_errors=0,
+        group_size=2,
+        completion_mask=r.trainable_mask,
+        truncated=r.truncated,
+        update=UpdateStats(),
+        lr=1.0,
+        bounded_weights=False,
+        kl=False,
+        timings=StepTimings(0, 0, 0, 0),
+        episodes=r.episodes,
+    )
+    assert (
+        stats.completion_length
+        == r.trainable_mask.sum(1).mean().item()
+        < r.completion_mask.sum(1).mean().item()
+    )
     assert (stats.tool_calls, stats.tool_errors, stats.turns, stats.no_tool_ratio) == (1.0, 0.0, 2.0, 0.0)
 
 
@@ -283,14 +371,20 @@ def test_agent_settings_are_checked_at_start_up():
         AgentConfig(tools=[undocumented])
 
 
-def test_held_out_evaluation_reports_tool_calls_per_answer_and_the_tasks_scores(model, tokenizer, monkeypatch):
+def test_held_out_evaluation_reports_tool_calls_per_answer_and_the_tasks_scores(
+    model, tokenizer, monkeypatch
+):
     import trgrpo.evaluation as evaluation
 
-    scripts = {"one": ["<lookup>a</lookup>", "<answer>x</answer>"],
-               "two": ["<lookup>a</lookup>", "<lookup>b</lookup>", "<answer>y</answer>"]}
+    scripts = {
+        "one": ["<lookup>a</lookup>", "<answer>x</answer>"],
+        "two": ["<lookup>a</lookup>", "<lookup>b</lookup>", "<answer>y</answer>"],
+    }
 
     def scripted(model, tokenizer, prompts, sampling, greedy=False, rows=None, **_):
-        return run_episodes(ScriptedEngine(scripts[prompts[0]]), model, tokenizer, prompts, sampling, 1, greedy, rows)
+        return run_episodes(
+            ScriptedEngine(scripts[prompts[0]]), model, tokenizer, prompts, sampling, 1, greedy, rows
+        )
 
     class Task:
         def verify_batch(self, completions, rows):

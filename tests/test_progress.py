@@ -38,8 +38,16 @@ class TwoBatchModule(L.LightningModule):
 
 def fit(tmp_path, bar, updates: int = 1, **trainer_kwargs):
     trainer_kwargs = {"max_epochs": -1, **trainer_kwargs}  # as the CLI sets it
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar], **trainer_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[bar],
+        **trainer_kwargs,
+    )
     trainer.fit(TwoBatchModule(updates))
     return trainer
 
@@ -68,9 +76,17 @@ def test_an_rl_step_limit_stops_the_fit_and_bounds_the_total(tmp_path):
     from trgrpo.callbacks import RLStepLimit
 
     bar = RLStepProgressBar()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=-1, max_steps=100,
-                        callbacks=[bar, RLStepLimit(3)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        max_epochs=-1,
+        max_steps=100,
+        callbacks=[bar, RLStepLimit(3)],
+    )
     trainer.fit(TwoBatchModule(updates=2))
     assert trainer.global_step == 6
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
@@ -101,15 +117,23 @@ class BarCLI(LightningCLI):
         return super().instantiate_trainer(**{**default_progress_bar(cfg.trainer), **kwargs})
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    ([], RLStepProgressBar),
-    (["--trainer.callbacks=lightning.pytorch.callbacks.LearningRateMonitor"], RLStepProgressBar),
-    (["--trainer.callbacks=lightning.pytorch.callbacks.RichProgressBar"], RichProgressBar),
-    (["--trainer.enable_progress_bar=false"], type(None)),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], RLStepProgressBar),
+        (["--trainer.callbacks=lightning.pytorch.callbacks.LearningRateMonitor"], RLStepProgressBar),
+        (["--trainer.callbacks=lightning.pytorch.callbacks.RichProgressBar"], RichProgressBar),
+        (["--trainer.enable_progress_bar=false"], type(None)),
+    ],
+)
 def test_cli_default_survives_a_callbacks_list(tmp_path, args, expected):
-    cli = BarCLI(BoringModel, BoringDataModule, run=False, save_config_kwargs={"overwrite": True},
-                 args=[f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", *args])
+    cli = BarCLI(
+        BoringModel,
+        BoringDataModule,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        args=[f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", *args],
+    )
     assert type(cli.trainer.progress_bar_callback) is expected
     if args and "LearningRateMonitor" in args[0]:
         assert any(type(c).__name__ == "LearningRateMonitor" for c in cli.trainer.callbacks)
@@ -118,8 +142,14 @@ def test_cli_default_survives_a_callbacks_list(tmp_path, args, expected):
 def test_resumed_run_continues_the_count(tmp_path):
     for max_steps, ckpt_path in [(3, None), (5, "last")]:
         bar = RLStepProgressBar()
-        trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=max_steps, logger=False,
-                            enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=[bar, ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=-1,
+            max_steps=max_steps,
+            logger=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[bar, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        )
         trainer.fit(TwoBatchModule(), ckpt_path=ckpt_path)
     assert bar.train_progress_bar.initial == 3 and str(bar.train_progress_bar).startswith("RL step 5/5 |")

@@ -36,7 +36,7 @@ def expand_braces(path: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", path)
     if match is None:
         return [path]
-    head, tail = path[: match.start()], path[match.end():]
+    head, tail = path[: match.start()], path[match.end() :]
     return [p for alt in match.group(1).split(",") for p in expand_braces(head + alt + tail)]
 
 
@@ -57,7 +57,12 @@ def missing_references(text: str, folder: Path) -> list[str]:
             missing.append(match.group(1))
     for match in MD_LINK.finditer(text):
         target = match.group(1).split("#")[0]
-        if target and "://" not in target and not target.startswith("mailto:") and not _exists(target, [folder]):
+        if (
+            target
+            and "://" not in target
+            and not target.startswith("mailto:")
+            and not _exists(target, [folder])
+        ):
             missing.append(target)
     return sorted(set(missing))
 
@@ -75,8 +80,13 @@ def test_the_scanner_finds_what_it_should_and_nothing_else():
     https://github.com/owner/repo/blob/main/docs/nothing.md [anchor](#metrics) [site](https://x.org/a.md)
     ends with docs/scaling.md. and trgrpo/ then config.yaml metrics.csv
     """
-    assert missing_references(text, ROOT) == ["PAPER.md", "configs/none_demo.yaml", "configs/none_zz.yaml",
-                                                   "docs/gone.png", "scripts/missing.py"]
+    assert missing_references(text, ROOT) == [
+        "PAPER.md",
+        "configs/none_demo.yaml",
+        "configs/none_zz.yaml",
+        "docs/gone.png",
+        "scripts/missing.py",
+    ]
 
 
 @pytest.mark.parametrize("path", SCANNED, ids=lambda p: p.relative_to(ROOT).as_posix())

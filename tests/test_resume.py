@@ -29,24 +29,44 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 # 12 prompts, 2 per step: an epoch is 6 RL steps; 2 mini-batches per step, so global_step advances by 2
-RUN = [*arithmetic_args(batch_size=2, group_size=4, max_new_tokens=3),
-       "--data.task.init_args.train_size=12", "--model.optim.mini_batch_size=4",
-       "--model.optim.lr=0.01", "--model.loss.beta=0.05", "--model.sampling.temperature=1.5",
-       # the random tiny model never answers right: reward containing a digit, so groups differ
-       '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]',
-       "--trainer.max_steps=18", "--trainer.enable_checkpointing=true"]
+RUN = [
+    *arithmetic_args(batch_size=2, group_size=4, max_new_tokens=3),
+    "--data.task.init_args.train_size=12",
+    "--model.optim.mini_batch_size=4",
+    "--model.optim.lr=0.01",
+    "--model.loss.beta=0.05",
+    "--model.sampling.temperature=1.5",
+    # the random tiny model never answers right: reward containing a digit, so groups differ
+    '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]',
+    "--trainer.max_steps=18",
+    "--trainer.enable_checkpointing=true",
+]
 
 
 def checkpointing(dirpath: Path, every: int = 8) -> list[str]:
-    return ["--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-            f"--trainer.callbacks.dirpath={dirpath}", f"--trainer.callbacks.every_n_train_steps={every}",
-            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0"]
+    return [
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={dirpath}",
+        f"--trainer.callbacks.every_n_train_steps={every}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+    ]
 
 
 def _cli_command(tmp: Path, logs: str, stop_at: int, *extra: str) -> list[str]:
-    return [sys.executable, str(HERE / "test_resume.py"), str(stop_at), "fit", *TINY, *RUN,
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp / logs}",
-            f"--trainer.default_root_dir={tmp}", *checkpointing(tmp / "ckpt"), *extra]
+    return [
+        sys.executable,
+        str(HERE / "test_resume.py"),
+        str(stop_at),
+        "fit",
+        *TINY,
+        *RUN,
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp / logs}",
+        f"--trainer.default_root_dir={tmp}",
+        *checkpointing(tmp / "ckpt"),
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -56,21 +76,32 @@ def _env() -> dict:
 def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
     (path,) = logs.glob("**/metrics.csv")
     with open(path) as f:
-        return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-                for r in csv.DictReader(f) if r.get("train/loss")}
+        return {
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        }
 
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(tmp_path):
-    full = subprocess.run(_cli_command(tmp_path / "full", "logs", -1), env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    full = subprocess.run(
+        _cli_command(tmp_path / "full", "logs", -1), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert full.returncode == 0, full.stderr[-5000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_command(run, "logs1", 12), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        _cli_command(run, "logs1", 12),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
-        for line in proc.stdout:  # the child reaches global step 12: inside the 7th RL step, after checkpoint 8
+        for (
+            line
+        ) in proc.stdout:  # the child reaches global step 12: inside the 7th RL step, after checkpoint 8
             if line.startswith("STOPPED AT 12"):
                 break
         proc.send_signal(signal.SIGKILL)
@@ -80,8 +111,13 @@ def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(t
     saved = torch.load(run / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 8
 
-    resumed = subprocess.run(_cli_command(run, "logs2", -1, "--ckpt_path=last"), env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli_command(run, "logs2", -1, "--ckpt_path=last"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
 
     expected, got = _train_rows(tmp_path / "full" / "logs"), _train_rows(run / "logs2")
@@ -122,11 +158,21 @@ class TornWriter(TorchCheckpointIO):
 
 @pytest.mark.parametrize("atomic", [True, False])
 def test_kill_while_writing_leaves_the_previous_last_checkpoint(tmp_path, atomic):
-    callback = "trgrpo.checkpointing.AtomicModelCheckpoint" if atomic else "lightning.pytorch.callbacks.ModelCheckpoint"
-    args = [*arithmetic_args(), "--trainer.max_steps=4", "--trainer.enable_checkpointing=true",
-            f"--trainer.callbacks+={callback}", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
-            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.save_top_k=0"]
+    callback = (
+        "trgrpo.checkpointing.AtomicModelCheckpoint"
+        if atomic
+        else "lightning.pytorch.callbacks.ModelCheckpoint"
+    )
+    args = [
+        *arithmetic_args(),
+        "--trainer.max_steps=4",
+        "--trainer.enable_checkpointing=true",
+        f"--trainer.callbacks+={callback}",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+    ]
     with pytest.raises(TornWriteError):
         run_cli(tmp_path, *args, "--trainer.plugins=test_resume.TornWriter")
     last = tmp_path / "ckpt" / "last.ckpt"
@@ -147,6 +193,7 @@ def test_sigkill_inside_write_atomically_keeps_the_old_file(tmp_path):
     torch.save({"step": 1}, final)
     pid = os.fork()
     if pid == 0:  # child: start writing step 2, get SIGKILLed half-way
+
         def torn(path):
             path.write_bytes(b"\x80\x02half a pickle")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -168,6 +215,7 @@ def test_atomic_checkpoint_folders_are_swapped_through_a_symlink(tmp_path):
         def write(path):
             path.mkdir()
             (path / "shard0.pt").write_text(str(step))
+
         return write
 
     write_atomically(final, folder(1))
@@ -179,19 +227,32 @@ def test_atomic_checkpoint_folders_are_swapped_through_a_symlink(tmp_path):
 
 
 def test_resume_from_a_different_model_shape_fails_before_training(tmp_path):
-    args = [*arithmetic_args(), "--trainer.enable_checkpointing=true",
-            "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-            f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true"]
+    args = [
+        *arithmetic_args(),
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+    ]
     run_cli(tmp_path, *args, "--trainer.max_steps=1")
-    with pytest.raises(ValueError, match=r"model.policy.tiny=.*'hidden_size': 32.*this run has .*'hidden_size': 16"):
-        run_cli(tmp_path, *args, "--trainer.max_steps=2", "--model.policy.tiny.hidden_size=16", "--ckpt_path=last")
+    with pytest.raises(
+        ValueError, match=r"model.policy.tiny=.*'hidden_size': 32.*this run has .*'hidden_size': 16"
+    ):
+        run_cli(
+            tmp_path, *args, "--trainer.max_steps=2", "--model.policy.tiny.hidden_size=16", "--ckpt_path=last"
+        )
     # a checkpoint without the policy settings (written by hand, another tool...) is caught by its shapes
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     del ckpt["hyper_parameters"]["policy"]
     torch.save(ckpt, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match=r"embed_tokens.weight: checkpoint \(\d+, 32\) vs model \(\d+, 16\)"):
-        run_cli(tmp_path, *args, "--trainer.max_steps=2", "--model.policy.tiny.hidden_size=16",
-                f"--ckpt_path={tmp_path / 'bare.ckpt'}")
+        run_cli(
+            tmp_path,
+            *args,
+            "--trainer.max_steps=2",
+            "--model.policy.tiny.hidden_size=16",
+            f"--ckpt_path={tmp_path / 'bare.ckpt'}",
+        )
 
 
 if __name__ == "__main__":

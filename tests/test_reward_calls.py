@@ -1,6 +1,6 @@
 """How rewards are called: a default timeout that says which reward it stopped, and no silent fallback.
 
-    python -m pytest tests/test_reward_calls.py -q
+python -m pytest tests/test_reward_calls.py -q
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def test_a_reward_that_never_returns_is_stopped_by_default_and_named(caplog):
     finally:
         _release.set()
     assert first.total.tolist() == [-1.0, -1.0] and first.errors == 2 and second.errors == 1
-    fired = [r.getMessage() for r in caplog.records if "took longer than its timeout of 0.3s" in r.getMessage()]
+    fired = [
+        r.getMessage() for r in caplog.records if "took longer than its timeout of 0.3s" in r.getMessage()
+    ]
     assert len(fired) == 2 and all("'never_returns'" in m and "model.rewards[].timeout" in m for m in fired)
     assert RewardSpec(fn=never_returns, timeout=0).timeout == 0  # 0 turns it off
 
@@ -51,5 +53,7 @@ def test_a_failed_batch_call_is_logged_once_with_the_reason_before_the_retries(c
     assert res.total.tolist() == [1.0, 1.0, 1.0]  # each sample alone gets its one score
     said = [r.getMessage() for r in caplog.records if "'one_score'" in r.getMessage()]
     assert len(said) == 1
-    assert "failed on the batch of 3 completions" in said[0] and "returned 1 scores for 3 completions" in said[0]
+    assert (
+        "failed on the batch of 3 completions" in said[0] and "returned 1 scores for 3 completions" in said[0]
+    )
     assert "retrying sample by sample" in said[0]

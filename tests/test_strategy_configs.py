@@ -33,13 +33,19 @@ DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
 def test_the_four_fragments_exist():
-    assert [f.name for f in FRAGMENTS] == ["ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-                                           "deepspeed_zero3_offload.yaml"]
+    assert [f.name for f in FRAGMENTS] == [
+        "ddp.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "deepspeed_zero3_offload.yaml",
+    ]
 
 
 def test_ddp_fragment_composes_with_a_base_config():
-    cli = main(["--config", DEMO, "--config", str(ROOT / "configs/strategy/ddp.yaml"),
-                "--trainer.logger=false"], run=False)
+    cli = main(
+        ["--config", DEMO, "--config", str(ROOT / "configs/strategy/ddp.yaml"), "--trainer.logger=false"],
+        run=False,
+    )
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.model.policy_cfg.gradient_checkpointing is False
@@ -82,8 +88,10 @@ def test_unknown_strategy_name_fails_naming_it():
 
 def test_unknown_key_in_a_fragment_fails_naming_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DeepSpeedStrategy\n"
-                   "    init_args: {stag: 3}\n")
+    bad.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DeepSpeedStrategy\n"
+        "    init_args: {stag: 3}\n"
+    )
     with pytest.raises(SystemExit):
         main(["--config", DEMO, "--config", str(bad)], run=False)
     assert "'stag' is not accepted" in capsys.readouterr().err
@@ -91,9 +99,15 @@ def test_unknown_key_in_a_fragment_fails_naming_the_key(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- ZeRO on DeepSpeed's CPU accelerator
 
-ZERO_RUN = [*TINY, *arithmetic_args(batch_size=2, group_size=4), "--trainer.max_steps=2",
-            "--model.optim.micro_batch_size=4", "--model.loss.beta=0.05", "--model.optim.lr=0.01",
-            '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]']
+ZERO_RUN = [
+    *TINY,
+    *arithmetic_args(batch_size=2, group_size=4),
+    "--trainer.max_steps=2",
+    "--model.optim.micro_batch_size=4",
+    "--model.loss.beta=0.05",
+    "--model.optim.lr=0.01",
+    '--model.rewards=[{"fn": "trgrpo.rewards.regex_format", "kwargs": {"pattern": ".*[0-9].*"}}]',
+]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +116,9 @@ def pretrained(tmp_path_factory):
     from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 
     path = tmp_path_factory.mktemp("pretrained")
-    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                            intermediate_size=64))
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
     tok = load_tokenizer(cfg)
     load_model(cfg, tok).save_pretrained(path)
     tok.save_pretrained(path)
@@ -115,8 +130,11 @@ def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
 
     (path,) = logs.glob("**/metrics.csv")
     with open(path) as f:
-        return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-                for r in csv.DictReader(f) if r.get("train/loss")}
+        return {
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        }
 
 
 # without KL, 2 optimiser steps per RL step of one group each: groups with equal rewards are skipped whole, and
@@ -125,8 +143,11 @@ SKIP = ["--model.loss.beta=0", "--model.optim.mini_batch_size=4", "--trainer.max
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, lora, extra", [(2, False, SKIP), (3, False, []), (3, True, []), (3, False, SKIP)],
-                         ids=["zero2-skip", "zero3", "zero3-lora", "zero3-skip"])
+@pytest.mark.parametrize(
+    "stage, lora, extra",
+    [(2, False, SKIP), (3, False, []), (3, True, []), (3, False, SKIP)],
+    ids=["zero2-skip", "zero3", "zero3-lora", "zero3-skip"],
+)
 def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extra):
     pytest.importorskip("deepspeed")  # an optional dependency (pip install trgrpo[deepspeed])
     import copy
@@ -137,23 +158,45 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
 
     model = [f"--model.policy.name_or_path={pretrained}", *extra]
     if lora:  # the exports below are then the merged models
-        model += ["--model.policy.lora.r=4", "--model.policy.lora.alpha=8", "--model.policy.lora.target_modules=all-linear"]
+        model += [
+            "--model.policy.lora.r=4",
+            "--model.policy.lora.alpha=8",
+            "--model.policy.lora.target_modules=all-linear",
+        ]
     plain = run_cli(tmp_path / "plain", *ZERO_RUN, *model)
     policy = copy.deepcopy(plain.model.policy_model).merge_and_unload() if lora else plain.model.policy_model
     reference = {k: v.detach() for k, v in policy.state_dict().items()}
 
     run = tmp_path / "zero"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "no-jit-builds")}
-    cmd = [sys.executable, str(HERE / "test_strategy_configs.py"), f"deepspeed_zero{stage}.yaml",
-           str(run / "facts.json"), "fit", *ZERO_RUN, *model, "--trainer.precision=32-true",
-           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run}",
-           f"--trainer.default_root_dir={run}", "--trainer.enable_checkpointing=true",
-           "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
-           f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.save_last=true",
-           "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
-           "--trainer.callbacks+=trgrpo.callbacks.HFExport", f"--trainer.callbacks.dirpath={run / 'hf'}",
-           f"--trainer.callbacks.merge_lora={str(lora).lower()}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "no-jit-builds"),
+    }
+    cmd = [
+        sys.executable,
+        str(HERE / "test_strategy_configs.py"),
+        f"deepspeed_zero{stage}.yaml",
+        str(run / "facts.json"),
+        "fit",
+        *ZERO_RUN,
+        *model,
+        "--trainer.precision=32-true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={run / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=0",
+        "--trainer.callbacks+=trgrpo.callbacks.HFExport",
+        f"--trainer.callbacks.dirpath={run / 'hf'}",
+        f"--trainer.callbacks.merge_lora={str(lora).lower()}",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
@@ -172,8 +215,13 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
     expected, got = _train_rows(tmp_path / "plain"), _train_rows(run)
     assert sorted(got) == sorted(expected) == [0, 1]
     for step in expected:
-        for key in ("train/loss", "train/grad_norm", "train/reward", "train/completion_length",
-                    *(() if extra else ("train/kl",))):
+        for key in (
+            "train/loss",
+            "train/grad_norm",
+            "train/reward",
+            "train/completion_length",
+            *(() if extra else ("train/kl",)),
+        ):
             # float32 through other reduction orders, and step 1 runs on weights that already carry AdamW's
             # amplified noise (below): measured up to 2.2e-6 relative
             assert got[step][key] == pytest.approx(expected[step][key], rel=2e-5, abs=1e-7), (step, key)
@@ -188,13 +236,17 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
     last = run / "ckpt" / "last.ckpt"
     assert last.is_symlink() and last.is_dir()  # a folder of shards, published through a symlink
     again = export_checkpoint(last, tmp_path / "from-shards", merge_lora=lora)  # on the CPU, from the shards
-    for k, v in load_file(again / "model.safetensors").items():  # the same stored values, no arithmetic: exact
+    for k, v in load_file(
+        again / "model.safetensors"
+    ).items():  # the same stored values, no arithmetic: exact
         torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
 
 
 if __name__ == "__main__":
     fragment, facts_path, cli_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no C++ build for one process
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: (
+        None
+    )  # no C++ build for one process
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         """DeepSpeedStrategy minus Lightning's CUDA assumptions (device checks, device index)."""
@@ -212,9 +264,14 @@ if __name__ == "__main__":
             import deepspeed
 
             engine, opt, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=-1), config=self.config, model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-                lr_scheduler=lr_scheduler, dist_init_required=False)
+                args=argparse.Namespace(device_rank=-1),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
             return engine, opt
 
     import trgrpo.cli
@@ -227,17 +284,34 @@ if __name__ == "__main__":
         configure_model(self)
         cfg, ref = self.trainer.strategy.config, self.ref_model
         Path(facts_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(facts_path).write_text(json.dumps({
-            "policy_sharded": all(p.numel() == 0 and hasattr(p, "ds_id") for p in self.policy_model.parameters()),
-            "ref_sharded": None if ref is None else all(p.numel() == 0 and hasattr(p, "ds_id") for p in ref.parameters()),
-            "ref_frozen_eval": None if ref is None else not ref.training and
-            not any(p.requires_grad for p in ref.parameters()),
-            "managed_gradient_accumulation": cfg["managed_gradient_accumulation"],
-            "gradient_clipping": cfg["gradient_clipping"],
-            "gradient_checkpointing": self.policy_model.is_gradient_checkpointing,
-        }))
+        Path(facts_path).write_text(
+            json.dumps(
+                {
+                    "policy_sharded": all(
+                        p.numel() == 0 and hasattr(p, "ds_id") for p in self.policy_model.parameters()
+                    ),
+                    "ref_sharded": None
+                    if ref is None
+                    else all(p.numel() == 0 and hasattr(p, "ds_id") for p in ref.parameters()),
+                    "ref_frozen_eval": None
+                    if ref is None
+                    else not ref.training and not any(p.requires_grad for p in ref.parameters()),
+                    "managed_gradient_accumulation": cfg["managed_gradient_accumulation"],
+                    "gradient_clipping": cfg["gradient_clipping"],
+                    "gradient_checkpointing": self.policy_model.is_gradient_checkpointing,
+                }
+            )
+        )
 
     trgrpo.module.GRPOModule.configure_model = configure_and_record
-    trgrpo.cli.main([*cli_args[:1], "--config", str(ROOT / "configs/strategy" / fragment), *cli_args[1:],
-                     "--trainer.accelerator=cpu", "--trainer.devices=1",
-                     "--trainer.strategy.class_path=__main__.CPUDeepSpeedStrategy"])
+    trgrpo.cli.main(
+        [
+            *cli_args[:1],
+            "--config",
+            str(ROOT / "configs/strategy" / fragment),
+            *cli_args[1:],
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy.class_path=__main__.CPUDeepSpeedStrategy",
+        ]
+    )

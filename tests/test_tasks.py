@@ -1,6 +1,6 @@
 """Tasks: reasoning-gym tasks, Knights and Knaves, math from local files, and prompt rendering.
 
-    python -m pytest tests/test_tasks.py -q
+python -m pytest tests/test_tasks.py -q
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 
 from trgrpo.data import PromptDataModule
 from trgrpo.policy import PolicyConfig, load_tokenizer
+from trgrpo.policy.chartokenizer import save_char_tokenizer
 from trgrpo.tasks import KnightsKnavesTask, MathTask, ReasoningGymTask, Task
 from trgrpo.tasks.common import normalise
 from trgrpo.tasks.knights_knaves import to_classic_roles
 from trgrpo.tasks.reasoning_gym import draw_split, reasoning_gym_reward
-from trgrpo.tokenizer import save_char_tokenizer
 
 OTHER_ROLES = r"\b(pioneer|laggard|saint|sinner|hero|villain|angel|devil|altruist|egoist|sage|fool)s?\b"
 
@@ -40,15 +40,23 @@ def test_reasoning_gym_task_rows_disjoint_and_scored(name):
     assert row["prompt"] == row["question"] and row["rg_task"] == name
     right, wrong = task.demonstration(row), "<answer>certainly not this</answer>"
     assert task.verify(right, row) == 1.0 and task.verify(wrong, row) == 0.0  # verify sets exactly 1.0 / 0.0
-    cols = {k: [r[k] for r in (row, row, row)] for k in ("rg_task", "rg_options", "question", "answer", "metadata")}
+    cols = {
+        k: [r[k] for r in (row, row, row)]
+        for k in ("rg_task", "rg_options", "question", "answer", "metadata")
+    }
     scores = reasoning_gym_reward(None, [right, wrong, row["answer"]], **cols)
     assert scores[0] == 1.0 and scores[1] < 1.0 and scores[2] < 1.0  # no <answer> tag: not the answer
 
 
 def test_reasoning_gym_levels_options_and_seeds():
-    task = ReasoningGymTask(name="basic_arithmetic", options={"min_digits": 1, "max_digits": 1},
-                            levels={"short": {"min_terms": 2, "max_terms": 2}, "long": {"min_terms": 5, "max_terms": 5}},
-                            train_size=8, val_size=4, prompt_template="Compute: {question}\n")
+    task = ReasoningGymTask(
+        name="basic_arithmetic",
+        options={"min_digits": 1, "max_digits": 1},
+        levels={"short": {"min_terms": 2, "max_terms": 2}, "long": {"min_terms": 5, "max_terms": 5}},
+        train_size=8,
+        val_size=4,
+        prompt_template="Compute: {question}\n",
+    )
     train = task.rows("train")
     assert [r["level"] for r in train] == ["short"] * 8 + ["long"] * 8
     assert all(r["prompt"] == f"Compute: {r['question']}\n" for r in train)
@@ -57,8 +65,14 @@ def test_reasoning_gym_levels_options_and_seeds():
     long_ = [len(re.findall(r"\d+", r["question"])) for r in train if r["level"] == "long"]
     assert set(short) == {2} and set(long_) == {5}
     # the same seed gives the same items; another seed gives others
-    again = ReasoningGymTask(name="basic_arithmetic", options={"min_digits": 1, "max_digits": 1},
-                             levels=task.levels, train_size=8, val_size=4, prompt_template="Compute: {question}\n")
+    again = ReasoningGymTask(
+        name="basic_arithmetic",
+        options={"min_digits": 1, "max_digits": 1},
+        levels=task.levels,
+        train_size=8,
+        val_size=4,
+        prompt_template="Compute: {question}\n",
+    )
     assert [r["question"] for r in again.rows("train")] == [r["question"] for r in train]
 
 
@@ -84,7 +98,9 @@ class _FewQuestions:
 def test_held_out_never_repeats_a_training_item(monkeypatch, distinct):
     import trgrpo.tasks.reasoning_gym as rg_mod
 
-    monkeypatch.setattr(rg_mod, "make_dataset", lambda name, opts, seed, size, key="": _FewQuestions(seed, distinct))
+    monkeypatch.setattr(
+        rg_mod, "make_dataset", lambda name, opts, seed, size, key="": _FewQuestions(seed, distinct)
+    )
     task = ReasoningGymTask(name="anything", train_size=20, val_size=10)
     if distinct == 5:  # every question is a training question: an error instead of a leak
         with pytest.raises(ValueError, match="found only 0 held-out anything items"):
@@ -95,8 +111,11 @@ def test_held_out_never_repeats_a_training_item(monkeypatch, distinct):
 
 
 def test_reasoning_gym_bad_name_and_option():
-    with pytest.raises(ValueError, match=r"data\.task\.init_args\.name: unknown reasoning-gym task 'knight_knave'.*"
-                                         r"knights_knaves"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.task\.init_args\.name: unknown reasoning-gym task 'knight_knave'.*"
+        r"knights_knaves",
+    ):
         ReasoningGymTask(name="knight_knave")
     with pytest.raises(ValueError, match=r"data\.task\.init_args\.options:.*\['people'\].*n_people"):
         ReasoningGymTask(name="knights_knaves", options={"people": 3})
@@ -112,7 +131,10 @@ def test_knights_knaves_levels_roles_and_disjoint():
     assert len(train) == 18 and not _questions(train) & _questions(val)
     for r in train + val:
         assert len(r["names"]) == len(r["roles"]) == r["level"]
-        assert set(r["roles"]) <= {"knight", "knave"} and (r["knight_term"], r["knave_term"]) == ("knight", "knave")
+        assert set(r["roles"]) <= {"knight", "knave"} and (r["knight_term"], r["knave_term"]) == (
+            "knight",
+            "knave",
+        )
         assert not re.search(OTHER_ROLES, r["prompt"], flags=re.IGNORECASE), r["prompt"]
         assert all(n in r["prompt"] for n in r["names"])
         assert task.verify(task.demonstration(r), r) == 1.0
@@ -140,15 +162,24 @@ def test_knights_knaves_mixed_roles_keep_reasoning_gym_terms():
 
 
 def test_to_classic_roles_rewrites_every_form():
-    terms = {"knight": "altruist", "knave": "egoist", "a_knight": "an altruist", "a_knave": "an egoist",
-             "Knight": "Altruist", "Knave": "Egoist"}
-    text = ('inhabited only by altruists and egoists. Altruists always tell the truth, and egoists always lie. '
-            'Ann said, "Bo is an egoist". So who is an altruist and who is an egoist? '
-            '(Format your answer like: "Ann is a altruist/egoist")')
+    terms = {
+        "knight": "altruist",
+        "knave": "egoist",
+        "a_knight": "an altruist",
+        "a_knave": "an egoist",
+        "Knight": "Altruist",
+        "Knave": "Egoist",
+    }
+    text = (
+        "inhabited only by altruists and egoists. Altruists always tell the truth, and egoists always lie. "
+        'Ann said, "Bo is an egoist". So who is an altruist and who is an egoist? '
+        '(Format your answer like: "Ann is a altruist/egoist")'
+    )
     assert to_classic_roles(text, terms) == (
-        'inhabited only by knights and knaves. Knights always tell the truth, and knaves always lie. '
+        "inhabited only by knights and knaves. Knights always tell the truth, and knaves always lie. "
         'Ann said, "Bo is a knave". So who is a knight and who is a knave? '
-        '(Format your answer like: "Ann is a knight/knave")')
+        '(Format your answer like: "Ann is a knight/knave")'
+    )
 
 
 def test_knights_knaves_bad_config():
@@ -160,8 +191,14 @@ def test_knights_knaves_bad_config():
 
 # --------------------------------------------------------------------------- math from local files
 
-GSM = [{"q": f"Tom has {i} apples and buys {i + 1} more. How many?", "sol": f"{i}+{i + 1}\n#### {2 * i + 1}",
-        "lvl": i % 2} for i in range(12)]
+GSM = [
+    {
+        "q": f"Tom has {i} apples and buys {i + 1} more. How many?",
+        "sol": f"{i}+{i + 1}\n#### {2 * i + 1}",
+        "lvl": i % 2,
+    }
+    for i in range(12)
+]
 
 
 def _write(tmp_path, fmt: str, rows=GSM) -> str:
@@ -179,8 +216,16 @@ def _write(tmp_path, fmt: str, rows=GSM) -> str:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv"])
 def test_math_task_from_local_file(tmp_path, fmt):
-    task = MathTask(path=_write(tmp_path, fmt), val_split=None, val_size=4, question_key="q", answer_key="sol",
-                    level_key="lvl", cache_dir=str(tmp_path / "cache"), prompt_template="Q: {question} \\boxed{}")
+    task = MathTask(
+        path=_write(tmp_path, fmt),
+        val_split=None,
+        val_size=4,
+        question_key="q",
+        answer_key="sol",
+        level_key="lvl",
+        cache_dir=str(tmp_path / "cache"),
+        prompt_template="Q: {question} \\boxed{}",
+    )
     train, val = task.rows("train"), task.rows("val")
     assert (len(train), len(val)) == (8, 4) and not _questions(train) & _questions(val)
     by_question = {r["q"]: r for r in GSM}
@@ -196,30 +241,55 @@ def test_math_task_splits_from_data_files_and_overlap_check(tmp_path, caplog):
     test_rows = GSM[8:] + [{"q": "What is  2+2?", "sol": "#### 4", "lvl": 0}]  # same question as a train row
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
-    files = {"train": _write(tmp_path / "train", "jsonl", train_rows), "test": _write(tmp_path / "test", "jsonl", test_rows)}
-    task = MathTask(path="json", data_files=files, question_key="q", answer_key="sol", cache_dir=str(tmp_path / "cache"))
+    files = {
+        "train": _write(tmp_path / "train", "jsonl", train_rows),
+        "test": _write(tmp_path / "test", "jsonl", test_rows),
+    }
+    task = MathTask(
+        path="json", data_files=files, question_key="q", answer_key="sol", cache_dir=str(tmp_path / "cache")
+    )
     with caplog.at_level(logging.WARNING):
         val = task.rows("val")
     assert len(task.rows("train")) == 9 and len(val) == 4  # the shared question was dropped from held-out
     assert "dropped 1 held-out rows" in caplog.text
-    assert next(r for r in task.rows("train") if r["question"] == "What is 2+2?")["answer"] == "4"  # from \\boxed{4}
-    small = MathTask(path="json", data_files=files, question_key="q", answer_key="sol", train_size=5, val_size=2,
-                     cache_dir=str(tmp_path / "cache"))
-    assert len(small.rows("train")) == 5 and [r["question"] for r in small.rows("val")] == [r["q"] for r in GSM[8:10]]
+    assert (
+        next(r for r in task.rows("train") if r["question"] == "What is 2+2?")["answer"] == "4"
+    )  # from \\boxed{4}
+    small = MathTask(
+        path="json",
+        data_files=files,
+        question_key="q",
+        answer_key="sol",
+        train_size=5,
+        val_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert len(small.rows("train")) == 5 and [r["question"] for r in small.rows("val")] == [
+        r["q"] for r in GSM[8:10]
+    ]
 
 
 def test_math_task_bad_input(tmp_path):
     path = _write(tmp_path, "jsonl")
     cache = str(tmp_path / "cache")
-    with pytest.raises(ValueError, match=r"question_key: column 'question' is not in the 'train' split.*"
-                                         r"columns present: \['q', 'sol', 'lvl'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"question_key: column 'question' is not in the 'train' split.*"
+        r"columns present: \['q', 'sol', 'lvl'\]",
+    ):
         MathTask(path=path, val_split=None, val_size=2, cache_dir=cache).rows("train")
     with pytest.raises(ValueError, match=r"val_split='test'"):
         MathTask(path=path, question_key="q", answer_key="sol", cache_dir=cache).rows("train")
     bad = GSM[:3] + [{"q": "", "sol": "#### 1", "lvl": 0}]
     with pytest.raises(ValueError, match=r"row 3 has an empty or non-string question"):
-        MathTask(path=_write(tmp_path, "json", bad), val_split=None, val_size=1, question_key="q",
-                 answer_key="sol", cache_dir=cache).rows("train")
+        MathTask(
+            path=_write(tmp_path, "json", bad),
+            val_split=None,
+            val_size=1,
+            question_key="q",
+            answer_key="sol",
+            cache_dir=cache,
+        ).rows("train")
     with pytest.raises(ValueError, match="val_size is required"):
         MathTask(path=path, val_split=None)
 

@@ -15,15 +15,22 @@ import pytest
 from trgrpo.threads import THREAD_DEFAULTS, apply_thread_defaults
 
 # what the child sees in its environment at the moment torch is imported
-PROBE = ("import os, {first}; import torch; "
-         "print(os.environ.get('GOMP_SPINCOUNT', '<unset>'), os.environ.get('OMP_WAIT_POLICY', '<unset>'))")
+PROBE = (
+    "import os, {first}; import torch; "
+    "print(os.environ.get('GOMP_SPINCOUNT', '<unset>'), os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
+)
 
 
 def wait_policy(first: str, **env: str) -> str:
     """'<GOMP_SPINCOUNT> <OMP_WAIT_POLICY>' as the child's torch saw them."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env={**base, **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(first=first)],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from test_multiturn import ScriptedEngine, lookup
 
-from trgrpo.callformats import ChatFormat, TagFormat
+from trgrpo.agent.episodes import run_episodes
+from trgrpo.agent.formats import ChatFormat, TagFormat
+from trgrpo.agent.tools import AgentConfig, FunctionTools, ToolBox, ToolCall, run_calls
 from trgrpo.cli import main
-from trgrpo.multiturn import run_episodes
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model
+from trgrpo.policy.chartokenizer import build_char_tokenizer
 from trgrpo.rollout import SamplingConfig
-from trgrpo.tokenizer import build_char_tokenizer
-from trgrpo.tools import AgentConfig, FunctionTools, ToolBox, ToolCall, run_calls
 
 # the embedded chat template, plus the tool schemas in a system block (as instruct models' templates do)
 TOOL_TEMPLATE = (
@@ -38,7 +38,10 @@ def tokenizer():
 def test_schema_comes_from_type_hints_and_docstring():
     (schema,) = FunctionTools([lookup]).tools()
     assert schema["function"]["name"] == "lookup" and schema["function"]["description"] == "Look a word up."
-    assert schema["function"]["parameters"]["properties"]["query"] == {"type": "string", "description": "the word."}
+    assert schema["function"]["parameters"]["properties"]["query"] == {
+        "type": "string",
+        "description": "the word.",
+    }
     assert schema["function"]["parameters"]["required"] == ["query"]
 
 
@@ -49,8 +52,9 @@ def test_chat_format_renders_tools_parses_calls_and_returns_tool_messages(tokeni
     assert prompt.endswith("<|system|>Be brief.\n<|user|>What is a cat?\n<|assistant|>")
     call = '<tool_call>{"name": "lookup", "arguments": {"query": "cat"}}</tool_call>'
     assert fmt.parse("thinking " + call) == ToolCall("lookup", {"query": "cat"})
-    assert fmt.parse('<tool_call>{"name": "lookup", "arguments": "{\\"query\\": \\"x\\"}"}</tool_call>').arguments == \
-        {"query": "x"}  # arguments as a JSON string, as some models write them
+    assert fmt.parse(
+        '<tool_call>{"name": "lookup", "arguments": "{\\"query\\": \\"x\\"}"}</tool_call>'
+    ).arguments == {"query": "x"}  # arguments as a JSON string, as some models write them
     assert fmt.parse("<tool_call>{not json}</tool_call>").error.startswith("malformed tool call")
     assert fmt.parse("the answer is 4") is None
     # the end of the assistant turn, the tool message, the next assistant turn: as the template renders them
@@ -58,27 +62,47 @@ def test_chat_format_renders_tools_parses_calls_and_returns_tool_messages(tokeni
 
 
 def test_chat_format_episode_end_to_end(tokenizer):
-    model = load_model(PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                         intermediate_size=64)), tokenizer).eval()
-    call = '<tool_call>' + json.dumps({"name": "lookup", "arguments": {"query": "cat"}}) + '</tool_call>'
-    sampling = SamplingConfig(group_size=2, max_new_tokens=100, agent=AgentConfig(format="chat", tools=[lookup]))
-    r = run_episodes(ScriptedEngine([call, "a pet<eos>"]), model, tokenizer, ["What is a cat?"], sampling, 2, False)
+    model = load_model(
+        PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            )
+        ),
+        tokenizer,
+    ).eval()
+    call = "<tool_call>" + json.dumps({"name": "lookup", "arguments": {"query": "cat"}}) + "</tool_call>"
+    sampling = SamplingConfig(
+        group_size=2, max_new_tokens=100, agent=AgentConfig(format="chat", tools=[lookup])
+    )
+    r = run_episodes(
+        ScriptedEngine([call, "a pet<eos>"]), model, tokenizer, ["What is a cat?"], sampling, 2, False
+    )
     assert r.completions[0] == call + "\n<|tool|>def:cat\n<|assistant|>a pet"
-    prompt = tokenizer.decode(r.input_ids[0, :r.prompt_len][r.attention_mask[0, :r.prompt_len].bool()])
+    prompt = tokenizer.decode(r.input_ids[0, : r.prompt_len][r.attention_mask[0, : r.prompt_len].bool()])
     assert '"name": "lookup"' in prompt  # the model saw the tool schema
     tool = (r.completion_mask[0] == 1) & (r.trainable_mask[0] == 0)
-    assert tokenizer.decode(r.input_ids[0, r.prompt_len:][tool]) == "\n<|tool|>def:cat\n<|assistant|>"
+    assert tokenizer.decode(r.input_ids[0, r.prompt_len :][tool]) == "\n<|tool|>def:cat\n<|assistant|>"
     assert r.episodes.tool_calls.tolist() == [1, 1] and not r.truncated.any()
-    assert r.input_ids[0, r.prompt_len:][r.completion_mask[0].bool()][-1] == tokenizer.eos_token_id
+    assert r.input_ids[0, r.prompt_len :][r.completion_mask[0].bool()][-1] == tokenizer.eos_token_id
     assert torch.equal(r.trainable_mask[0, -1:], torch.ones(1))  # the model's EOS is trained
 
 
 def test_tag_format_parses_search_r1_calls_and_answers():
-    fmt = TagFormat([{"type": "function", "function": {"name": "search", "parameters": {
-        "properties": {"query": {"type": "string"}}, "required": ["query"]}}}])
+    fmt = TagFormat(
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "search",
+                    "parameters": {"properties": {"query": {"type": "string"}}, "required": ["query"]},
+                },
+            }
+        ]
+    )
     assert fmt.stop == ["</search>", "</answer>"]
-    assert fmt.parse("<think>hm</think><search> capital of France </search>") == \
-        ToolCall("search", {"query": "capital of France"})
+    assert fmt.parse("<think>hm</think><search> capital of France </search>") == ToolCall(
+        "search", {"query": "capital of France"}
+    )
     assert fmt.parse("<answer>Paris</answer>") is None
     assert fmt.parse("oops</search>").error == "</search> without an opening <search>"
     assert fmt.wrap(None) == ("\n\n<information>", "</information>\n\n")
@@ -86,8 +110,14 @@ def test_tag_format_parses_search_r1_calls_and_answers():
 
 def test_unknown_tools_and_bad_arguments_are_errors_for_the_model():
     box = ToolBox(AgentConfig(tools=[lookup])).episode({}, 0)
-    results = run_calls([(box, ToolCall("nope", {})), (box, ToolCall("lookup", {"q": 1})),
-                         (box, ToolCall("lookup", {"query": "a"}))], timeout=1.0)
+    results = run_calls(
+        [
+            (box, ToolCall("nope", {})),
+            (box, ToolCall("lookup", {"q": 1})),
+            (box, ToolCall("lookup", {"query": "a"})),
+        ],
+        timeout=1.0,
+    )
     assert results[0].error and "unknown tool 'nope'; available: lookup" in results[0].text
     assert results[1].error and "missing ['query'], unexpected ['q']" in results[1].text
     assert results[2] == (lookup(query="a"), False)
@@ -95,6 +125,12 @@ def test_unknown_tools_and_bad_arguments_are_errors_for_the_model():
 
 def test_a_tool_path_that_does_not_import_fails_at_start_up(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--model.sampling.agent.tools=[no_such_module.no_such_tool]", "--trainer.accelerator=cpu"],
-             run=False)
+        main(
+            [
+                "fit",
+                "--model.sampling.agent.tools=[no_such_module.no_such_tool]",
+                "--trainer.accelerator=cpu",
+            ],
+            run=False,
+        )
     assert "model.sampling.agent" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The update plan, the step statistics and the configured loss, without a trainer.
 
-    python -m pytest tests/test_update.py -q
+python -m pytest tests/test_update.py -q
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def test_one_mini_batch_needs_no_old_logprobs_and_is_not_shuffled():
     assert (steps[0].num_tokens, steps[0].num_seqs) == (23.0, 8.0)
 
 
-@pytest.mark.parametrize(("optim", "why"), [({"epochs": 2}, "epochs"), ({"mini_batch_size": 4}, "mini-batches")])
+@pytest.mark.parametrize(
+    ("optim", "why"), [({"epochs": 2}, "epochs"), ({"mini_batch_size": 4}, "mini-batches")]
+)
 def test_several_updates_per_batch_need_old_logprobs(optim, why):
     assert _plan(**optim).needs_old_logp, why
 
@@ -58,7 +60,7 @@ def test_mini_batches_are_whole_shuffled_groups_and_normalisers_count_the_mini_b
     inputs = _inputs()
     steps = list(plan.steps(inputs, torch.Generator().manual_seed(1)))
     assert len(steps) == 4
-    epochs = [torch.cat([b.idx for s in steps[i:i + 2] for b in s.micro_batches]) for i in (0, 2)]
+    epochs = [torch.cat([b.idx for s in steps[i : i + 2] for b in s.micro_batches]) for i in (0, 2)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(8))  # every sequence once per epoch
         assert all(order[i].item() // G == order[i + 1].item() // G for i in range(0, 8, G))  # whole groups
@@ -108,9 +110,26 @@ def test_grpo_loss_equals_policy_loss_with_the_same_settings():
     weighting = TokenRegulatedWeighting(placement="ratio", weight_kl=True)
     loss = GRPOLoss.from_config(cfg, weighting, max_len=7)
     got = loss(logp, old, adv, w, mask, mask, num_tokens=12.0, num_seqs=3.0, ref_logp=ref)
-    want = policy_loss(logp, old, adv, w, mask, mask, num_tokens=12.0, num_seqs=3.0, max_len=7, clip_low=0.1,
-                       clip_high=0.3, dual_clip=3.0, placement="ratio", aggregation="seq_sum_const", ref_logp=ref,
-                       beta=0.05, kl_estimator="k3", weight_kl=True)
+    want = policy_loss(
+        logp,
+        old,
+        adv,
+        w,
+        mask,
+        mask,
+        num_tokens=12.0,
+        num_seqs=3.0,
+        max_len=7,
+        clip_low=0.1,
+        clip_high=0.3,
+        dual_clip=3.0,
+        placement="ratio",
+        aggregation="seq_sum_const",
+        ref_logp=ref,
+        beta=0.05,
+        kl_estimator="k3",
+        weight_kl=True,
+    )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same function on the same tensors: exact
 
@@ -119,18 +138,42 @@ def test_step_stats_use_the_documented_metric_names():
     upd = UpdateStats()
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     w = torch.tensor([[1.0, 1.4, 0.0], [1.2, 0.0, 0.0]])
-    upd.add_micro_batch(torch.tensor(0.5), torch.tensor(1), torch.tensor(0), torch.tensor(0.3), w, mask, mask,
-                        None, (1.0, 1.4))
+    upd.add_micro_batch(
+        torch.tensor(0.5),
+        torch.tensor(1),
+        torch.tensor(0),
+        torch.tensor(0.3),
+        w,
+        mask,
+        mask,
+        None,
+        (1.0, 1.4),
+    )
     upd.add_optimiser_step(2.0)
     stats = StepStats.collect(
-        rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]), per_term={"answer": torch.tensor([1.0, 0.0, float("nan"), 1.0])},
-        reward_errors=0, group_size=2, completion_mask=torch.ones(4, 2), truncated=torch.tensor([0, 0, 1, 0]).bool(),
-        update=upd, lr=1e-3, bounded_weights=True, kl=True, timings=StepTimings(1.0, 2.0, 3.0, 4.0))
+        rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        per_term={"answer": torch.tensor([1.0, 0.0, float("nan"), 1.0])},
+        reward_errors=0,
+        group_size=2,
+        completion_mask=torch.ones(4, 2),
+        truncated=torch.tensor([0, 0, 1, 0]).bool(),
+        update=upd,
+        lr=1e-3,
+        bounded_weights=True,
+        kl=True,
+        timings=StepTimings(1.0, 2.0, 3.0, 4.0),
+    )
     m = stats.metrics()
     assert m["train/reward"] == 0.75 and m["train/frac_reward_zero_std"] == 0.5
     assert m["train/clip_ratio/low"] == pytest.approx(1 / 3) and m["train/clip_ratio/high"] == 0.0
-    assert m["train/weight/mean"] == pytest.approx(3.6 / 3) and m["train/weight/at_upper"] == pytest.approx(1 / 3)
+    assert m["train/weight/mean"] == pytest.approx(3.6 / 3) and m["train/weight/at_upper"] == pytest.approx(
+        1 / 3
+    )
     assert (m["train/weight/min"], m["train/weight/max"]) == pytest.approx((1.0, 1.4))  # float32 1.4
-    assert m["train/kl"] == pytest.approx(0.1) and m["train/grad_norm"] == 2.0 and m["train/truncated_ratio"] == 0.25
+    assert (
+        m["train/kl"] == pytest.approx(0.1)
+        and m["train/grad_norm"] == 2.0
+        and m["train/truncated_ratio"] == 0.25
+    )
     assert m["train/rewards/answer"] == pytest.approx(2 / 3) and "train/entropy" not in m  # not computed
     assert m["train/time/update"] == 4.0 and stats.timings().generation == 1.0

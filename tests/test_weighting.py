@@ -50,7 +50,9 @@ def test_tr_grpo_sources_masks_and_reverse():
     rollout = TokenRegulatedWeighting(source="rollout").weights(logp, old, adv, mask)
     current = TokenRegulatedWeighting(source="current").weights(logp, old, adv, mask)
     assert rollout.tolist()[0][0] == pytest.approx(1.0) and rollout[0, 1].item() == pytest.approx(1.4)
-    assert current[0, 0].item() == pytest.approx(1.4) and current[0, 1].item() == pytest.approx(1.216298, abs=1e-5)
+    assert current[0, 0].item() == pytest.approx(1.4) and current[0, 1].item() == pytest.approx(
+        1.216298, abs=1e-5
+    )
     assert rollout[0, 2].item() == 0.0 and current[0, 2].item() == 0.0  # padding weighs 0 (w * 0: exact)
     rev = TokenRegulatedWeighting(reverse=True).weight_of_prob(torch.tensor([0.9, 0.1]))
     assert rev[0].item() == pytest.approx(1.0) and rev[1].item() == pytest.approx(1.4)
@@ -84,8 +86,16 @@ def test_high_entropy_tokens_keeps_top_fraction():
     assert keep.tolist() == [[0.0] * 8 + [1.0, 1.0]]
 
 
-@pytest.mark.parametrize("strategy", [UniformWeighting(), TokenRegulatedWeighting(), AdvantageReweighting(),
-                                      Lopti(ar_alpha=0.1), HighEntropyTokens()])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        UniformWeighting(),
+        TokenRegulatedWeighting(),
+        AdvantageReweighting(),
+        Lopti(ar_alpha=0.1),
+        HighEntropyTokens(),
+    ],
+)
 def test_weights_are_nonnegative_detached_and_zero_on_padding(strategy):
     torch.manual_seed(0)
     logp = torch.log_softmax(torch.randn(4, 6, 9), -1)[..., 0].requires_grad_()

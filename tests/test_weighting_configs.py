@@ -33,7 +33,10 @@ PUBLISHED = {
     "grpo": ("UniformWeighting", {}),
     "tr_grpo": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate"}),
     "tr_grpo_ratio": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "ratio"}),
-    "tr_grpo_weight_kl": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate", "weight_kl": True}),
+    "tr_grpo_weight_kl": (
+        "TokenRegulatedWeighting",
+        {**TR_GRPO, "placement": "surrogate", "weight_kl": True},
+    ),
     "tr_grpo_reverse": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate", "reverse": True}),
     "ar": ("AdvantageReweighting", {"alpha": 0.3}),
     "lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.0}),
@@ -67,8 +70,14 @@ def _without_weighting(config: dict) -> dict:
 
 def test_the_fragments_are_the_published_weightings():
     assert sorted(f.stem for f in FRAGMENTS) == sorted(PUBLISHED)
-    assert {"demo.yaml", "kk_tiny_cpu.yaml", "kk_qwen2.5_3b.yaml", "math_gsm8k_qwen2.5_3b.yaml", "agentic_tiny_cpu.yaml",
-            "search_r1_qwen2.5_3b.yaml"} <= {b.name for b in BASES}  # Search-R1's GRPO twin: with grpo.yaml
+    assert {
+        "demo.yaml",
+        "kk_tiny_cpu.yaml",
+        "kk_qwen2.5_3b.yaml",
+        "math_gsm8k_qwen2.5_3b.yaml",
+        "agentic_tiny_cpu.yaml",
+        "search_r1_qwen2.5_3b.yaml",
+    } <= {b.name for b in BASES}  # Search-R1's GRPO twin: with grpo.yaml
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
@@ -98,7 +107,9 @@ def test_every_base_composes_with_every_fragment(base, fragment):
 def test_a_fragment_replaces_every_weighting_before_it(fragment):
     """Given after all the other fragments (those of its own class last), it still yields exactly its values."""
     cls, init_args = _expected(fragment.stem)
-    others = sorted((f for f in FRAGMENTS if f != fragment), key=lambda f: PUBLISHED[f.stem][0] == cls.__name__)
+    others = sorted(
+        (f for f in FRAGMENTS if f != fragment), key=lambda f: PUBLISHED[f.stem][0] == cls.__name__
+    )
     cli = _parse(ROOT / "configs" / "demo.yaml", *others, fragment)
     assert type(cli.model.weighting) is cls
     assert cli.config.model.weighting.init_args.as_dict() == init_args
@@ -113,19 +124,33 @@ def test_the_logger_name_gives_each_weighting_its_own_folder():
 
 
 def test_strategy_and_weighting_fragments_compose_together():
-    cli = _parse(ROOT / "configs" / "demo.yaml", ROOT / "configs" / "strategy" / "ddp.yaml",
-                 ROOT / "configs" / "weighting" / "lopti.yaml", extra=("--trainer.logger=false",))
+    cli = _parse(
+        ROOT / "configs" / "demo.yaml",
+        ROOT / "configs" / "strategy" / "ddp.yaml",
+        ROOT / "configs" / "weighting" / "lopti.yaml",
+        extra=("--trainer.logger=false",),
+    )
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert type(cli.model.weighting).__name__ == "Lopti"
 
 
 def test_print_config_of_a_composed_recipe_names_the_fragment_weighting(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"),
-              "--config", str(ROOT / "configs" / "weighting" / "ar.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "demo.yaml"),
+                "--config",
+                str(ROOT / "configs" / "weighting" / "ar.yaml"),
+                "--print_config",
+            ]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["weighting"] == {"class_path": "trgrpo.weighting.AdvantageReweighting",
-                                             "init_args": {"alpha": 0.3}}
+    assert printed["model"]["weighting"] == {
+        "class_path": "trgrpo.weighting.AdvantageReweighting",
+        "init_args": {"alpha": 0.3},
+    }
     assert printed["data"]["task"]["class_path"] == "trgrpo.tasks.ArithmeticTask"  # still the demo
 
 
@@ -136,7 +161,12 @@ GSPO = ROOT / "configs" / "loss" / "gspo.yaml"
 def test_the_gspo_fragment_changes_the_ratio_and_keeps_the_rest_of_the_loss(base):
     cli = _parse(base, GSPO)
     loss, alone = cli.config.model.loss.as_dict(), _base_alone(base)["model"]["loss"]
-    assert loss == {**alone, "ratio_level": "sequence", "aggregation": "seq_mean_token_mean", "clip_low": 0.0003,
-                    "clip_high": 0.0004}
+    assert loss == {
+        **alone,
+        "ratio_level": "sequence",
+        "aggregation": "seq_mean_token_mean",
+        "clip_low": 0.0003,
+        "clip_high": 0.0004,
+    }
     assert type(cli.model.weighting).__name__ == "UniformWeighting"
     assert cli.model.loss_fn.ratio_level == "sequence"

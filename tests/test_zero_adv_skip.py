@@ -22,13 +22,18 @@ def parity_reward(prompts, completions, dead, **kwargs):
 
 
 def _rows(dead_pattern: list[list[bool]]) -> list[dict]:
-    return [{"prompt": f"{i}+{j}=", "dead": d} for i, step in enumerate(dead_pattern) for j, d in enumerate(step)]
+    return [
+        {"prompt": f"{i}+{j}=", "dead": d} for i, step in enumerate(dead_pattern) for j, d in enumerate(step)
+    ]
 
 
 def _train(skip: bool, dead_pattern, monkeypatch=None, **loss):
     module = GRPOModule(
-        policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                 intermediate_size=64)),
+        policy=PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            )
+        ),
         sampling=SamplingConfig(group_size=G, max_new_tokens=6, temperature=1.5),
         loss=LossConfig(**loss),
         optim=OptimConfig(lr=1e-3, skip_zero_advantage=skip),
@@ -45,17 +50,33 @@ def _train(skip: bool, dead_pattern, monkeypatch=None, **loss):
     module.scorer.score = spy
     L.seed_everything(0, verbose=False)
     rows = _rows(dead_pattern)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(dead_pattern), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    loader = DataLoader(rows, batch_size=len(dead_pattern[0]), shuffle=False,
-                        collate_fn=lambda b: {k: [r[k] for r in b] for k in b[0]})
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(dead_pattern),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(
+        rows,
+        batch_size=len(dead_pattern[0]),
+        shuffle=False,
+        collate_fn=lambda b: {k: [r[k] for r in b] for k in b[0]},
+    )
     trainer.fit(module, train_dataloaders=loader)
     return {k: v.detach().clone() for k, v in module.policy_model.state_dict().items()}, scored
 
 
 def _initial():
-    module = GRPOModule(policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2,
-                                                                 num_attention_heads=2, intermediate_size=64)))
+    module = GRPOModule(
+        policy=PolicyConfig(
+            tiny=TinyModelConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            )
+        )
+    )
     module.configure_model()
     return {k: v.detach().clone() for k, v in module.policy_model.state_dict().items()}
 

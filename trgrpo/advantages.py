@@ -64,4 +64,10 @@ def zero_spread_fraction(rewards: Tensor, group_size: int, tol: float = 1e-8) ->
     return (~group_has_spread(rewards, group_size, tol)).float().mean().item()
 
 
-__all__ = ["AdvantageScale", "compute_advantages", "group_has_spread", "group_reward_spread", "zero_spread_fraction"]
+__all__ = [
+    "AdvantageScale",
+    "compute_advantages",
+    "group_has_spread",
+    "group_reward_spread",
+    "zero_spread_fraction",
+]

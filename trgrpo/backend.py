@@ -66,8 +66,9 @@ class PlainBackend:
     def note_backward(self) -> None:
         self.backwards_since_step += 1
 
-    def step(self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable,
-             token_id: int) -> float:
+    def step(
+        self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable, token_id: int
+    ) -> float:
         """Clip the gradient norm, step optimiser and schedule; returns the pre-clip norm.
 
         After no backward at all (every sequence skipped for a zero advantage) the step still runs on zero
@@ -170,8 +171,9 @@ class DeepSpeedBackend(PlainBackend):
                         coordinator._invalidate_trace()
                     offload._register_deepspeed_module(offload.module)
 
-    def step(self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable,
-             token_id: int) -> float:
+    def step(
+        self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable, token_id: int
+    ) -> float:
         """The engine's step: reduces the accumulated micro-batches, clips at ``gradient_clipping`` and
         reports the global pre-clip norm.  The gradients live in the engine's (partitioned) buffers."""
         if not self.backwards_since_step:

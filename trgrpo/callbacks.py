@@ -43,11 +43,24 @@ class SupervisedWarmStart(L.Callback):
         verbose: print progress to stdout (true / false; empty = when the trainer shows a progress bar).
     """
 
-    def __init__(self, steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
-                 cache_dir: str = ".cache/trgrpo/warmstart", seed: int = 0, verbose: bool | None = None) -> None:
+    def __init__(
+        self,
+        steps: int = 300,
+        lr: float = 3e-3,
+        batch_size: int = 64,
+        cache_dir: str = ".cache/trgrpo/warmstart",
+        seed: int = 0,
+        verbose: bool | None = None,
+    ) -> None:
         if steps < 0:
             raise ValueError(f"SupervisedWarmStart.steps must be >= 0, got {steps}")
-        self.steps, self.lr, self.batch_size, self.cache_dir, self.seed = steps, lr, batch_size, cache_dir, seed
+        self.steps, self.lr, self.batch_size, self.cache_dir, self.seed = (
+            steps,
+            lr,
+            batch_size,
+            cache_dir,
+            seed,
+        )
         self.verbose = verbose
         self._print = False
 
@@ -55,9 +68,15 @@ class SupervisedWarmStart(L.Callback):
         key = {
             "policy": asdict(module.policy_cfg),
             "vocab": len(module.tokenizer),
-            "rows": hashlib.sha256(json.dumps([[r["prompt"], module.trainer.datamodule.task.demonstration(r)]
-                                               for r in rows]).encode()).hexdigest(),
-            "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed,
+            "rows": hashlib.sha256(
+                json.dumps(
+                    [[r["prompt"], module.trainer.datamodule.task.demonstration(r)] for r in rows]
+                ).encode()
+            ).hexdigest(),
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return Path(self.cache_dir) / f"warmstart-{digest}.pt"
@@ -77,17 +96,23 @@ class SupervisedWarmStart(L.Callback):
         model = pl_module.policy_model
         if path.exists():
             model.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True))
-            self._report(f"supervised warm-start: using cached weights {path} (delete the file to train again)")
+            self._report(
+                f"supervised warm-start: using cached weights {path} (delete the file to train again)"
+            )
             return
-        self._report(f"supervised warm-start: {self.steps} steps on the task's demonstrations ({self.batch_size} "
-                     f"a step, lr {self.lr}) before RL; cached afterwards, so reruns skip it")
+        self._report(
+            f"supervised warm-start: {self.steps} steps on the task's demonstrations ({self.batch_size} "
+            f"a step, lr {self.lr}) before RL; cached afterwards, so reruns skip it"
+        )
         start = time.perf_counter()
         loss = self._train(pl_module, rows)
         if trainer.is_global_zero:
             # staged as .NAME.partial beside it: a killed save leaves no half file, and the next one replaces it
             write_atomically(path, lambda partial: torch.save(model.state_dict(), partial))
-        self._report(f"supervised warm-start: done in {time.perf_counter() - start:.0f}s, loss {loss:.4f}; "
-                     f"weights cached to {path}")
+        self._report(
+            f"supervised warm-start: done in {time.perf_counter() - start:.0f}s, loss {loss:.4f}; "
+            f"weights cached to {path}"
+        )
 
     def _train(self, module, rows: list[dict]) -> float:
         """Run the supervised steps; returns the mean loss of the last reporting interval."""
@@ -112,8 +137,10 @@ class SupervisedWarmStart(L.Callback):
             total, count = total + loss.detach(), count + 1  # read (a device sync) once per report only
             if (step + 1) % every == 0 or step + 1 == self.steps:
                 mean, total, count = (total / count).item(), zero, 0
-                self._report(f"supervised warm-start: step {step + 1:>{len(str(self.steps))}}/{self.steps}  "
-                             f"loss {mean:.4f}  {time.perf_counter() - start:5.0f}s")
+                self._report(
+                    f"supervised warm-start: step {step + 1:>{len(str(self.steps))}}/{self.steps}  "
+                    f"loss {mean:.4f}  {time.perf_counter() - start:5.0f}s"
+                )
         return mean
 
     @staticmethod
@@ -180,13 +207,19 @@ class HFExport(L.Callback):
         dtype: cast the exported weights (float32, bfloat16, float16; empty = as trained).
     """
 
-    def __init__(self, dirpath: str | None = None, merge_lora: bool = False, dtype: str | None = None) -> None:
+    def __init__(
+        self, dirpath: str | None = None, merge_lora: bool = False, dtype: str | None = None
+    ) -> None:
         self.dirpath, self.merge_lora, self.dtype = dirpath, merge_lora, dtype
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         from trgrpo.export import export_from_trainer
 
-        out = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+        out = (
+            Path(self.dirpath)
+            if self.dirpath
+            else Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+        )
         export_from_trainer(trainer, pl_module, out, merge_lora=self.merge_lora, dtype=self.dtype)
         if trainer.is_global_zero:
             print(f"Hugging Face model written to {out}", flush=True)
@@ -237,8 +270,12 @@ class HeldoutAccuracy(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        log.info("held-out accuracy %s RL: %.3f%s", when, acc,
-                 "" if calls is None else f" ({calls:.2f} tool calls per answer)")
+        log.info(
+            "held-out accuracy %s RL: %.3f%s",
+            when,
+            acc,
+            "" if calls is None else f" ({calls:.2f} tool calls per answer)",
+        )
         return acc, count
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -267,9 +304,15 @@ class HeldoutAccuracy(L.Callback):
             return
         after, count = self._evaluate(trainer, pl_module, "after")
         if trainer.is_global_zero:
-            print(f"\nheld-out accuracy (greedy, {count} prompts never trained on): "
-                  f"before RL {self.before:.3f} -> after RL {after:.3f} ({after - self.before:+.3f})", flush=True)
+            print(
+                f"\nheld-out accuracy (greedy, {count} prompts never trained on): "
+                f"before RL {self.before:.3f} -> after RL {after:.3f} ({after - self.before:+.3f})",
+                flush=True,
+            )
             calls = getattr(pl_module.evaluator, "tool_calls", None)
             if calls is not None and self.tool_calls_before is not None:
-                print(f"held-out tool calls per answer (greedy): before RL {self.tool_calls_before:.2f} -> "
-                      f"after RL {calls:.2f}", flush=True)
+                print(
+                    f"held-out tool calls per answer (greedy): before RL {self.tool_calls_before:.2f} -> "
+                    f"after RL {calls:.2f}",
+                    flush=True,
+                )

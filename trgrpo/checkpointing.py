@@ -224,8 +224,11 @@ def gather_rng_states(world: int, **generators: torch.Generator) -> list[dict]:
 def pick_rng_state(states: list[dict], rank: int, world: int) -> dict:
     """This process's entry of :func:`gather_rng_states` (with a warning when the world size changed)."""
     if len(states) != world:
-        log.warning("resuming on %d processes from a checkpoint of %d: random streams are not continued exactly",
-                    world, len(states))
+        log.warning(
+            "resuming on %d processes from a checkpoint of %d: random streams are not continued exactly",
+            world,
+            len(states),
+        )
     return states[rank % len(states)]
 
 
@@ -247,8 +250,10 @@ def check_policy_matches(saved, current: dict, from_hub: bool) -> None:
             continue
         old, new = saved.get(key), current.get(key)
         if old != new:
-            raise ValueError(f"--ckpt_path: the checkpoint was trained with model.policy.{key}={old}, "
-                             f"this run has model.policy.{key}={new}; resume with the same model")
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was trained with model.policy.{key}={old}, "
+                f"this run has model.policy.{key}={new}; resume with the same model"
+            )
 
 
 def check_state_shapes(state: dict | None, current: dict[str, tuple]) -> None:
@@ -258,20 +263,28 @@ def check_state_shapes(state: dict | None, current: dict[str, tuple]) -> None:
     """
     if state is None:
         return
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {current[k]}"
-             for k, v in state.items() if k in current and tuple(v.shape) != current[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {current[k]}"
+        for k, v in state.items()
+        if k in current and tuple(v.shape) != current[k]
+    ]
     missing = sorted(k for k in current if k not in state)
     if wrong or missing:
-        raise ValueError("--ckpt_path: the checkpoint does not fit this model (different model shape?): "
-                         + "; ".join(wrong[:5] + [f"missing {k}" for k in missing[:5]]))
+        raise ValueError(
+            "--ckpt_path: the checkpoint does not fit this model (different model shape?): "
+            + "; ".join(wrong[:5] + [f"missing {k}" for k in missing[:5]])
+        )
 
 
 def check_checkpoint_fits(checkpoint: dict, module) -> None:
     """Both checks above for a ``GRPOModule`` (its policy config, its parameters' shapes; ZeRO-3 shards report
     their full shape in ``ds_shape``), the frozen reference left out."""
     policy = module.policy_cfg
-    check_policy_matches(checkpoint.get("hyper_parameters", {}).get("policy"), dataclasses.asdict(policy),
-                         from_hub=bool(policy.name_or_path))
+    check_policy_matches(
+        checkpoint.get("hyper_parameters", {}).get("policy"),
+        dataclasses.asdict(policy),
+        from_hub=bool(policy.name_or_path),
+    )
     current = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("ref_model.")}
     current.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape")})
     check_state_shapes(checkpoint.get("state_dict"), current)
@@ -345,8 +358,12 @@ class SigtermHandler(L.Callback):
         if self.saving or self._world > 1:
             return  # already stopping; or Lightning stops every process after this step
         if self.abandonable or self.signals > 1:
-            log.warning("SIGTERM: stopping now (%s)", "nothing of the current step was applied" if self.abandonable
-                        else "a second SIGTERM during an update: no checkpoint will be written")
+            log.warning(
+                "SIGTERM: stopping now (%s)",
+                "nothing of the current step was applied"
+                if self.abandonable
+                else "a second SIGTERM during an update: no checkpoint will be written",
+            )
             raise Preempted()
         log.warning("SIGTERM: finishing the current update, then saving a checkpoint and stopping")
 
@@ -382,12 +399,14 @@ class SigtermHandler(L.Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             self._rng = capture_rng_states(**self._generators(pl_module))
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.abandonable = not self.updating
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.abandonable = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -407,5 +426,9 @@ class SigtermHandler(L.Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 path = save_for_resume(callback, trainer)
-                log.warning("SIGTERM: checkpoint of step %d written to %s (resume with --ckpt_path %s)",
-                            trainer.global_step, path, "last" if callback.save_last else path)
+                log.warning(
+                    "SIGTERM: checkpoint of step %d written to %s (resume with --ckpt_path %s)",
+                    trainer.global_step,
+                    path,
+                    "last" if callback.save_last else path,
+                )

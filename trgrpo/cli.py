@@ -73,7 +73,9 @@ class TRGRPOCLI(LightningCLI):
             # an RL run is bounded by max_steps, not epochs: count val_check_interval in RL steps across epochs
             trainer.check_val_every_n_epoch = None
         if "weights_only" in cfg and cfg.weights_only is None:
-            cfg.weights_only = True  # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
+            cfg.weights_only = (
+                True  # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
+            )
 
     def instantiate_trainer(self, **kwargs):
         # the RL-step bar by default: added to a YAML callbacks list, never replacing it; a configured
@@ -111,13 +113,22 @@ def check_run_length(trainer) -> None:
         return
     interval = trainer.val_check_interval
     if isinstance(interval, int) and interval > max_steps:
-        log.warning("trainer.val_check_interval=%d exceeds trainer.max_steps=%d: no held-out evaluation during "
-                    "training, only before and after it", interval, max_steps)
+        log.warning(
+            "trainer.val_check_interval=%d exceeds trainer.max_steps=%d: no held-out evaluation during "
+            "training, only before and after it",
+            interval,
+            max_steps,
+        )
     for callback in trainer.checkpoint_callbacks:
         every = getattr(callback, "_every_n_train_steps", 0) or 0
         if every > max_steps:
-            log.warning("%s every_n_train_steps=%d exceeds trainer.max_steps=%d: no checkpoint before the end of "
-                        "training", type(callback).__name__, every, max_steps)
+            log.warning(
+                "%s every_n_train_steps=%d exceeds trainer.max_steps=%d: no checkpoint before the end of "
+                "training",
+                type(callback).__name__,
+                every,
+                max_steps,
+            )
 
 
 def check_writable(folder: str | os.PathLike, key: str) -> None:
@@ -128,16 +139,23 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".trgrpo-write-check-"):
             pass
     except OSError as exc:
-        raise ValueError(f"{key}: cannot write to the folder {str(path)!r} ({exc.strerror or exc}); choose a "
-                         "writable folder") from exc
+        raise ValueError(
+            f"{key}: cannot write to the folder {str(path)!r} ({exc.strerror or exc}); choose a "
+            "writable folder"
+        ) from exc
 
 
 def check_output_folders(trainer) -> None:
     """The loggers' folders and the checkpoint folders must be writable (local ones; remote are not checked)."""
-    targets = [(getattr(lg, "save_dir", None), f"trainer.logger ({type(lg).__name__}).init_args.save_dir")
-               for lg in trainer.loggers]
-    targets += [(cb.dirpath, f"trainer.callbacks ({type(cb).__name__}).init_args.dirpath")
-                for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    targets = [
+        (getattr(lg, "save_dir", None), f"trainer.logger ({type(lg).__name__}).init_args.save_dir")
+        for lg in trainer.loggers
+    ]
+    targets += [
+        (cb.dirpath, f"trainer.callbacks ({type(cb).__name__}).init_args.dirpath")
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint)
+    ]
     for folder, key in targets:
         if folder and "://" not in str(folder):
             check_writable(folder, key)
@@ -161,8 +179,10 @@ def check_strategy(strategy, config_files: list[str]) -> None:
     if isinstance(strategy, str):
         known = {"auto", "ddp_spawn", *StrategyRegistry.available_strategies()}
         if strategy not in known:
-            raise ValueError(f"{_strategy_source(config_files)}: unknown trainer.strategy {strategy!r}; use a "
-                             f"fragment from configs/strategy/ or one of {sorted(known)}")
+            raise ValueError(
+                f"{_strategy_source(config_files)}: unknown trainer.strategy {strategy!r}; use a "
+                f"fragment from configs/strategy/ or one of {sorted(known)}"
+            )
         cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
     elif isinstance(strategy, DeepSpeedStrategy):
         cls = DeepSpeedStrategy
@@ -171,9 +191,11 @@ def check_strategy(strategy, config_files: list[str]) -> None:
         cls = getattr(importlib.import_module(module), name, None) if module else None
     is_deepspeed = isinstance(cls, type) and issubclass(cls, DeepSpeedStrategy)
     if is_deepspeed and not torch.cuda.is_available():
-        raise ValueError(f"{_strategy_source(config_files)}: the DeepSpeed strategy needs CUDA GPUs, and none is "
-                         "visible here (torch.cuda.is_available() is False); on a CPU machine compose "
-                         "configs/strategy/ddp.yaml instead, or no strategy fragment at all")
+        raise ValueError(
+            f"{_strategy_source(config_files)}: the DeepSpeed strategy needs CUDA GPUs, and none is "
+            "visible here (torch.cuda.is_available() is False); on a CPU machine compose "
+            "configs/strategy/ddp.yaml instead, or no strategy fragment at all"
+        )
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TRGRPOCLI:

@@ -43,9 +43,13 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.ratio_level not in ("token", "sequence"):
-            raise ValueError(f"model.loss.ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}")
+            raise ValueError(
+                f"model.loss.ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}"
+            )
         if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError(f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}")
+            raise ValueError(
+                f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}"
+            )
         if self.clip_low >= 1:
             raise ValueError(f"model.loss.clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip is not None and self.dual_clip <= 1:
@@ -61,7 +65,9 @@ class LossConfig:
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"model.loss.kl_estimator must be one of k1, k2, k3; got {self.kl_estimator!r}")
         if self.advantage_scale not in ("group", "batch", "none"):
-            raise ValueError(f"model.loss.advantage_scale must be one of group, batch, none; got {self.advantage_scale!r}")
+            raise ValueError(
+                f"model.loss.advantage_scale must be one of group, batch, none; got {self.advantage_scale!r}"
+            )
 
 
 @dataclass

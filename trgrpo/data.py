@@ -41,8 +41,15 @@ class ResumableSampler(DistributedSampler):
     skips those batches.
     """
 
-    def __init__(self, rows: list, num_replicas: int, rank: int, seed: int, batch_size: int,
-                 progress: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        rows: list,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        batch_size: int,
+        progress: Callable[[], int],
+    ) -> None:
         super().__init__(rows, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.progress = batch_size, progress
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip)
@@ -50,18 +57,30 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         indices = list(super().__iter__())
         if self._resume is not None and self._resume[0] == self.epoch:
-            indices = indices[self._resume[1] * self.batch_size:]
+            indices = indices[self._resume[1] * self.batch_size :]
         self._resume = None
         return iter(indices)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.progress(), "batch_size": self.batch_size,
-                "num_replicas": self.num_replicas, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "batches": self.progress(),
+            "batch_size": self.batch_size,
+            "num_replicas": self.num_replicas,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["batch_size"], state["num_replicas"], state["seed"]) != (self.batch_size, self.num_replicas, self.seed):
-            log.warning("resuming with a different data.batch_size, world size or data.seed than the checkpoint "
-                        "(%s): the data order restarts at the beginning of the epoch", state)
+        if (state["batch_size"], state["num_replicas"], state["seed"]) != (
+            self.batch_size,
+            self.num_replicas,
+            self.seed,
+        ):
+            log.warning(
+                "resuming with a different data.batch_size, world size or data.seed than the checkpoint "
+                "(%s): the data order restarts at the beginning of the epoch",
+                state,
+            )
             return
         self._resume = (state["epoch"], state["batches"])
 
@@ -118,13 +137,16 @@ class PromptDataModule(L.LightningDataModule):
     def connect(self, tokenizer) -> None:
         """Hand over the policy's tokenizer (the CLI does this once): the tokenizer itself, or a function
         returning it, called at ``setup`` (so a config that is only parsed loads nothing)."""
-        self._tokenizer_source = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "encode") \
-            else (lambda: tokenizer)
+        self._tokenizer_source = (
+            tokenizer if callable(tokenizer) and not hasattr(tokenizer, "encode") else (lambda: tokenizer)
+        )
 
     def _tokenizer(self):
         if self._tokenizer_source is None:
             if self.trainer is None or self.trainer.lightning_module is None:
-                raise RuntimeError("PromptDataModule: no tokenizer connected (connect(tokenizer) before setup)")
+                raise RuntimeError(
+                    "PromptDataModule: no tokenizer connected (connect(tokenizer) before setup)"
+                )
             self.connect(lambda: self.trainer.lightning_module.tokenizer)  # Trainer.fit without the CLI
         return self._tokenizer_source()
 
@@ -155,13 +177,23 @@ class PromptDataModule(L.LightningDataModule):
             if not prompt or not isinstance(prompt, (str, list)):
                 raise ValueError(f"data.task: {split} row {i} has an empty or non-string prompt: {prompt!r}")
             text = self.render(prompt, tokenizer)
-            if self.max_prompt_tokens and len(tokenizer(text, add_special_tokens=False).input_ids) > self.max_prompt_tokens:
+            if (
+                self.max_prompt_tokens
+                and len(tokenizer(text, add_special_tokens=False).input_ids) > self.max_prompt_tokens
+            ):
                 dropped += 1
                 continue
-            rows.append({**row, "prompt": text, "raw_prompt": prompt if isinstance(prompt, str) else str(prompt)})
+            rows.append(
+                {**row, "prompt": text, "raw_prompt": prompt if isinstance(prompt, str) else str(prompt)}
+            )
         if dropped:
-            log.warning("dropped %d of %d %s prompts longer than data.max_prompt_tokens=%d",
-                        dropped, dropped + len(rows), split, self.max_prompt_tokens)
+            log.warning(
+                "dropped %d of %d %s prompts longer than data.max_prompt_tokens=%d",
+                dropped,
+                dropped + len(rows),
+                split,
+                self.max_prompt_tokens,
+            )
         if not rows:
             raise ValueError(f"data.task: the {split} split has no usable rows")
         return rows
@@ -182,11 +214,17 @@ class PromptDataModule(L.LightningDataModule):
 
     def check_prompt_count(self, rows: int) -> None:
         if rows < self.draw_size:
-            what = "" if self.dynamic_sampling is None else f" (x data.dynamic_sampling.oversample = {self.draw_size})"
+            what = (
+                ""
+                if self.dynamic_sampling is None
+                else f" (x data.dynamic_sampling.oversample = {self.draw_size})"
+            )
             raise ValueError(f"data.batch_size={self.batch_size}{what} exceeds the {rows} training prompts")
         world = self.trainer.world_size if self.trainer is not None else 1
         if rows // world < self.draw_size:
-            drawn = "" if self.dynamic_sampling is None else f" (drawn: {self.draw_size}, data.dynamic_sampling)"
+            drawn = (
+                "" if self.dynamic_sampling is None else f" (drawn: {self.draw_size}, data.dynamic_sampling)"
+            )
             raise ValueError(
                 f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
                 f"training prompts to each process, fewer than one batch of data.batch_size={self.batch_size}{drawn} "
@@ -199,16 +237,34 @@ class PromptDataModule(L.LightningDataModule):
         # which would shift the sampling stream of a resumed run
         gen = torch.Generator().manual_seed(self.seed)
         collate: Callable = collate_rows
-        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=collate, generator=gen)
+        return DataLoader(
+            rows,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=collate,
+            generator=gen,
+        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self.splits["train"], num_replicas=world, rank=rank, seed=self.seed,
-                                   batch_size=self.draw_size, progress=self._trained_batches)
-        return ResumableLoader(self.splits["train"], batch_size=self.draw_size, sampler=sampler, drop_last=True,
-                               collate_fn=collate_rows, generator=torch.Generator().manual_seed(self.seed))
+        sampler = ResumableSampler(
+            self.splits["train"],
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            batch_size=self.draw_size,
+            progress=self._trained_batches,
+        )
+        return ResumableLoader(
+            self.splits["train"],
+            batch_size=self.draw_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate_rows,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def _trained_batches(self) -> int:
         """Training batches of the current epoch that have been through a training step."""

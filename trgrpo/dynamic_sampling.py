@@ -60,8 +60,9 @@ def select_groups(rewards: torch.Tensor, group_size: int, keep: int, min_spread:
     return order[:keep].sort().values
 
 
-def keep_groups(rollout: Rollout, rewards: RewardResult, group_size: int, keep: int,
-                min_spread: float) -> tuple[Rollout, RewardResult, GroupSelection]:
+def keep_groups(
+    rollout: Rollout, rewards: RewardResult, group_size: int, keep: int, min_spread: float
+) -> tuple[Rollout, RewardResult, GroupSelection]:
     """The rollout and rewards of ``keep`` groups (``select_groups``), and the counts for the log."""
     drawn = len(rewards.total) // group_size
     if keep >= drawn:
@@ -69,12 +70,15 @@ def keep_groups(rollout: Rollout, rewards: RewardResult, group_size: int, keep: 
     groups = select_groups(rewards.total, group_size, keep, min_spread)  # [keep]
     rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()  # [keep * G]
     filled = int((~group_has_spread(rewards.total[rows], group_size, min_spread)).sum())
-    kept = RewardResult(rewards.total[rows], {k: v[rows] for k, v in rewards.per_term.items()}, rewards.errors)
+    kept = RewardResult(
+        rewards.total[rows], {k: v[rows] for k, v in rewards.per_term.items()}, rewards.errors
+    )
     return rollout.select(rows), kept, GroupSelection(drawn, drawn - keep, filled)
 
 
-def apply_dynamic_sampling(datamodule, rollout: Rollout, rewards: RewardResult,
-                           group_size: int) -> tuple[Rollout, RewardResult, GroupSelection | None]:
+def apply_dynamic_sampling(
+    datamodule, rollout: Rollout, rewards: RewardResult, group_size: int
+) -> tuple[Rollout, RewardResult, GroupSelection | None]:
     """The groups to train on: ``datamodule.batch_size`` of them with its ``dynamic_sampling``, else all."""
     cfg = getattr(datamodule, "dynamic_sampling", None)
     if cfg is None:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from trgrpo.rewards import batch_rows, compute_rewards, reward_columns
-from trgrpo.rollout import generate_rollout
+from trgrpo.rollout.engines import generate_rollout
 
 
 @dataclass
@@ -90,8 +90,9 @@ def sort_levels(levels: Iterable) -> list:
     return sorted(distinct, key=lambda v: (v is not None, isinstance(v, str), v if v is not None else 0))
 
 
-def level_sums(index: dict, levels: Sequence, greedy: Sequence[float],
-               sampled: Sequence[Sequence[float]] | None, k: int) -> Tensor:
+def level_sums(
+    index: dict, levels: Sequence, greedy: Sequence[float], sampled: Sequence[Sequence[float]] | None, k: int
+) -> Tensor:
     """[L, 4] float64 sums (``SUM_COLUMNS``) per level of one batch of prompts; ``index`` maps level -> row.
 
     ``sampled[i]`` are the correctness scores of prompt i's sampled completions (None = not sampled).
@@ -143,7 +144,7 @@ class SampleRow(NamedTuple):
 
 def _cell(text: object, limit: int = 400) -> str:
     s = "" if text is None else str(text)
-    s = s if len(s) <= limit else s[: limit // 2] + " … " + s[-limit // 2:]
+    s = s if len(s) <= limit else s[: limit // 2] + " … " + s[-limit // 2 :]
     return s.replace("|", "\\|").replace("\n", "<br>")
 
 
@@ -154,13 +155,18 @@ def write_sample_table(directory: str | Path, step: int, rows: Sequence[SampleRo
     directory.mkdir(parents=True, exist_ok=True)
     md, jl = directory / f"step_{step:07d}.md", directory / f"step_{step:07d}.jsonl"
     terms = list(rows[0].rewards) if rows else []
-    lines = [f"# Held-out samples at step {step}", "",
-             "| level | prompt | answer | completion | correct | " + " | ".join(terms) + " |",
-             "|---" * (5 + len(terms)) + "|"]
+    lines = [
+        f"# Held-out samples at step {step}",
+        "",
+        "| level | prompt | answer | completion | correct | " + " | ".join(terms) + " |",
+        "|---" * (5 + len(terms)) + "|",
+    ]
     for r in rows:
         scores = ["" if r.rewards.get(t) is None else f"{r.rewards[t]:.3g}" for t in terms]
-        lines.append(f"| {_cell(r.level)} | {_cell(r.prompt)} | {_cell(r.answer)} | {_cell(r.completion)} | "
-                     f"{r.correct:.3g} | " + " | ".join(scores) + " |")
+        lines.append(
+            f"| {_cell(r.level)} | {_cell(r.prompt)} | {_cell(r.answer)} | {_cell(r.completion)} | "
+            f"{r.correct:.3g} | " + " | ".join(scores) + " |"
+        )
     md.write_text("\n".join(lines) + "\n")
     with jl.open("w") as f:
         for r in rows:
@@ -208,23 +214,36 @@ class HeldoutEvaluator:
     def sampled(self, model, tokenizer, batch: dict[str, list], rows: list[dict]) -> list[list[float]]:
         """[B][n] correctness of ``eval.samples`` sampled completions per held-out prompt."""
         n = self.cfg.samples
-        sampling = dataclasses.replace(self.sampling, temperature=self.cfg.temperature or self.sampling.temperature)
+        sampling = dataclasses.replace(
+            self.sampling, temperature=self.cfg.temperature or self.sampling.temperature
+        )
         rollout = generate_rollout(model, tokenizer, batch["prompt"], sampling, group_size=n, rows=rows)
         flat = self._verify(rollout.completions, [r for r in rows for _ in range(n)])
-        return [flat[i * n:(i + 1) * n] for i in range(len(rows))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
 
     def table_rows(self, rollout, rows: list[dict], correct: Tensor, count: int) -> list[SampleRow]:
         """The first ``count`` prompts of a batch for the sample table, scored by every reward term."""
         rows, texts = rows[:count], rollout.completions[:count]
-        columns = reward_columns({k: [r[k] for r in rows] for k in rows[0]}, rollout.trainable_mask[:count],
-                                 rollout.truncated[:count])
+        columns = reward_columns(
+            {k: [r[k] for r in rows] for k in rows[0]},
+            rollout.trainable_mask[:count],
+            rollout.truncated[:count],
+        )
         result = compute_rewards(self.rewards, [r["prompt"] for r in rows], texts, columns)
         out = []
         for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
             scores = {name: (None if v[i].isnan() else v[i].item()) for name, v in result.per_term.items()}
             scores["total"] = result.total[i].item()
-            out.append(SampleRow(row.get("level"), str(row.get("raw_prompt", row["prompt"])),
-                                 str(row.get("answer", "")), text, correct[i].item(), scores))
+            out.append(
+                SampleRow(
+                    row.get("level"),
+                    str(row.get("raw_prompt", row["prompt"])),
+                    str(row.get("answer", "")),
+                    text,
+                    correct[i].item(),
+                    scores,
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ one validation epoch
@@ -241,7 +260,9 @@ class HeldoutEvaluator:
             out["tool_calls"] = rollout.episodes.tool_calls.float().tolist()
         scorer = getattr(self.task, "eval_scores", None)
         if scorer is not None:
-            out.update({name: [float(v) for v in vals] for name, vals in scorer(rollout.completions, rows).items()})
+            out.update(
+                {name: [float(v) for v in vals] for name, vals in scorer(rollout.completions, rows).items()}
+            )
         return out
 
     def add_batch(self, model, tokenizer, batch: dict[str, list], keep_table: bool) -> None:
@@ -251,7 +272,9 @@ class HeldoutEvaluator:
         index = {level: i for i, level in enumerate(sort_levels(levels))}
         sums = level_sums(index, levels, correct.tolist(), sampled, self.cfg.k)
         for level, i in index.items():
-            self._sums[level] = self._sums.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + sums[i]
+            self._sums[level] = (
+                self._sums.get(level, torch.zeros(len(SUM_COLUMNS), dtype=torch.float64)) + sums[i]
+            )
         for name, values in self.extra_scores(rollout, rows).items():
             for level, v in zip(levels, values, strict=True):
                 per = self._extra.setdefault(level, {})
@@ -272,7 +295,9 @@ class HeldoutEvaluator:
                 for name, v in named.items():
                     extra.setdefault(level, {})[name] = extra.get(level, {}).get(name, 0.0) + v
         levels = sort_levels(merged)
-        sums = torch.stack([merged[level] for level in levels]) if levels else torch.zeros(0, len(SUM_COLUMNS))
+        sums = (
+            torch.stack([merged[level] for level in levels]) if levels else torch.zeros(0, len(SUM_COLUMNS))
+        )
         out = level_metrics(levels, sums, self.cfg.k)
         by_level = len(levels) > 1 or (levels and levels[0] is not None)
         names = sorted({n for named in extra.values() for n in named})
@@ -282,10 +307,14 @@ class HeldoutEvaluator:
                 out[f"val/{name}"] = total / sums[:, 0].sum().item()
             for i, level in enumerate(levels if by_level else []):
                 if sums[i, 0] > 0:
-                    out[f"val/{name}/{level_name(level)}"] = extra.get(level, {}).get(name, 0.0) / sums[i, 0].item()
+                    out[f"val/{name}/{level_name(level)}"] = (
+                        extra.get(level, {}).get(name, 0.0) / sums[i, 0].item()
+                    )
         return out
 
-    def accuracy(self, model, tokenizer, batches: Iterable[dict[str, list]], reduce_sum=lambda t: t) -> tuple[float, int]:
+    def accuracy(
+        self, model, tokenizer, batches: Iterable[dict[str, list]], reduce_sum=lambda t: t
+    ) -> tuple[float, int]:
         """(greedy accuracy, prompts) over ``batches`` (this process's share); ``reduce_sum`` adds up the
         [3] float64 counts of every process.  With multi-turn rollouts ``tool_calls`` is then the mean tool
         calls per greedy completion (None otherwise)."""

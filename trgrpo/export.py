@@ -42,7 +42,15 @@ from trgrpo.evaluation import EvalConfig
 from trgrpo.policy import DTYPES, LoraConfig, PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 from trgrpo.rollout import SamplingConfig
 
-CONFIG_CLASSES = [PolicyConfig, TinyModelConfig, LoraConfig, SamplingConfig, LossConfig, OptimConfig, EvalConfig]
+CONFIG_CLASSES = [
+    PolicyConfig,
+    TinyModelConfig,
+    LoraConfig,
+    SamplingConfig,
+    LossConfig,
+    OptimConfig,
+    EvalConfig,
+]
 """Plain option dataclasses a checkpoint's hyper-parameters may hold (a module built without the CLI):
 allowed by the weights-only reader, which rebuilds them without running any of their code."""
 
@@ -89,20 +97,38 @@ def plain(obj):
     return str(obj)
 
 
-def model_card(config: dict | str, lora: bool, merged: bool, base: str | None, step: int | None, out: str) -> str:
+def model_card(
+    config: dict | str, lora: bool, merged: bool, base: str | None, step: int | None, out: str
+) -> str:
     text = config if isinstance(config, str) else yaml.safe_dump(plain(config), sort_keys=False)
     adapter_only = lora and not merged
-    kind = ("LoRA adapter weights only." if adapter_only else
-            "Full weights with the LoRA adapters merged in." if lora else "Full weights.")
+    kind = (
+        "LoRA adapter weights only."
+        if adapter_only
+        else "Full weights with the LoRA adapters merged in."
+        if lora
+        else "Full weights."
+    )
     return CARD.format(
-        library="peft" if adapter_only else "transformers", base=f"base_model: {base}\n" if base else "",
-        title=Path(out).name, step=f", {step} optimiser steps" if step is not None else "", kind=kind,
-        usage=(USAGE_ADAPTER if adapter_only else USAGE_FULL).format(out=out), config=text,
+        library="peft" if adapter_only else "transformers",
+        base=f"base_model: {base}\n" if base else "",
+        title=Path(out).name,
+        step=f", {step} optimiser steps" if step is not None else "",
+        kind=kind,
+        usage=(USAGE_ADAPTER if adapter_only else USAGE_FULL).format(out=out),
+        config=text,
     )
 
 
-def export_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, config: dict | str,
-                  merge_lora: bool = False, dtype: str | None = None, step: int | None = None) -> Path:
+def export_policy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    config: dict | str,
+    merge_lora: bool = False,
+    dtype: str | None = None,
+    step: int | None = None,
+) -> Path:
     """Write ``model`` (a transformers causal LM or a peft ``PeftModel``) as a Hugging Face folder ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +166,10 @@ def load_checkpoint_file(ckpt: str | Path) -> dict:
         with torch.serialization.safe_globals(CONFIG_CLASSES):
             return torch.load(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"--ckpt {ckpt}: refused: the file holds objects other than tensors and plain data, and "
-                         f"loading them could run code (torch.load weights_only=True): {str(err)[:500]}") from err
+        raise ValueError(
+            f"--ckpt {ckpt}: refused: the file holds objects other than tensors and plain data, and "
+            f"loading them could run code (torch.load weights_only=True): {str(err)[:500]}"
+        ) from err
 
 
 def _scratch_beside(path: Path) -> Path:
@@ -174,29 +202,47 @@ def _find_run_config(ckpt: Path) -> Path | None:
     return None
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = False, dtype: str | None = None,
-                      config: str | Path | None = None) -> Path:
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    merge_lora: bool = False,
+    dtype: str | None = None,
+    config: str | Path | None = None,
+) -> Path:
     """Rebuild the policy of a GRPOModule checkpoint from its hyper-parameters, load its weights, export."""
     checkpoint = read_checkpoint(ckpt, scratch=_scratch_beside(Path(out)))
     hparams = checkpoint.get("hyper_parameters", {})
     if "policy" not in hparams:
-        raise ValueError(f"--ckpt {ckpt}: not a trgrpo GRPOModule checkpoint (no policy config in its hyper-parameters)")
+        raise ValueError(
+            f"--ckpt {ckpt}: not a trgrpo GRPOModule checkpoint (no policy config in its hyper-parameters)"
+        )
     policy_cfg = policy_config(hparams["policy"])
     tokenizer = load_tokenizer(policy_cfg)
     model = load_model(policy_cfg, tokenizer)
     prefix = "policy_model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"--ckpt {ckpt}: the weights do not fit the model its config describes: {err}") from err
+        raise ValueError(
+            f"--ckpt {ckpt}: the weights do not fit the model its config describes: {err}"
+        ) from err
     config_path = Path(config) if config else _find_run_config(Path(ckpt))
     card_config = config_path.read_text() if config_path else {"model": hparams}
-    return export_policy(model, tokenizer, out, card_config, merge_lora=merge_lora, dtype=dtype,
-                         step=checkpoint.get("global_step"))
+    return export_policy(
+        model,
+        tokenizer,
+        out,
+        card_config,
+        merge_lora=merge_lora,
+        dtype=dtype,
+        step=checkpoint.get("global_step"),
+    )
 
 
-def export_from_trainer(trainer, module, out: str | Path, merge_lora: bool = False, dtype: str | None = None) -> None:
+def export_from_trainer(
+    trainer, module, out: str | Path, merge_lora: bool = False, dtype: str | None = None
+) -> None:
     """Export the module's current policy; every process must call this (ZeRO-3 writes its shards first)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -218,22 +264,41 @@ def export_from_trainer(trainer, module, out: str | Path, merge_lora: bool = Fal
         trainer.strategy.barrier("HFExport")
         return
     if trainer.is_global_zero:
-        config = run_config.read_text() if run_config and run_config.is_file() else {"model": dict(module.hparams)}
-        export_policy(module.policy_model, module.tokenizer, out, config, merge_lora=merge_lora, dtype=dtype,
-                      step=trainer.global_step)
+        config = (
+            run_config.read_text() if run_config and run_config.is_file() else {"model": dict(module.hparams)}
+        )
+        export_policy(
+            module.policy_model,
+            module.tokenizer,
+            out,
+            config,
+            merge_lora=merge_lora,
+            dtype=dtype,
+            step=trainer.global_step,
+        )
     trainer.strategy.barrier("HFExport")
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m trgrpo.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file, or DeepSpeed checkpoint folder")
+    parser.add_argument(
+        "--ckpt", required=True, help="Lightning checkpoint file, or DeepSpeed checkpoint folder"
+    )
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
     parser.add_argument("--merge_lora", action="store_true", help="LoRA runs: write the merged full model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)")
-    parser.add_argument("--config", default=None, help="run config.yaml for the model card (default: found "
-                        "next to the checkpoint, else the checkpoint's hyper-parameters)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="run config.yaml for the model card (default: found "
+        "next to the checkpoint, else the checkpoint's hyper-parameters)",
+    )
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.ckpt, args.out, merge_lora=args.merge_lora, dtype=args.dtype, config=args.config)
+    out = export_checkpoint(
+        args.ckpt, args.out, merge_lora=args.merge_lora, dtype=args.dtype, config=args.config
+    )
     print(f"exported to {out}")
     return out
 

@@ -90,7 +90,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
     raise ValueError(f"kl estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}")
 
 
-def token_normaliser(mask: Tensor, mode: Aggregation, num_tokens: float, num_seqs: float, max_len: int) -> Tensor:
+def token_normaliser(
+    mask: Tensor, mode: Aggregation, num_tokens: float, num_seqs: float, max_len: int
+) -> Tensor:
     """[B, T] factor of each token in the aggregated loss: ``aggregate(x) == (x * mask * factor).sum()``.
 
     ``token_mean``: 1 / num_tokens; ``seq_mean_token_mean``: 1 / (length of the token's sequence * num_seqs);
@@ -144,7 +146,9 @@ class PolicyLossOutput(NamedTuple):
     clipped_high: Tensor  # scalar: number of active tokens clipped above
     kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
     sampler_kl: Tensor | None = None  # scalar: summed k3 KL(sampler || trainer) over response tokens, or None
-    pg_coef: Tensor | None = None  # [B, T] |d loss / d logp| of the surrogate alone (detached; 0 where no gradient)
+    pg_coef: Tensor | None = (
+        None  # [B, T] |d loss / d logp| of the surrogate alone (detached; 0 where no gradient)
+    )
 
 
 def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
@@ -217,7 +221,9 @@ def policy_loss(
         correction = sampler_correction(old_logp, sampler_logp, sampler_is_cap)
         per_token = correction * per_token
         coef = coef * correction
-    norm = token_normaliser(mask, aggregation, num_tokens, num_seqs, max_len)  # [B, T], once for loss and coef
+    norm = token_normaliser(
+        mask, aggregation, num_tokens, num_seqs, max_len
+    )  # [B, T], once for loss and coef
     flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & active.bool()
     coef = coef * flows * mask * norm
     kl_sum = logp.new_zeros(())
@@ -252,10 +258,22 @@ class GRPOLoss:
     a call computes :func:`policy_loss` for one micro-batch.
     """
 
-    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                 aggregation: Aggregation = "token_mean", beta: float = 0.0, kl_estimator: KLEstimator = "k3",
-                 entropy_coef: float = 0.0, placement: Placement = "surrogate", weight_kl: bool = False,
-                 max_len: int = 1, sampler_is_cap: float | None = None, ratio_level: RatioLevel = "token") -> None:
+    def __init__(
+        self,
+        *,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        dual_clip: float | None = None,
+        aggregation: Aggregation = "token_mean",
+        beta: float = 0.0,
+        kl_estimator: KLEstimator = "k3",
+        entropy_coef: float = 0.0,
+        placement: Placement = "surrogate",
+        weight_kl: bool = False,
+        max_len: int = 1,
+        sampler_is_cap: float | None = None,
+        ratio_level: RatioLevel = "token",
+    ) -> None:
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.aggregation, self.max_len = aggregation, max_len
         self.beta, self.kl_estimator, self.entropy_coef = beta, kl_estimator, entropy_coef
@@ -265,21 +283,60 @@ class GRPOLoss:
     @classmethod
     def from_config(cls, loss, weighting, max_len: int) -> GRPOLoss:
         """From a ``LossConfig``, a ``TokenWeighting`` and ``sampling.max_new_tokens``."""
-        return cls(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
-                   aggregation=loss.aggregation, beta=loss.beta, kl_estimator=loss.kl_estimator,
-                   entropy_coef=loss.entropy_coef, placement=weighting.placement, weight_kl=weighting.weight_kl,
-                   max_len=max_len, sampler_is_cap=loss.sampler_is_cap, ratio_level=loss.ratio_level)
+        return cls(
+            clip_low=loss.clip_low,
+            clip_high=loss.clip_high,
+            dual_clip=loss.dual_clip,
+            aggregation=loss.aggregation,
+            beta=loss.beta,
+            kl_estimator=loss.kl_estimator,
+            entropy_coef=loss.entropy_coef,
+            placement=weighting.placement,
+            weight_kl=weighting.weight_kl,
+            max_len=max_len,
+            sampler_is_cap=loss.sampler_is_cap,
+            ratio_level=loss.ratio_level,
+        )
 
-    def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
-                 active: Tensor, *, num_tokens: float, num_seqs: float, ref_logp: Tensor | None = None,
-                 entropy: Tensor | None = None, sampler_logp: Tensor | None = None) -> PolicyLossOutput:
+    def __call__(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        weights: Tensor,
+        mask: Tensor,
+        active: Tensor,
+        *,
+        num_tokens: float,
+        num_seqs: float,
+        ref_logp: Tensor | None = None,
+        entropy: Tensor | None = None,
+        sampler_logp: Tensor | None = None,
+    ) -> PolicyLossOutput:
         """Shapes as in :func:`policy_loss`: [B, T] token tensors, [B] advantages.  ``entropy`` is used only
         with an entropy bonus (a detached one passed for metrics is ignored otherwise)."""
         return policy_loss(
-            logp, old_logp, advantages, weights, mask, active, num_tokens=num_tokens, num_seqs=num_seqs,
-            max_len=self.max_len, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
-            placement=self.placement, aggregation=self.aggregation, ref_logp=ref_logp, beta=self.beta,
-            kl_estimator=self.kl_estimator, weight_kl=self.weight_kl,
-            entropy=entropy if self.entropy_coef > 0 else None, entropy_coef=self.entropy_coef,
-            sampler_logp=sampler_logp, sampler_is_cap=self.sampler_is_cap, ratio_level=self.ratio_level,
+            logp,
+            old_logp,
+            advantages,
+            weights,
+            mask,
+            active,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            max_len=self.max_len,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            placement=self.placement,
+            aggregation=self.aggregation,
+            ref_logp=ref_logp,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            weight_kl=self.weight_kl,
+            entropy=entropy if self.entropy_coef > 0 else None,
+            entropy_coef=self.entropy_coef,
+            sampler_logp=sampler_logp,
+            sampler_is_cap=self.sampler_is_cap,
+            ratio_level=self.ratio_level,
         )

@@ -38,7 +38,8 @@ from trgrpo.losses import GRPOLoss
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
 from trgrpo.progress import rl_steps_done
 from trgrpo.rewards import RewardResult, RewardSpec, batch_rows, compute_rewards, exact_match, reward_columns
-from trgrpo.rollout import Rollout, SamplingConfig, generate_rollout
+from trgrpo.rollout import Rollout, SamplingConfig
+from trgrpo.rollout.engines import generate_rollout
 from trgrpo.scoring import TokenScorer
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
 from trgrpo.update import UpdateBatch, UpdateInputs, UpdatePlan
@@ -111,8 +112,9 @@ class GRPOModule(L.LightningModule):
 
     def _plan(self, prompts_per_step: int) -> UpdatePlan:
         world = self._trainer.world_size if self._trainer is not None else 1
-        return UpdatePlan.build(prompts_per_step, self.sampling.group_size, self.optim_cfg, self.loss_cfg,
-                                self.weighting, world)
+        return UpdatePlan.build(
+            prompts_per_step, self.sampling.group_size, self.optim_cfg, self.loss_cfg, self.weighting, world
+        )
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -130,16 +132,26 @@ class GRPOModule(L.LightningModule):
         self.backend = training_backend(self._trainer.strategy if self._trainer is not None else None)
         self.backend.configure(self._trainer.strategy if self._trainer is not None else None, self.optim_cfg)
         self.policy_model = load_model(self.policy_cfg, self.tokenizer)
-        self.backend.attach(self.policy_model, lambda: getattr(self.trainer.strategy.model, "optimizer", None))
-        if self.loss_cfg.beta > 0 and self.policy_cfg.lora is None:  # LoRA: the reference is the adapter-free base
+        self.backend.attach(
+            self.policy_model, lambda: getattr(self.trainer.strategy.model, "optimizer", None)
+        )
+        if (
+            self.loss_cfg.beta > 0 and self.policy_cfg.lora is None
+        ):  # LoRA: the reference is the adapter-free base
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
 
     def configure_optimizers(self):
         params = [p for p in self.policy_model.parameters() if p.requires_grad]
-        opt = self.backend.optimizer_class()(params, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas),
-                                             weight_decay=self.optim_cfg.weight_decay)
+        opt = self.backend.optimizer_class()(
+            params,
+            lr=self.optim_cfg.lr,
+            betas=tuple(self.optim_cfg.betas),
+            weight_decay=self.optim_cfg.weight_decay,
+        )
         warmup = self.optim_cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def configure_callbacks(self):
@@ -159,9 +171,12 @@ class GRPOModule(L.LightningModule):
         t0 = time.perf_counter()
         rollout = self.rollout(batch["prompt"], batch)
         t1 = time.perf_counter()
-        rewards = compute_rewards(self.rewards, [p for p in batch["prompt"] for _ in range(g)],
-                                  rollout.completions,
-                                  reward_columns(batch, rollout.trainable_mask, rollout.truncated, g))
+        rewards = compute_rewards(
+            self.rewards,
+            [p for p in batch["prompt"] for _ in range(g)],
+            rollout.completions,
+            reward_columns(batch, rollout.trainable_mask, rollout.truncated, g),
+        )
         rollout, kept, groups = apply_dynamic_sampling(self.trainer.datamodule, rollout, rewards, g)
         t2 = time.perf_counter()
         adv = compute_advantages(kept.total, g, self.loss_cfg.advantage_scale, self.loss_cfg.advantage_eps)
@@ -185,12 +200,21 @@ class GRPOModule(L.LightningModule):
         if self.loss_cfg.mask_truncated:
             mask = mask * (~rollout.truncated).unsqueeze(1).to(mask.dtype)
         plan = self.plan
-        old = self.scorer.score_all(self.policy_model, rollout, plan.micro, plan.needs_entropy) \
-            if plan.needs_old_logp else None
-        ref = self.scorer.reference(self.policy_model, self.ref_model, rollout, plan.micro) \
-            if self.loss_cfg.beta > 0 else None
-        passes = self.weighting.passes(old.logp, mask, old.entropy) if plan.multi_pass or plan.needs_entropy \
+        old = (
+            self.scorer.score_all(self.policy_model, rollout, plan.micro, plan.needs_entropy)
+            if plan.needs_old_logp
+            else None
+        )
+        ref = (
+            self.scorer.reference(self.policy_model, self.ref_model, rollout, plan.micro)
+            if self.loss_cfg.beta > 0
+            else None
+        )
+        passes = (
+            self.weighting.passes(old.logp, mask, old.entropy)
+            if plan.multi_pass or plan.needs_entropy
             else [mask]
+        )
         return UpdateInputs(adv, mask, old, ref, passes)
 
     def update(self, rollout: Rollout, inputs: UpdateInputs) -> UpdateStats:
@@ -203,36 +227,78 @@ class GRPOModule(L.LightningModule):
             stats.add_optimiser_step(self.optimiser_step(opt, sched))
         return stats
 
-    def train_micro_batch(self, rollout: Rollout, batch: UpdateBatch, num_tokens: float, num_seqs: float,
-                          stats: UpdateStats) -> None:
+    def train_micro_batch(
+        self, rollout: Rollout, batch: UpdateBatch, num_tokens: float, num_seqs: float, stats: UpdateStats
+    ) -> None:
         """Forward, token weights, loss and backward of one micro-batch."""
         entropy = "grad" if self.loss_cfg.entropy_coef > 0 else ("detached" if self.log_entropy else None)
-        scores = self.scorer.score(self.policy_model, rollout, batch.idx, entropy, prob_sq=stats.buckets is not None)
+        scores = self.scorer.score(
+            self.policy_model, rollout, batch.idx, entropy, prob_sq=stats.buckets is not None
+        )
         logp = scores.logp.detach()
         old_logp = batch.old_logp if batch.old_logp is not None else logp  # single pass: ratio exactly 1
         w = self.weighting.weights(logp, old_logp, batch.advantages, batch.mask)
         sampler = rollout.sampler_logp[batch.idx] if rollout.sampler_logp is not None else None  # [b, T]
-        out = self.loss_fn(scores.logp, old_logp, batch.advantages, w, batch.mask, batch.active, num_tokens=num_tokens,
-                           num_seqs=num_seqs, ref_logp=batch.ref_logp, entropy=scores.entropy, sampler_logp=sampler)
+        out = self.loss_fn(
+            scores.logp,
+            old_logp,
+            batch.advantages,
+            w,
+            batch.mask,
+            batch.active,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            ref_logp=batch.ref_logp,
+            entropy=scores.entropy,
+            sampler_logp=sampler,
+        )
         # DDP averages gradients over processes; the normalisers are already global, so undo the mean
         self.manual_backward(out.loss * self.plan.world)
-        stats.add_micro_batch(out.loss, out.clipped_low, out.clipped_high, out.kl, w, batch.mask, batch.active,
-                              scores.entropy, self.weighting.bounds, out.sampler_kl)
+        stats.add_micro_batch(
+            out.loss,
+            out.clipped_low,
+            out.clipped_high,
+            out.kl,
+            w,
+            batch.mask,
+            batch.active,
+            scores.entropy,
+            self.weighting.bounds,
+            out.sampler_kl,
+        )
         stats.add_grad_buckets(out.pg_coef, logp, scores.prob_sq, old_logp, w, batch.active)
 
     def optimiser_step(self, opt, sched) -> float:
         """Clip, step and schedule (the backend's way); returns the pre-clip gradient norm."""
-        return self.backend.step(self.policy_model, opt, sched, self.optim_cfg.grad_clip, self.manual_backward,
-                                 self.tokenizer.eos_token_id)
+        return self.backend.step(
+            self.policy_model,
+            opt,
+            sched,
+            self.optim_cfg.grad_clip,
+            self.manual_backward,
+            self.tokenizer.eos_token_id,
+        )
 
-    def log_step(self, rollout: Rollout, rewards: RewardResult, update: UpdateStats, timings: StepTimings,
-                 groups=None) -> None:
+    def log_step(
+        self, rollout: Rollout, rewards: RewardResult, update: UpdateStats, timings: StepTimings, groups=None
+    ) -> None:
         stats = StepStats.collect(
-            rewards=rewards.total, per_term=rewards.per_term, reward_errors=rewards.errors,
-            group_size=self.sampling.group_size, completion_mask=rollout.trainable_mask, truncated=rollout.truncated,
-            update=update.reduced(self.device), lr=self.optimizers().param_groups[0]["lr"],
-            bounded_weights=self.weighting.bounds is not None, kl=self.loss_cfg.beta > 0, timings=timings,
-            episodes=rollout.episodes, groups=groups, rl_step=rl_steps_done(self.trainer) + 1, previous=self.last_stats)
+            rewards=rewards.total,
+            per_term=rewards.per_term,
+            reward_errors=rewards.errors,
+            group_size=self.sampling.group_size,
+            completion_mask=rollout.trainable_mask,
+            truncated=rollout.truncated,
+            update=update.reduced(self.device),
+            lr=self.optimizers().param_groups[0]["lr"],
+            bounded_weights=self.weighting.bounds is not None,
+            kl=self.loss_cfg.beta > 0,
+            timings=timings,
+            episodes=rollout.episodes,
+            groups=groups,
+            rl_step=rl_steps_done(self.trainer) + 1,
+            previous=self.last_stats,
+        )
         self.last_stats = stats
         n = len(rewards.total)
         self.log_dict(stats.metrics(), on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
@@ -246,7 +312,9 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.evaluator.add_batch(self.policy_model, self.tokenizer, batch, keep_table=self.trainer.is_global_zero)
+        self.evaluator.add_batch(
+            self.policy_model, self.tokenizer, batch, keep_table=self.trainer.is_global_zero
+        )
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.evaluator.finish(all_gather_objects)
@@ -257,23 +325,33 @@ class GRPOModule(L.LightningModule):
             self.eval_history.append((self.global_step, acc))
         if self.evaluator.table and self.trainer.is_global_zero:
             folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "val_samples"
-            log.info("held-out samples written to %s", write_sample_table(folder, self.global_step, self.evaluator.table))
+            log.info(
+                "held-out samples written to %s",
+                write_sample_table(folder, self.global_step, self.evaluator.table),
+            )
 
     def heldout_accuracy(self, loader) -> tuple[float, int]:
         """(greedy accuracy, prompts) on a held-out loader, shared out over processes."""
         mine = (b for i, b in enumerate(loader) if i % self.trainer.world_size == self.global_rank)
         with self.generation_weights():
-            return self.evaluator.accuracy(self.policy_model, self.tokenizer, mine,
-                                           lambda t: all_reduce_sum(t.float().to(self.device)).double().cpu())
+            return self.evaluator.accuracy(
+                self.policy_model,
+                self.tokenizer,
+                mine,
+                lambda t: all_reduce_sum(t.float().to(self.device)).double().cpu(),
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add every process's random state; leave out the frozen reference (rebuilt from the config)."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        checkpoint["trgrpo"] = {"rng": gather_rng_states(world, shuffle=self.shuffle_generator),
-                                "reward_history": self.reward_history, "eval_history": self.eval_history,
-                                "grad_norm": self.last_stats.grad_norm if self.last_stats else None}
+        checkpoint["trgrpo"] = {
+            "rng": gather_rng_states(world, shuffle=self.shuffle_generator),
+            "reward_history": self.reward_history,
+            "eval_history": self.eval_history,
+            "grad_norm": self.last_stats.grad_norm if self.last_stats else None,
+        }
         for key in [k for k in checkpoint.get("state_dict") or {} if k.startswith("ref_model.")]:
             del checkpoint["state_dict"][key]
 
@@ -286,10 +364,14 @@ class GRPOModule(L.LightningModule):
         extra = checkpoint.get("trgrpo", {})
         self.reward_history = list(extra.get("reward_history", []))
         self.eval_history = list(extra.get("eval_history", []))
-        self.last_stats = StepStats(grad_norm=extra["grad_norm"]) if extra.get("grad_norm") is not None else None
+        self.last_stats = (
+            StepStats(grad_norm=extra["grad_norm"]) if extra.get("grad_norm") is not None else None
+        )
         if extra.get("rng"):
             world = self.trainer.world_size if self._trainer is not None else 1
-            self._pending_rng = pick_rng_state(extra["rng"], self.global_rank if self._trainer is not None else 0, world)
+            self._pending_rng = pick_rng_state(
+                extra["rng"], self.global_rank if self._trainer is not None else 0, world
+            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # restored here, right before the first step after resume, so that nothing run in between (held-out

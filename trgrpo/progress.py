@@ -73,10 +73,19 @@ class RLStepProgressBar(TQDMProgressBar):
         return "RL step"
 
     def init_train_tqdm(self) -> Tqdm:
-        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
-                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, unit="step",
-                    bar_format=TRAIN_BAR_FORMAT, total=self._total(self.trainer, self._start_steps),
-                    initial=self._start_steps)  # a resumed run starts at its step; the rate counts this run
+        return Tqdm(
+            desc=self.train_description,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            unit="step",
+            bar_format=TRAIN_BAR_FORMAT,
+            total=self._total(self.trainer, self._start_steps),
+            initial=self._start_steps,
+        )  # a resumed run starts at its step; the rate counts this run
 
     def _total(self, trainer: L.Trainer, done: int) -> int | None:
         steps, updates = done - self._start_steps, trainer.global_step - self._start_updates
@@ -95,8 +104,9 @@ class RLStepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the whole fit: an epoch of the prompt data is no unit of progress here
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         bar = self.train_progress_bar
         done = rl_steps_done(trainer)
         if bar.disable or not self._should_update(done, bar.total):

@@ -102,7 +102,9 @@ class RewardSpec:
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout < 0:
-            raise ValueError(f"model.rewards[].timeout must be >= 0 seconds (0 or empty = no limit), got {self.timeout}")
+            raise ValueError(
+                f"model.rewards[].timeout must be >= 0 seconds (0 or empty = no limit), got {self.timeout}"
+            )
         if not math.isfinite(self.weight):
             raise ValueError(f"model.rewards[].weight must be a finite number, got {self.weight}")
         if self.memory_mb < 0:
@@ -181,8 +183,10 @@ def _run(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
 def _run_in_sandbox(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
     (result,) = get_pool(1, spec.timeout or 0, spec.memory_mb).map(function_path(spec.fn), [(args, kwargs)])
     if result.status == "timeout":
-        raise RewardTimeout(f"reward {spec.label!r} took longer than its timeout of {spec.timeout}s "
-                            "(its sandbox worker was killed)")
+        raise RewardTimeout(
+            f"reward {spec.label!r} took longer than its timeout of {spec.timeout}s "
+            "(its sandbox worker was killed)"
+        )
     if result.status == "error":
         raise RuntimeError(f"reward {spec.label!r} failed in its sandbox worker: {result.value}")
     return result.value
@@ -202,7 +206,9 @@ def _checked(spec: RewardSpec, out, n: int) -> list[float | None]:
     return clean
 
 
-def _call_arguments(fn: Callable, prompts, completions, columns: dict[str, list], kwargs: dict) -> tuple[tuple, dict]:
+def _call_arguments(
+    fn: Callable, prompts, completions, columns: dict[str, list], kwargs: dict
+) -> tuple[tuple, dict]:
     """The arguments ``fn`` is called with, by keyword as TRL calls rewards (``prompts=..., completions=...``).
 
     A function with ``**kwargs`` gets every column; otherwise only the names it declares.  A function whose
@@ -229,7 +235,10 @@ def check_reward_columns(spec: RewardSpec, columns: Sequence[str]) -> None:
         return
     available = {"prompts", "completions", *columns, *spec.kwargs}
     for p in params:
-        required = p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        required = p.default is inspect.Parameter.empty and p.kind in (
+            p.POSITIONAL_OR_KEYWORD,
+            p.KEYWORD_ONLY,
+        )
         if required and p.name not in available:
             raise ValueError(
                 f"reward {spec.label!r} (model.rewards[].fn) needs the column {p.name!r}, which the task does "
@@ -252,14 +261,18 @@ def check_rewards(specs: Sequence[RewardSpec], task_columns: Sequence[str]) -> N
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             unknown = sorted(set(spec.kwargs) - set(params))
             if unknown:
-                raise ValueError(f"reward {spec.label!r}: model.rewards[].kwargs {unknown} are not parameters of "
-                                 f"the function; its parameters: {list(params)}")
+                raise ValueError(
+                    f"reward {spec.label!r}: model.rewards[].kwargs {unknown} are not parameters of "
+                    f"the function; its parameters: {list(params)}"
+                )
         args, kwargs = _call_arguments(spec.fn, [""], [""], {c: [None] for c in columns}, spec.kwargs)
         try:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise ValueError(f"reward {spec.label!r} (model.rewards[].fn) cannot be called as "
-                             f"fn(prompts, completions, **columns) with the columns {columns}: {exc}") from exc
+            raise ValueError(
+                f"reward {spec.label!r} (model.rewards[].fn) cannot be called as "
+                f"fn(prompts, completions, **columns) with the columns {columns}: {exc}"
+            ) from exc
 
 
 def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
@@ -269,19 +282,36 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
         out = _run(spec, *_call_arguments(spec.fn, prompts, completions, columns, spec.kwargs))
         return _checked(spec, out, n), 0
     except RewardTimeout as exc:
-        log.warning("%s on a batch of %d completions; scoring them %s (model.rewards[].timeout; 0 turns it off)",
-                    exc, n, spec.failure_score)
+        log.warning(
+            "%s on a batch of %d completions; scoring them %s (model.rewards[].timeout; 0 turns it off)",
+            exc,
+            n,
+            spec.failure_score,
+        )
         return [spec.failure_score] * n, n
     except SampleFailures as exc:
         scores = _checked(spec, exc.scores, n)
         for i in exc.failed:
             scores[i] = spec.failure_score
-        _warn_once(f"{spec.label}:samples", "reward %r failed on %d of %d samples, scoring them %s: %s",
-                   spec.label, len(exc.failed), n, spec.failure_score, exc.message)
+        _warn_once(
+            f"{spec.label}:samples",
+            "reward %r failed on %d of %d samples, scoring them %s: %s",
+            spec.label,
+            len(exc.failed),
+            n,
+            spec.failure_score,
+            exc.message,
+        )
         return scores, len(exc.failed)
     except Exception as exc:  # noqa: BLE001 - logged, then every sample is tried on its own
-        _warn_once(f"{spec.label}:batch", "reward %r failed on the batch of %d completions (%s: %s); retrying "
-                   "sample by sample", spec.label, n, type(exc).__name__, exc)
+        _warn_once(
+            f"{spec.label}:batch",
+            "reward %r failed on the batch of %d completions (%s: %s); retrying sample by sample",
+            spec.label,
+            n,
+            type(exc).__name__,
+            exc,
+        )
     scores: list[float | None] = []
     errors = 0
     for i in range(n):
@@ -295,8 +325,14 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
             if isinstance(exc, RewardTimeout):
                 log.warning("%s on sample %d; scoring it %s", exc, i, spec.failure_score)
                 continue
-            _warn_once(spec.label, "reward %r failed on sample %d; scoring it %s. First traceback:\n%s",
-                       spec.label, i, spec.failure_score, traceback.format_exc())
+            _warn_once(
+                spec.label,
+                "reward %r failed on sample %d; scoring it %s. First traceback:\n%s",
+                spec.label,
+                i,
+                spec.failure_score,
+                traceback.format_exc(),
+            )
     return scores, errors
 
 
@@ -305,7 +341,9 @@ def batch_rows(batch: dict[str, list]) -> list[dict]:
     return [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
 
 
-def reward_columns(batch: dict[str, list], completion_mask, truncated, group_size: int = 1) -> dict[str, list]:
+def reward_columns(
+    batch: dict[str, list], completion_mask, truncated, group_size: int = 1
+) -> dict[str, list]:
     """The columns rewards receive: the task's (each repeated for the G completions of its prompt, the
     prompt itself left out), plus ``completion_length`` (trained tokens, from the [N, T] mask) and
     ``truncated`` ([N] bool)."""
@@ -360,9 +398,13 @@ def last_number(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def last_number_match(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float]:
+def last_number_match(
+    prompts: list[str], completions: list[str], answer: list[str], **_: object
+) -> list[float]:
     """1.0 when the last integer in the completion equals the reference ``answer`` ("37 + 58 = 95" counts)."""
-    return [1.0 if last_number(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
+    return [
+        1.0 if last_number(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)
+    ]
 
 
 def regex_format(
@@ -397,13 +439,19 @@ def think_answer_format(
 
     The format reward of the published Knights-and-Knaves setups (+1 / -1).
     """
-    return [right if has_think_answer_format(with_prefilled_think(p, c)) else wrong
-            for p, c in zip(prompts, completions, strict=True)]
+    return [
+        right if has_think_answer_format(with_prefilled_think(p, c)) else wrong
+        for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def soft_overlong_punishment(
-    prompts: list[str], completions: list[str], completion_length: list[int], max_length: int,
-    cache_length: int, **_: object,
+    prompts: list[str],
+    completions: list[str],
+    completion_length: list[int],
+    max_length: int,
+    cache_length: int,
+    **_: object,
 ) -> list[float]:
     """DAPO's soft overlong punishment: 0 up to ``max_length - cache_length`` tokens, then falling linearly
     to -1 at ``max_length``, and -1 beyond.
@@ -412,7 +460,9 @@ def soft_overlong_punishment(
     passed by the trainer.
     """
     if not 0 < cache_length <= max_length:
-        raise ValueError(f"soft_overlong_punishment needs 0 < cache_length <= max_length, got {cache_length}, {max_length}")
+        raise ValueError(
+            f"soft_overlong_punishment needs 0 < cache_length <= max_length, got {cache_length}, {max_length}"
+        )
     free = max_length - cache_length
     out = []
     for n in completion_length:

@@ -60,11 +60,39 @@ DEFAULT_MEMORY_MB = 2048
 """Address-space limit of a worker in MiB (a worker with sympy and reasoning-gym loaded uses about 300)."""
 
 REFUSED_EVENTS = (
-    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
-    "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "os.remove", "os.rename", "os.rmdir",
-    "os.mkdir", "os.chmod", "os.chown", "os.chflags", "os.lchflags", "os.link", "os.symlink", "os.truncate",
-    "os.utime", "os.setxattr", "os.removexattr", "os.putenv", "os.unsetenv", "shutil.", "socket.", "ctypes.",
-    "resource.setrlimit", "resource.prlimit", "webbrowser.open",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "subprocess.Popen",
+    "pty.spawn",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.mkdir",
+    "os.chmod",
+    "os.chown",
+    "os.chflags",
+    "os.lchflags",
+    "os.link",
+    "os.symlink",
+    "os.truncate",
+    "os.utime",
+    "os.setxattr",
+    "os.removexattr",
+    "os.putenv",
+    "os.unsetenv",
+    "shutil.",
+    "socket.",
+    "ctypes.",
+    "resource.setrlimit",
+    "resource.prlimit",
+    "webbrowser.open",
 )
 """Audit events a worker refuses (an event matches an entry it equals or, for entries ending in a dot,
 starts with); opening a file for writing is refused too."""
@@ -72,8 +100,10 @@ starts with); opening a file for writing is refused too."""
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _ENV_KEEP = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "SYSTEMROOT", "VIRTUAL_ENV"}
 _ENV_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_BOOT = ("import json, sys; settings = json.loads(sys.argv[1]); sys.path[:] = settings['path']; "
-         "from trgrpo.sandbox import serve; serve(settings)")
+_BOOT = (
+    "import json, sys; settings = json.loads(sys.argv[1]); sys.path[:] = settings['path']; "
+    "from trgrpo.sandbox import serve; serve(settings)"
+)
 
 
 class JobResult(NamedTuple):
@@ -133,7 +163,9 @@ def make_audit_hook(refused: list[str]) -> Callable[[str, tuple], None]:
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             mode, flags = (args + (None, None))[1:3]
-            writes = (isinstance(flags, int) and flags & _WRITE_FLAGS) or (isinstance(mode, str) and any(c in mode for c in "wax+"))
+            writes = (isinstance(flags, int) and flags & _WRITE_FLAGS) or (
+                isinstance(mode, str) and any(c in mode for c in "wax+")
+            )
             if not writes:
                 return
         elif event not in exact and not event.startswith(prefixes):
@@ -195,8 +227,19 @@ def _spawn(cmd: list[str], env: dict) -> subprocess.Popen:
     global _spawner
     if _spawner is None or _spawner[0] != os.getpid():  # a forked trainer process has no spawner thread
         _spawner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="trgrpo-sandbox-spawn"))
-    return _spawner[1].submit(subprocess.Popen, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              bufsize=0, env=env, close_fds=True).result()
+    return (
+        _spawner[1]
+        .submit(
+            subprocess.Popen,
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            close_fds=True,
+        )
+        .result()
+    )
 
 
 def worker_env() -> dict[str, str]:
@@ -232,8 +275,10 @@ class _Worker:
             reply = None
         if reply is None or reply[0] != "ready":
             self.kill()
-            raise RuntimeError(f"a sandbox worker did not start (preload {self.preload}, memory_mb "
-                               f"{self.memory_mb}); its error, if any, is on stderr above")
+            raise RuntimeError(
+                f"a sandbox worker did not start (preload {self.preload}, memory_mb "
+                f"{self.memory_mb}); its error, if any, is on stderr above"
+            )
 
     def ensure_started(self) -> None:
         if not self.alive:
@@ -301,11 +346,18 @@ class SandboxPool:
             before it takes jobs, so that the first job does not pay for imports.
     """
 
-    def __init__(self, workers: int = 1, timeout: float = DEFAULT_TIMEOUT, memory_mb: int = DEFAULT_MEMORY_MB,
-                 preload: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        preload: Sequence[str] = (),
+    ) -> None:
         if workers < 1 or timeout < 0 or memory_mb < 0:
-            raise ValueError(f"sandbox: workers must be >= 1, timeout and memory_mb >= 0, got {workers}, "
-                             f"{timeout}, {memory_mb}")
+            raise ValueError(
+                f"sandbox: workers must be >= 1, timeout and memory_mb >= 0, got {workers}, "
+                f"{timeout}, {memory_mb}"
+            )
         self.timeout = timeout
         self.workers = [_Worker(memory_mb, preload) for _ in range(workers)]
         for worker in self.workers:  # start them side by side: each takes a second or so to import
@@ -320,8 +372,12 @@ class SandboxPool:
             results = self._map(fn, [pickle.dumps((fn, tuple(a), dict(k))) for a, k in jobs])
         for event in {e for r in results for e in r.refused} - _logged:
             _logged.add(event)
-            log.warning("sandbox: refused %s while running %s on model output (a completion tried to run code "
-                        "or touch files); the check went on without it", event, fn)
+            log.warning(
+                "sandbox: refused %s while running %s on model output (a completion tried to run code "
+                "or touch files); the check went on without it",
+                event,
+                fn,
+            )
         return results
 
     def _deadline(self) -> float:
@@ -354,7 +410,10 @@ class SandboxPool:
                         results[i] = JobResult("timeout", self.timeout, ())
                     pending.clear()
         finally:
-            for worker, _ in busy.values():  # abandoned (a signal, Ctrl-C): its reply would answer the next job
+            for (
+                worker,
+                _,
+            ) in busy.values():  # abandoned (a signal, Ctrl-C): its reply would answer the next job
                 worker.kill()
         return results
 
@@ -392,8 +451,12 @@ class SandboxPool:
 _POOLS: dict[tuple, SandboxPool] = {}
 
 
-def get_pool(workers: int = 1, timeout: float = DEFAULT_TIMEOUT, memory_mb: int = DEFAULT_MEMORY_MB,
-             preload: Sequence[str] = ()) -> SandboxPool:
+def get_pool(
+    workers: int = 1,
+    timeout: float = DEFAULT_TIMEOUT,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    preload: Sequence[str] = (),
+) -> SandboxPool:
     """The process's shared pool for these settings (started on first use, stopped at exit)."""
     key = (os.getpid(), workers, float(timeout), int(memory_mb), tuple(preload))
     if key not in _POOLS:
@@ -405,8 +468,10 @@ def function_path(fn: Callable) -> str:
     """``"module:qualified_name"`` of a function a fresh interpreter can import; ValueError otherwise."""
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     if not module or not name or "<" in name or module == "__main__":
-        raise ValueError(f"{fn!r} cannot be imported by name in a worker process (a module-level function "
-                         "of an importable module is needed)")
+        raise ValueError(
+            f"{fn!r} cannot be imported by name in a worker process (a module-level function "
+            "of an importable module is needed)"
+        )
     return f"{module}:{name}"
 
 

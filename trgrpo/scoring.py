@@ -47,8 +47,14 @@ class TokenScorer:
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
-    def score(self, model: torch.nn.Module, rollout: Rollout, idx: Tensor, entropy: EntropyMode = None,
-              prob_sq: bool = False) -> TokenScores:
+    def score(
+        self,
+        model: torch.nn.Module,
+        rollout: Rollout,
+        idx: Tensor,
+        entropy: EntropyMode = None,
+        prob_sq: bool = False,
+    ) -> TokenScores:
         """Scores of the completion tokens of rows ``idx`` [b]; differentiable when grad is enabled.
         ``prob_sq`` adds the detached sum of squared probabilities per token (for the gradient diagnostics)."""
         ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]  # [b, P + T]
@@ -65,16 +71,21 @@ class TokenScorer:
         return TokenScores(logp, ent, squared_prob_sum(logits) if prob_sq else None)
 
     @torch.no_grad()
-    def score_all(self, model: torch.nn.Module, rollout: Rollout, micro: int, entropy: bool = False) -> TokenScores:
+    def score_all(
+        self, model: torch.nn.Module, rollout: Rollout, micro: int, entropy: bool = False
+    ) -> TokenScores:
         """Detached [N, T] scores of every row, ``micro`` rows per forward."""
         rows = torch.arange(rollout.input_ids.shape[0], device=rollout.input_ids.device)
-        parts = [self.score(model, rollout, idx, "detached" if entropy else None) for idx in rows.split(micro)]
+        parts = [
+            self.score(model, rollout, idx, "detached" if entropy else None) for idx in rows.split(micro)
+        ]
         ent = torch.cat([s.entropy for s in parts]) if entropy else None
         return TokenScores(torch.cat([s.logp for s in parts]), ent)
 
     @torch.no_grad()
-    def reference(self, policy: torch.nn.Module, ref_model: torch.nn.Module | None, rollout: Rollout,
-                  micro: int) -> Tensor:
+    def reference(
+        self, policy: torch.nn.Module, ref_model: torch.nn.Module | None, rollout: Rollout, micro: int
+    ) -> Tensor:
         """[N, T] log-probs under the frozen reference: ``ref_model``, or with LoRA (``ref_model`` None) the
         policy with its adapters disabled (the base weights never train, so no second copy is needed)."""
         if ref_model is not None:

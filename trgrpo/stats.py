@@ -46,7 +46,9 @@ class UpdateStats:
     tokens: float = 0.0  # response tokens that went through forward/backward
     active_tokens: float = 0.0  # tokens trained in their pass
     entropy: float | None = None  # summed token entropy (None when not computed)
-    sampler_kl: float | None = None  # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
+    sampler_kl: float | None = (
+        None  # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
+    )
     weight_sum: float = 0.0
     weight_min: float = math.inf
     weight_max: float = -math.inf
@@ -56,9 +58,19 @@ class UpdateStats:
     updates: float = 0.0  # optimiser steps (identical on every process)
     buckets: GradBuckets | None = None  # gradient share by probability bucket (None: diagnostics off)
 
-    def add_micro_batch(self, loss: Tensor, clipped_low: Tensor, clipped_high: Tensor, kl: Tensor, weights: Tensor,
-                        mask: Tensor, active: Tensor, entropy: Tensor | None,
-                        bounds: tuple[float, float] | None, sampler_kl: Tensor | None = None) -> None:
+    def add_micro_batch(
+        self,
+        loss: Tensor,
+        clipped_low: Tensor,
+        clipped_high: Tensor,
+        kl: Tensor,
+        weights: Tensor,
+        mask: Tensor,
+        active: Tensor,
+        entropy: Tensor | None,
+        bounds: tuple[float, float] | None,
+        sampler_kl: Tensor | None = None,
+    ) -> None:
         """Add one micro-batch: scalar loss outputs, [b, T] weights / masks / entropy."""
         self.loss += loss.item()
         self.clipped_low += clipped_low.item()
@@ -79,8 +91,15 @@ class UpdateStats:
                 self.weight_at_lower += (sel <= bounds[0]).sum().item()
                 self.weight_at_upper += (sel >= bounds[1]).sum().item()
 
-    def add_grad_buckets(self, pg_coef: Tensor, logp: Tensor, prob_sq: Tensor, rollout_logp: Tensor,
-                         weights: Tensor, active: Tensor) -> None:
+    def add_grad_buckets(
+        self,
+        pg_coef: Tensor,
+        logp: Tensor,
+        prob_sq: Tensor,
+        rollout_logp: Tensor,
+        weights: Tensor,
+        active: Tensor,
+    ) -> None:
         """Add one micro-batch to the bucket diagnostics ([b, T] tensors; see ``trgrpo.diagnostics``)."""
         if self.buckets is not None:
             self.buckets.add(logit_grad_norm_sq(pg_coef, logp, prob_sq), rollout_logp, weights, active)
@@ -95,7 +114,9 @@ class UpdateStats:
             return dataclasses.replace(self)  # the buckets object is shared: nothing is added after reducing
         same = {"grad_norm", "updates", "weight_min", "weight_max", "buckets"}
         keys = [f.name for f in dataclasses.fields(self) if f.name not in same]
-        sums = torch.tensor([float(getattr(self, k) or 0.0) for k in keys], dtype=torch.float64, device=device)
+        sums = torch.tensor(
+            [float(getattr(self, k) or 0.0) for k in keys], dtype=torch.float64, device=device
+        )
         low = torch.tensor([self.weight_min, -self.weight_max], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -141,30 +162,54 @@ class StepStats:
     no_tool_ratio: float | None = _metric("train/no_tool_ratio")  # share of completions without any call
     groups_drawn: float | None = _metric("train/dynamic_sampling/drawn")  # groups sampled and scored
     groups_dropped: float | None = _metric("train/dynamic_sampling/dropped")  # groups left out of the update
-    groups_filled: float | None = _metric("train/dynamic_sampling/filled")  # kept groups without reward spread
-    sampler_kl: float | None = _metric("train/sampler_kl")  # k3 KL(sampler || trainer) per token (vllm engine)
+    groups_filled: float | None = _metric(
+        "train/dynamic_sampling/filled"
+    )  # kept groups without reward spread
+    sampler_kl: float | None = _metric(
+        "train/sampler_kl"
+    )  # k3 KL(sampler || trainer) per token (vllm engine)
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
-    buckets: dict[str, float] = field(default_factory=dict)  # train/grad_share/*, token_share/*, weight/<bucket>
+    buckets: dict[str, float] = field(
+        default_factory=dict
+    )  # train/grad_share/*, token_share/*, weight/<bucket>
 
     def timings(self) -> StepTimings:
         return StepTimings(self.time_generation, self.time_reward, self.time_old_logprobs, self.time_update)
 
     def metrics(self) -> dict[str, float]:
         """``{metric name: value}`` of every field that applies."""
-        out = {f.metadata["metric"]: getattr(self, f.name) for f in dataclasses.fields(self)
-               if "metric" in f.metadata and getattr(self, f.name) is not None}
+        out = {
+            f.metadata["metric"]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if "metric" in f.metadata and getattr(self, f.name) is not None
+        }
         out.update(self.reward_terms)
         out.update(self.buckets)
         return out
 
     @classmethod
-    def collect(cls, *, rewards: Tensor, per_term: dict[str, Tensor], reward_errors: int, group_size: int,
-                completion_mask: Tensor, truncated: Tensor, update: UpdateStats, lr: float,
-                bounded_weights: bool, kl: bool, timings: StepTimings, episodes=None, groups=None,
-                rl_step: int | None = None, previous: StepStats | None = None) -> StepStats:
+    def collect(
+        cls,
+        *,
+        rewards: Tensor,
+        per_term: dict[str, Tensor],
+        reward_errors: int,
+        group_size: int,
+        completion_mask: Tensor,
+        truncated: Tensor,
+        update: UpdateStats,
+        lr: float,
+        bounded_weights: bool,
+        kl: bool,
+        timings: StepTimings,
+        episodes=None,
+        groups=None,
+        rl_step: int | None = None,
+        previous: StepStats | None = None,
+    ) -> StepStats:
         """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] trained-token mask
         (tool output excluded), [N] truncation flags, the step's (already reduced) ``UpdateStats`` and, for a
-        multi-turn rollout, its ``trgrpo.multiturn.EpisodeStats`` ([N] calls, errors, turns); with dynamic
+        multi-turn rollout, its ``trgrpo.agent.episodes.EpisodeStats`` ([N] calls, errors, turns); with dynamic
         sampling ``rewards`` are every drawn completion's and ``groups`` the ``GroupSelection`` counts.
         ``rl_step`` is this step's number (1-based); ``previous`` the last step's stats of this run, for
         ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the checkpoint)."""
@@ -189,7 +234,8 @@ class StepStats:
             clip_ratio_high=update.clipped_high / active,
             grad_norm=grad_norm,
             grad_norm_delta=abs(grad_norm - previous.grad_norm)
-            if previous is not None and previous.grad_norm is not None else None,
+            if previous is not None and previous.grad_norm is not None
+            else None,
             rl_step=float(rl_step) if rl_step is not None else None,
             lr=lr,
             weight_mean=update.weight_sum / active,
@@ -200,21 +246,34 @@ class StepStats:
             kl=update.kl / tokens if kl else None,
             entropy=update.entropy / tokens if update.entropy is not None else None,
             sampler_kl=update.sampler_kl / tokens if update.sampler_kl is not None else None,
-            time_generation=timings.generation, time_reward=timings.reward,
-            time_old_logprobs=timings.old_logprobs, time_update=timings.update,
+            time_generation=timings.generation,
+            time_reward=timings.reward,
+            time_old_logprobs=timings.old_logprobs,
+            time_update=timings.update,
             reward_terms=terms,
             buckets=update.buckets.metrics() if update.buckets is not None else {},
             **(tool_metrics(episodes) if episodes is not None else {}),
-            **({} if groups is None else {"groups_drawn": float(groups.drawn), "groups_dropped": float(groups.dropped),
-                                          "groups_filled": float(groups.filled)}),
+            **(
+                {}
+                if groups is None
+                else {
+                    "groups_drawn": float(groups.drawn),
+                    "groups_dropped": float(groups.dropped),
+                    "groups_filled": float(groups.filled),
+                }
+            ),
         )
 
 
 def tool_metrics(episodes) -> dict[str, float]:
     """The tool fields of ``StepStats`` from [N] per-completion calls, errors and turns."""
     calls = episodes.tool_calls.float()
-    return {"tool_calls": calls.mean().item(), "tool_errors": episodes.tool_errors.sum().item(),
-            "turns": episodes.turns.float().mean().item(), "no_tool_ratio": (calls == 0).float().mean().item()}
+    return {
+        "tool_calls": calls.mean().item(),
+        "tool_errors": episodes.tool_errors.sum().item(),
+        "turns": episodes.turns.float().mean().item(),
+        "no_tool_ratio": (calls == 0).float().mean().item(),
+    }
 
 
 __all__ = ["StepStats", "StepTimings", "UpdateStats"]

@@ -90,17 +90,31 @@ class UpdatePlan:
     skip_zero_advantage: bool  # leave zero-advantage sequences out of forward/backward
 
     @classmethod
-    def build(cls, prompts_per_step: int, group_size: int, optim: OptimConfig, loss: LossConfig,
-              weighting: TokenWeighting, world: int = 1) -> UpdatePlan:
+    def build(
+        cls,
+        prompts_per_step: int,
+        group_size: int,
+        optim: OptimConfig,
+        loss: LossConfig,
+        weighting: TokenWeighting,
+        world: int = 1,
+    ) -> UpdatePlan:
         """From ``OptimConfig``, ``LossConfig`` and the weighting strategy."""
         mini, micro = check_batch_layout(prompts_per_step, group_size, optim)
         # a zero advantage zeroes the clipped surrogate and its gradient exactly; without KL or entropy bonus
         # such sequences add nothing, so they are left out (the normalisers still count them)
         skip = optim.skip_zero_advantage and loss.beta == 0 and loss.entropy_coef == 0 and world == 1
-        return cls(group_size=group_size, rollout=prompts_per_step * group_size, mini=mini, micro=micro,
-                   epochs=optim.epochs, world=world,
-                   multi_pass=type(weighting).passes is not TokenWeighting.passes,
-                   needs_entropy=weighting.needs_entropy, skip_zero_advantage=skip)
+        return cls(
+            group_size=group_size,
+            rollout=prompts_per_step * group_size,
+            mini=mini,
+            micro=micro,
+            epochs=optim.epochs,
+            world=world,
+            multi_pass=type(weighting).passes is not TokenWeighting.passes,
+            needs_entropy=weighting.needs_entropy,
+            skip_zero_advantage=skip,
+        )
 
     @property
     def shuffle(self) -> bool:
@@ -124,8 +138,12 @@ class UpdatePlan:
         perm = torch.randperm(groups, generator=generator) if self.shuffle else torch.arange(groups)
         return (perm.unsqueeze(1) * g + torch.arange(g)).reshape(-1).to(device)
 
-    def steps(self, inputs: UpdateInputs, generator: torch.Generator,
-              all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t) -> Iterator[OptimiserStep]:
+    def steps(
+        self,
+        inputs: UpdateInputs,
+        generator: torch.Generator,
+        all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
+    ) -> Iterator[OptimiserStep]:
         """Every optimiser step of the rollout batch, in order (see the module docstring)."""
         n = inputs.advantages.shape[0]
         if n != self.rollout:
@@ -134,10 +152,14 @@ class UpdatePlan:
             for _ in range(self.epochs):
                 order = self.order(generator, inputs.advantages.device)
                 for start in range(0, n, self.mini):
-                    idx = order[start:start + self.mini]
+                    idx = order[start : start + self.mini]
                     num_tokens = all_reduce_sum(inputs.mask[idx].sum()).item()
                     trained = idx[inputs.advantages[idx] != 0] if self.skip_zero_advantage else idx
-                    micro = [inputs.micro_batch(i, active) for i in trained.split(self.micro)] if len(trained) else []
+                    micro = (
+                        [inputs.micro_batch(i, active) for i in trained.split(self.micro)]
+                        if len(trained)
+                        else []
+                    )
                     yield OptimiserStep(micro, num_tokens, float(self.mini * self.world))
 
 

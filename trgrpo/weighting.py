@@ -112,11 +112,17 @@ class TokenRegulatedWeighting(TokenWeighting):
                 f"model.weighting.init_args.lower ({lower}) must not exceed model.weighting.init_args.upper ({upper})"
             )
         if lower < 0:
-            raise ValueError(f"model.weighting.init_args.lower must be >= 0 (weights are non-negative), got {lower}")
+            raise ValueError(
+                f"model.weighting.init_args.lower must be >= 0 (weights are non-negative), got {lower}"
+            )
         if placement not in ("surrogate", "ratio"):
-            raise ValueError(f"model.weighting.init_args.placement must be 'surrogate' or 'ratio', got {placement!r}")
+            raise ValueError(
+                f"model.weighting.init_args.placement must be 'surrogate' or 'ratio', got {placement!r}"
+            )
         if source not in ("rollout", "current"):
-            raise ValueError(f"model.weighting.init_args.source must be 'rollout' or 'current', got {source!r}")
+            raise ValueError(
+                f"model.weighting.init_args.source must be 'rollout' or 'current', got {source!r}"
+            )
         self.alpha, self.tau, self.mu = alpha, tau, mu
         self.lower, self.upper = lower, upper
         self.bounds = (lower, upper)

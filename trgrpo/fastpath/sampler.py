@@ -78,8 +78,9 @@ def fast_generation_supported(model: torch.nn.Module) -> bool:
         return False
     for layer in dec.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-            [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
+        ]
         # LoRA / quantised wrappers are not plain Linear layers: leave them to generate()
         if any(type(p) is not torch.nn.Linear for p in projections):
             return False
@@ -91,21 +92,32 @@ def fast_generation_supported(model: torch.nn.Module) -> bool:
 def _cat_bias(*linears: torch.nn.Linear) -> Tensor | None:
     if all(lin.bias is None for lin in linears):
         return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                      for lin in linears])
+    return torch.cat(
+        [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears]
+    )
 
 
 def _layer_weights(layer) -> _LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     return _LayerWeights(
-        ln1=layer.input_layernorm.weight, ln1_eps=layer.input_layernorm.variance_epsilon,
+        ln1=layer.input_layernorm.weight,
+        ln1_eps=layer.input_layernorm.variance_epsilon,
         qkv_w=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
         qkv_b=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-        q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-        o_w=attn.o_proj.weight, o_b=attn.o_proj.bias,
-        ln2=layer.post_attention_layernorm.weight, ln2_eps=layer.post_attention_layernorm.variance_epsilon,
-        gate_w=mlp.gate_proj.weight, gate_b=mlp.gate_proj.bias, up_w=mlp.up_proj.weight, up_b=mlp.up_proj.bias,
-        down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias, act=mlp.act_fn, scale=attn.scaling,
+        q_norm=getattr(attn, "q_norm", None),
+        k_norm=getattr(attn, "k_norm", None),
+        o_w=attn.o_proj.weight,
+        o_b=attn.o_proj.bias,
+        ln2=layer.post_attention_layernorm.weight,
+        ln2_eps=layer.post_attention_layernorm.variance_epsilon,
+        gate_w=mlp.gate_proj.weight,
+        gate_b=mlp.gate_proj.bias,
+        up_w=mlp.up_proj.weight,
+        up_b=mlp.up_proj.bias,
+        down_w=mlp.down_proj.weight,
+        down_b=mlp.down_proj.bias,
+        act=mlp.act_fn,
+        scale=attn.scaling,
     )
 
 
@@ -127,8 +139,9 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class _Warpers:
     """The logits processing ``generate`` applies for these settings, in its order."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, eos_token_id: int, ignore_eos: bool,
-                 greedy: bool) -> None:
+    def __init__(
+        self, temperature: float, top_k: int, top_p: float, eos_token_id: int, ignore_eos: bool, greedy: bool
+    ) -> None:
         self.greedy, self.eos, self.ignore_eos = greedy, eos_token_id, ignore_eos
         self.warpers = []
         if not greedy:
@@ -164,8 +177,13 @@ def _prefill(model, dec, prompt_ids: Tensor, prompt_mask: Tensor, g: int, budget
     """Run the model once on each distinct prompt; returns ([N, V] first logits, the decode state)."""
     n = prompt_ids.shape[0] * g
     positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1].to(dtype=torch.float32).repeat_interleave(g, dim=0)  # [N, V]
     layers = cache_layers(model_cache(out))
     pk, pv = [layer.keys for layer in layers], [layer.values for layer in layers]  # [U, nkv, P, hd]
@@ -181,7 +199,9 @@ def _prefill(model, dec, prompt_ids: Tensor, prompt_mask: Tensor, g: int, budget
     return logits, _DecodeState(pk, pv, bias, keys, values, cos.unsqueeze(2), sin.unsqueeze(2))
 
 
-def _attend(q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _attend(
+    q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v: Tensor, scale: float
+) -> Tensor:
     """One decode query per row over its prompt (shared by the G rows of a group) and its own completion.
 
     q [N, nh, hd]; pk, pv [U, nkv, P, hd]; bias [U, 1, 1, P] or None; k, v [N, nkv, t, hd] -> [N, nh * hd].
@@ -206,8 +226,15 @@ def _attend(q: Tensor, pk: Tensor, pv: Tensor, bias: Tensor | None, k: Tensor, v
     return (o_pre.reshape(n, nkv, rep, hd) + o_own).reshape(n, nh * hd)  # a view fails for one group (U = 1)
 
 
-def _decode_step(dec, lm_head_w: Tensor, weights: list[_LayerWeights], state: _DecodeState, tokens: Tensor,
-                 t: int, heads: tuple[int, int, int]) -> Tensor:
+def _decode_step(
+    dec,
+    lm_head_w: Tensor,
+    weights: list[_LayerWeights],
+    state: _DecodeState,
+    tokens: Tensor,
+    t: int,
+    heads: tuple[int, int, int],
+) -> Tensor:
     """Feed ``tokens`` [N] at completion position t; returns [N, V] float32 logits."""
     nh, nkv, hd = heads
     n = tokens.shape[0]
@@ -217,13 +244,20 @@ def _decode_step(dec, lm_head_w: Tensor, weights: list[_LayerWeights], state: _D
         kc, vc = state.keys[i], state.values[i]
         x = _rms_norm(h, w.ln1, w.ln1_eps)
         qkv = F.linear(x, w.qkv_w, w.qkv_b).view(n, nh + 2 * nkv, hd)
-        q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
+        q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
         if w.q_norm is not None:
             q, k = w.q_norm(q), w.k_norm(k)
         kc[:, :, t] = _rotate(k, cos, sin)
         vc[:, :, t] = v
-        o = _attend(_rotate(q, cos, sin), state.prefix_keys[i], state.prefix_values[i], state.prefix_bias,
-                    kc[:, :, :t + 1], vc[:, :, :t + 1], w.scale)
+        o = _attend(
+            _rotate(q, cos, sin),
+            state.prefix_keys[i],
+            state.prefix_values[i],
+            state.prefix_bias,
+            kc[:, :, : t + 1],
+            vc[:, :, : t + 1],
+            w.scale,
+        )
         h = h + F.linear(o, w.o_w, w.o_b)
         x = _rms_norm(h, w.ln2, w.ln2_eps)
         # gate and up stay two matmuls: one [H, 2I] matmul is slower on CPU at decode batch sizes
@@ -279,9 +313,9 @@ def sample_completions(
         out[:, t] = tokens
         unfinished &= tokens != eos_token_id
         if stop is not None:
-            unfinished &= ~stop(out[:, :t + 1])
+            unfinished &= ~stop(out[:, : t + 1])
         if t + 1 == max_new_tokens or not bool(unfinished.any()):
-            return out[:, :t + 1]
+            return out[:, : t + 1]
         logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, (nh, nkv, hd))
     return out
 

@@ -34,8 +34,11 @@ def model_cache(out):
 def cache_layers(cache) -> list | None:
     """Per-layer objects with ``keys`` / ``values`` tensors [rows, heads, len, hd], or None if not that kind."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(isinstance(getattr(layer, "keys", None), Tensor) and
-                             isinstance(getattr(layer, "values", None), Tensor) for layer in layers):
+    if not layers or not all(
+        isinstance(getattr(layer, "keys", None), Tensor)
+        and isinstance(getattr(layer, "values", None), Tensor)
+        for layer in layers
+    ):
         return None
     if any(type(layer).__name__ != "DynamicLayer" for layer in layers):  # sliding-window, quantised, ...
         return None
@@ -64,8 +67,9 @@ def full_completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, pr
     ids, attn = ids[:, :-1], attn[:, :-1]  # the last token predicts nothing that is scored
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     t = ids.shape[1] + 1 - prompt_len
-    return model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False,
-                 logits_to_keep=t).logits
+    return model(
+        input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False, logits_to_keep=t
+    ).logits
 
 
 def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
@@ -82,8 +86,13 @@ def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_
         return full_completion_logits(model, ids, attn, p)
     prompt_ids, prompt_attn = uniq[:, :p], uniq[:, p:]
     positions = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
-    first = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=positions, use_cache=True,
-                  logits_to_keep=1)
+    first = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_attn,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     layers = cache_layers(model_cache(first))
     if layers is None:
         return full_completion_logits(model, ids, attn, p)
@@ -93,8 +102,14 @@ def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_
         layer.values = layer.values.index_select(0, inverse)
     attn = attn[:, :-1]
     positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, p:]
-    rest = model(input_ids=ids[:, p:-1], attention_mask=attn, position_ids=positions, use_cache=True,
-                 logits_to_keep=t - 1, **{_cache_kwarg(model): cache}).logits  # [B, T - 1, V]
+    rest = model(
+        input_ids=ids[:, p:-1],
+        attention_mask=attn,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=t - 1,
+        **{_cache_kwarg(model): cache},
+    ).logits  # [B, T - 1, V]
     return torch.cat([first.logits[:, -1:].index_select(0, inverse), rest], dim=1)
 
 

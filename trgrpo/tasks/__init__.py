@@ -22,5 +22,13 @@ from trgrpo.tasks.math_data import MathTask
 from trgrpo.tasks.reasoning_gym import ReasoningGymTask
 from trgrpo.tasks.search_qa import FactQATask, SearchQATask
 
-__all__ = ["ArithmeticTask", "FactQATask", "KnightsKnavesTask", "MathTask", "ReasoningGymTask", "SearchQATask",
-           "Split", "Task"]
+__all__ = [
+    "ArithmeticTask",
+    "FactQATask",
+    "KnightsKnavesTask",
+    "MathTask",
+    "ReasoningGymTask",
+    "SearchQATask",
+    "Split",
+    "Task",
+]

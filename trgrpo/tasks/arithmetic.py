@@ -50,7 +50,9 @@ class ArithmeticTask(Task):
         ops = operators if operators is not None else ["+"]
         bad = [o for o in ops if o not in "+-*" or len(o) != 1]
         if bad or not ops:
-            raise ValueError(f"data.task.init_args.operators must be a non-empty list of '+', '-', '*', got {ops}")
+            raise ValueError(
+                f"data.task.init_args.operators must be a non-empty list of '+', '-', '*', got {ops}"
+            )
         if min_value > max_value:
             raise ValueError(f"data.task.init_args.min_value ({min_value}) exceeds max_value ({max_value})")
         space = (max_value - min_value + 1) ** 2 * len(ops)
@@ -61,9 +63,13 @@ class ArithmeticTask(Task):
             )
         template = prompt_template or "{a}{op}{b}="
         if "{a}" not in template or "{b}" not in template:
-            raise ValueError(f"data.task.init_args.prompt_template must contain {{a}} and {{b}}, got {template!r}")
+            raise ValueError(
+                f"data.task.init_args.prompt_template must contain {{a}} and {{b}}, got {template!r}"
+            )
         if answer_from not in ("whole", "last_number"):
-            raise ValueError(f"data.task.init_args.answer_from must be 'whole' or 'last_number', got {answer_from!r}")
+            raise ValueError(
+                f"data.task.init_args.answer_from must be 'whole' or 'last_number', got {answer_from!r}"
+            )
         self.prompt_template, self.answer_from = template, answer_from
         self.train_size, self.val_size = train_size, val_size
         self.min_value, self.max_value, self.operators, self.seed = min_value, max_value, ops, seed
@@ -88,7 +94,10 @@ class ArithmeticTask(Task):
         if not self._cache:
             seen: set[tuple] = set()
             train = self._draw(random.Random(self.seed), self.train_size, seen)
-            self._cache = {"train": train, "val": self._draw(random.Random(self.seed + 1), self.val_size, seen)}
+            self._cache = {
+                "train": train,
+                "val": self._draw(random.Random(self.seed + 1), self.val_size, seen),
+            }
         return self._cache[split]
 
     def verify(self, completion: str, row: dict) -> float:

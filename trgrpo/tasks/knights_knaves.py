@@ -28,8 +28,14 @@ from trgrpo.tasks.base import Split, Task
 from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
 from trgrpo.tasks.reasoning_gym import draw_levels
 
-CLASSIC = {"knight": "knight", "knave": "knave", "a_knight": "a knight", "a_knave": "a knave",
-           "Knight": "Knight", "Knave": "Knave"}
+CLASSIC = {
+    "knight": "knight",
+    "knave": "knave",
+    "a_knight": "a knight",
+    "a_knave": "a knave",
+    "Knight": "Knight",
+    "Knave": "Knave",
+}
 
 
 def to_classic_roles(text: str, terms: dict[str, str]) -> str:
@@ -61,7 +67,9 @@ def solution_text(names: list[str], roles: list[str]) -> str:
     return parts[0] + "." if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1] + "."
 
 
-def parse_kk_answer(answer: str, names: list[str], knight: str = "knight", knave: str = "knave") -> list[str] | None:
+def parse_kk_answer(
+    answer: str, names: list[str], knight: str = "knight", knave: str = "knave"
+) -> list[str] | None:
     """The role of each person in ``names`` read from an answer text, or None when it cannot be read.
 
     As in Logic-RL's parser: the text must mention exactly one role word per person, and each name must
@@ -72,7 +80,9 @@ def parse_kk_answer(answer: str, names: list[str], knight: str = "knight", knave
         return None
     out = []
     for name in names:
-        m = re.search(rf"(?<!\w){re.escape(name)}(?!\w)\s+is\s+an?\s+({roles_rx})\b", answer, flags=re.IGNORECASE)
+        m = re.search(
+            rf"(?<!\w){re.escape(name)}(?!\w)\s+is\s+an?\s+({roles_rx})\b", answer, flags=re.IGNORECASE
+        )
         if m is None:
             return None
         out.append(m.group(1).lower())
@@ -81,11 +91,17 @@ def parse_kk_answer(answer: str, names: list[str], knight: str = "knight", knave
 
 def answer_block(text: str) -> str:
     """The text between ``<answer>`` and ``</answer>`` (call only on a well-formed completion)."""
-    return text[text.find(THINK_TAGS[2]) + len(THINK_TAGS[2]):text.find(THINK_TAGS[3])]
+    return text[text.find(THINK_TAGS[2]) + len(THINK_TAGS[2]) : text.find(THINK_TAGS[3])]
 
 
-def grade_kk(prompt: str, completion: str, names: list[str], roles: list[str], knight: str = "knight",
-             knave: str = "knave") -> Literal["format", "unparsable", "wrong", "right"]:
+def grade_kk(
+    prompt: str,
+    completion: str,
+    names: list[str],
+    roles: list[str],
+    knight: str = "knight",
+    knave: str = "knave",
+) -> Literal["format", "unparsable", "wrong", "right"]:
     """Which case of the K&K reward table a completion falls in."""
     text = with_prefilled_think(prompt, completion)
     if not has_think_answer_format(text):
@@ -97,24 +113,40 @@ def grade_kk(prompt: str, completion: str, names: list[str], roles: list[str], k
 
 
 def kk_answer_reward(
-    prompts: list[str], completions: list[str], names: list[list[str]], roles: list[list[str]],
-    knight_term: list[str] | None = None, knave_term: list[str] | None = None, right: float = 2.0,
-    wrong: float = -1.5, unparsable: float = -2.0, **_: object,
+    prompts: list[str],
+    completions: list[str],
+    names: list[list[str]],
+    roles: list[list[str]],
+    knight_term: list[str] | None = None,
+    knave_term: list[str] | None = None,
+    right: float = 2.0,
+    wrong: float = -1.5,
+    unparsable: float = -2.0,
+    **_: object,
 ) -> list[float | None]:
     """The answer term of the published K&K reward: +2 right, -1.5 wrong, -2 unparsable, None (not graded)
     when the completion is not ``<think>...</think><answer>...</answer>``."""
     n = len(completions)
     knights, knaves = knight_term or ["knight"] * n, knave_term or ["knave"] * n
     scores = {"format": None, "unparsable": unparsable, "wrong": wrong, "right": right}
-    return [scores[grade_kk(p, c, nm, r, kn, kv)]
-            for p, c, nm, r, kn, kv in zip(prompts, completions, names, roles, knights, knaves, strict=True)]
+    return [
+        scores[grade_kk(p, c, nm, r, kn, kv)]
+        for p, c, nm, r, kn, kv in zip(prompts, completions, names, roles, knights, knaves, strict=True)
+    ]
 
 
-def kk_reward(prompts: list[str], completions: list[str], names: list[list[str]], roles: list[list[str]],
-              **columns: object) -> list[float]:
+def kk_reward(
+    prompts: list[str],
+    completions: list[str],
+    names: list[list[str]],
+    roles: list[list[str]],
+    **columns: object,
+) -> list[float]:
     """Format and answer terms in one (Logic-RL's ``compute_score``): 3, -0.5, -1 or -1."""
-    fmt = [1.0 if has_think_answer_format(with_prefilled_think(p, c)) else -1.0
-           for p, c in zip(prompts, completions, strict=True)]
+    fmt = [
+        1.0 if has_think_answer_format(with_prefilled_think(p, c)) else -1.0
+        for p, c in zip(prompts, completions, strict=True)
+    ]
     ans = kk_answer_reward(prompts, completions, names, roles, **columns)
     return [f + (a or 0.0) for f, a in zip(fmt, ans, strict=True)]
 
@@ -153,18 +185,29 @@ class KnightsKnavesTask(Task):
     ) -> None:
         levels = list(n_people) if n_people is not None else [3, 4, 5, 6, 7]
         if not levels or any(not 1 <= n <= 12 for n in levels):
-            raise ValueError(f"data.task.init_args.n_people must be a non-empty list of integers in 1..12, got {levels}")
+            raise ValueError(
+                f"data.task.init_args.n_people must be a non-empty list of integers in 1..12, got {levels}"
+            )
         if train_size < 1 or val_size < 1:
-            raise ValueError(f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}")
+            raise ValueError(
+                f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}"
+            )
         if depth_constraint < 1 or width_constraint < 1:
-            raise ValueError("data.task.init_args.depth_constraint and width_constraint must be >= 1, "
-                             f"got {depth_constraint}, {width_constraint}")
+            raise ValueError(
+                "data.task.init_args.depth_constraint and width_constraint must be >= 1, "
+                f"got {depth_constraint}, {width_constraint}"
+            )
         if roles not in ("knight_knave", "mixed"):
             raise ValueError(f"data.task.init_args.roles must be knight_knave or mixed, got {roles!r}")
         check_prompt_template(prompt_template)
         self.n_people, self.train_size, self.val_size = sorted(set(levels)), train_size, val_size
         self.depth_constraint, self.width_constraint = depth_constraint, width_constraint
-        self.roles, self.prompt_template, self.short_names, self.seed = roles, prompt_template, short_names, seed
+        self.roles, self.prompt_template, self.short_names, self.seed = (
+            roles,
+            prompt_template,
+            short_names,
+            seed,
+        )
         self._cache: dict[str, list[dict]] = {}
 
     def _puzzle(self, item: dict) -> tuple[str, list[str], dict[str, str]]:
@@ -182,24 +225,47 @@ class KnightsKnavesTask(Task):
         question, names, terms = self._puzzle(item)
         meta = item["metadata"]
         roles = [terms["knight"] if ok else terms["knave"] for ok in meta["solution"]]
-        return {"prompt": fill_template(self.prompt_template, question), "question": question,
-                "answer": solution_text(names, roles), "names": names, "roles": roles,
-                "knight_term": terms["knight"], "knave_term": terms["knave"], "level": level}
+        return {
+            "prompt": fill_template(self.prompt_template, question),
+            "question": question,
+            "answer": solution_text(names, roles),
+            "names": names,
+            "roles": roles,
+            "knight_term": terms["knight"],
+            "knave_term": terms["knave"],
+            "level": level,
+        }
 
     def rows(self, split: Split) -> list[dict]:
         if not self._cache:
-            options = {n: {"n_people": n, "depth_constraint": self.depth_constraint,
-                           "width_constraint": self.width_constraint} for n in self.n_people}
+            options = {
+                n: {
+                    "n_people": n,
+                    "depth_constraint": self.depth_constraint,
+                    "width_constraint": self.width_constraint,
+                }
+                for n in self.n_people
+            }
             # rewritten puzzles are compared, so two that differ only in names or role words count as one
-            train, val = draw_levels("knights_knaves", options, self.train_size, self.val_size, self.seed,
-                                     key=lambda item: normalise(self._puzzle(item)[0]))
-            self._cache = {split_name: [self._row(it, n) for n, items in by_level.items() for it in items]
-                           for split_name, by_level in (("train", train), ("val", val))}
+            train, val = draw_levels(
+                "knights_knaves",
+                options,
+                self.train_size,
+                self.val_size,
+                self.seed,
+                key=lambda item: normalise(self._puzzle(item)[0]),
+            )
+            self._cache = {
+                split_name: [self._row(it, n) for n, items in by_level.items() for it in items]
+                for split_name, by_level in (("train", train), ("val", val))
+            }
         return self._cache[split]
 
     def verify(self, completion: str, row: dict) -> float:
         """1.0 when the format is right and every person's role is right (reward 3), else 0.0."""
-        grade = grade_kk(row["prompt"], completion, row["names"], row["roles"], row["knight_term"], row["knave_term"])
+        grade = grade_kk(
+            row["prompt"], completion, row["names"], row["roles"], row["knight_term"], row["knave_term"]
+        )
         return 1.0 if grade == "right" else 0.0
 
     def demonstration(self, row: dict) -> str:

@@ -50,13 +50,13 @@ def last_boxed(text: str) -> str | None:
         return None
     m = matches[-1]
     if m.group(1) is None:
-        bare = re.match(r"\\boxed\s+([^\s$]+)", text[m.start():])
+        bare = re.match(r"\\boxed\s+([^\s$]+)", text[m.start() :])
         return bare.group(1) if bare else None
     depth = 1
     for i in range(m.end(), len(text)):
         depth += 1 if text[i] == "{" else -1 if text[i] == "}" else 0
         if depth == 0:
-            return text[m.end():i]
+            return text[m.end() : i]
     return None
 
 
@@ -104,13 +104,21 @@ def warm_up() -> None:
     check_answer("1", "\\boxed{1}")
 
 
-def verify_answers(golds: list[str], completions: list[str], pattern: str | None, timeout: float, workers: int,
-                   memory_mb: int = DEFAULT_MEMORY_MB) -> tuple[list[float], list[int], str]:
+def verify_answers(
+    golds: list[str],
+    completions: list[str],
+    pattern: str | None,
+    timeout: float,
+    workers: int,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+) -> tuple[list[float], list[int], str]:
     """(scores 1.0 / 0.0, indices of the checks that failed or timed out, a description of the first), each
     check run by ``check_answer`` in a ``trgrpo.sandbox`` worker."""
     pool = get_pool(workers, timeout, memory_mb, MATH_PRELOAD)
-    results = pool.map("trgrpo.tasks.math_data:check_answer",
-                       [((str(g), c, pattern), {}) for g, c in zip(golds, completions, strict=True)])
+    results = pool.map(
+        "trgrpo.tasks.math_data:check_answer",
+        [((str(g), c, pattern), {}) for g, c in zip(golds, completions, strict=True)],
+    )
     scores = [1.0 if r.status == "ok" and r.value is True else 0.0 for r in results]
     failed, message = failures(results, completions, "math-verify")
     return scores, failed, message
@@ -118,8 +126,14 @@ def verify_answers(golds: list[str], completions: list[str], pattern: str | None
 
 @runs_in_sandbox
 def math_verify_reward(
-    prompts: list[str], completions: list[str], answer: list[str], answer_pattern: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT, workers: int = 1, memory_mb: int = DEFAULT_MEMORY_MB, **_: object,
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    answer_pattern: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    workers: int = 1,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    **_: object,
 ) -> list[float]:
     """1.0 when the last ``\\boxed{}`` of the completion (or the last match of ``answer_pattern``) equals the
     reference ``answer`` under math-verify, else 0.0.  Each check runs in a sandbox worker process
@@ -183,8 +197,10 @@ class MathTask(Task):
         seed: int = 0,
     ) -> None:
         if val_split is None and not val_size:
-            raise ValueError("data.task.init_args.val_size is required when val_split is empty "
-                             "(that many training rows are held out)")
+            raise ValueError(
+                "data.task.init_args.val_size is required when val_split is empty "
+                "(that many training rows are held out)"
+            )
         check_prompt_template(prompt_template)
         if answer_pattern is not None:
             try:
@@ -212,8 +228,9 @@ class MathTask(Task):
             path, data_files = builder, {self.train_split: self.path}
         key = "train_split" if split == self.train_split else "val_split"
         try:
-            ds = datasets.load_dataset(path, name=self.name, data_files=data_files, split=split,
-                                       cache_dir=self.cache_dir)
+            ds = datasets.load_dataset(
+                path, name=self.name, data_files=data_files, split=split, cache_dir=self.cache_dir
+            )
         except ValueError as exc:
             if "split" in str(exc).lower():
                 raise ValueError(f"data.task.init_args.{key}={split!r}: {exc}") from exc
@@ -221,21 +238,34 @@ class MathTask(Task):
         for k in (self.question_key, self.answer_key, self.level_key):
             if k is not None and k not in ds.column_names:
                 which = {self.question_key: "question_key", self.answer_key: "answer_key"}.get(k, "level_key")
-                raise ValueError(f"data.task.init_args.{which}: column {k!r} is not in the {split!r} split of "
-                                 f"{self.path!r}; columns present: {ds.column_names}")
+                raise ValueError(
+                    f"data.task.init_args.{which}: column {k!r} is not in the {split!r} split of "
+                    f"{self.path!r}; columns present: {ds.column_names}"
+                )
         return ds
 
     def _to_rows(self, ds, split: str) -> list[dict]:
         rows = []
         levels = ds[self.level_key] if self.level_key is not None else [None] * len(ds)
-        for i, (q, a, level) in enumerate(zip(ds[self.question_key], ds[self.answer_key], levels, strict=True)):
+        for i, (q, a, level) in enumerate(
+            zip(ds[self.question_key], ds[self.answer_key], levels, strict=True)
+        ):
             if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"data.task: {split!r} row {i} has an empty or non-string question "
-                                 f"({self.question_key}={q!r})")
+                raise ValueError(
+                    f"data.task: {split!r} row {i} has an empty or non-string question "
+                    f"({self.question_key}={q!r})"
+                )
             ref = extract_reference(str(a)) if a is not None else ""
             if not ref:
-                raise ValueError(f"data.task: {split!r} row {i} has an empty reference answer ({self.answer_key}={a!r})")
-            row = {"prompt": fill_template(self.prompt_template, q), "question": q, "answer": ref, "solution": str(a)}
+                raise ValueError(
+                    f"data.task: {split!r} row {i} has an empty reference answer ({self.answer_key}={a!r})"
+                )
+            row = {
+                "prompt": fill_template(self.prompt_template, q),
+                "question": q,
+                "answer": ref,
+                "solution": str(a),
+            }
             if self.level_key is not None:
                 row["level"] = level if isinstance(level, (int, str)) else str(level)
             rows.append(row)
@@ -248,7 +278,7 @@ class MathTask(Task):
             random.Random(self.seed).shuffle(order)
             if self.val_split is None:
                 val = [train[i] for i in order[: self.val_size]]
-                train = [train[i] for i in order[self.val_size:]]
+                train = [train[i] for i in order[self.val_size :]]
             else:
                 val = self._to_rows(self._load(self.val_split), self.val_split)[: self.val_size]
                 train = [train[i] for i in order]
@@ -262,15 +292,23 @@ class MathTask(Task):
         seen = {normalise(r["question"]) for r in train}
         kept = [r for r in val if normalise(r["question"]) not in seen]
         if len(kept) < len(val):
-            log.warning("data.task: dropped %d held-out rows whose question is also a training question",
-                        len(val) - len(kept))
+            log.warning(
+                "data.task: dropped %d held-out rows whose question is also a training question",
+                len(val) - len(kept),
+            )
         if not kept:
             raise ValueError("data.task: every held-out row is also a training row")
         return kept
 
     def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
-        scores, _, _ = verify_answers([r["answer"] for r in rows], completions, self.answer_pattern,
-                                      self.timeout, self.workers, self.memory_mb)
+        scores, _, _ = verify_answers(
+            [r["answer"] for r in rows],
+            completions,
+            self.answer_pattern,
+            self.timeout,
+            self.workers,
+            self.memory_mb,
+        )
         return scores
 
     def verify(self, completion: str, row: dict) -> float:

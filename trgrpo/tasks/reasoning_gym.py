@@ -57,11 +57,15 @@ def make_dataset(name: str, options: dict[str, Any], seed: int, size: int, key: 
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
-        raise ValueError(f"{key}.name: unknown reasoning-gym task {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"{key}.name: unknown reasoning-gym task {name!r}; valid names: {', '.join(sorted(DATASETS))}"
+        )
     fields = [f.name for f in dataclasses.fields(DATASETS[name][1]) if f.name not in ("seed", "size")]
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"{key}.options: reasoning-gym task {name!r} has no option(s) {unknown}; accepted: {fields}")
+        raise ValueError(
+            f"{key}.options: reasoning-gym task {name!r} has no option(s) {unknown}; accepted: {fields}"
+        )
     try:
         return reasoning_gym.create_dataset(name, seed=seed, size=size, **options)
     except (AssertionError, ValueError, TypeError) as exc:
@@ -73,8 +77,9 @@ def question_key(item: dict) -> str:
     return normalise(item["question"])
 
 
-def draw_split(dataset, size: int, exclude: set[str], what: str,
-               key: Callable[[dict], str] = question_key) -> list[dict]:
+def draw_split(
+    dataset, size: int, exclude: set[str], what: str, key: Callable[[dict], str] = question_key
+) -> list[dict]:
     """``size`` items of ``dataset`` in index order, skipping those whose ``key`` is in ``exclude``."""
     items, i, budget = [], 0, 10 * size + 100
     while len(items) < size:
@@ -91,7 +96,11 @@ def draw_split(dataset, size: int, exclude: set[str], what: str,
 
 
 def draw_levels(
-    name: str, level_options: dict[str | int | None, dict[str, Any]], train_size: int, val_size: int, seed: int,
+    name: str,
+    level_options: dict[str | int | None, dict[str, Any]],
+    train_size: int,
+    val_size: int,
+    seed: int,
     key: Callable[[dict], str] = question_key,
 ) -> tuple[dict, dict]:
     """Items per level: (train, val), dicts of level -> items.
@@ -105,19 +114,32 @@ def draw_levels(
         ds = make_dataset(name, opts, seed, train_size)
         train[label] = [ds[i] for i in range(train_size)]
     seen = {key(item) for items in train.values() for item in items}
-    val = {label: draw_split(make_dataset(name, opts, seed + VAL_SEED_OFFSET, 10 * val_size + 100), val_size, seen,
-                             f"held-out {name}" + (f" level {label}" if label is not None else ""), key)
-           for label, opts in level_options.items()}
+    val = {
+        label: draw_split(
+            make_dataset(name, opts, seed + VAL_SEED_OFFSET, 10 * val_size + 100),
+            val_size,
+            seen,
+            f"held-out {name}" + (f" level {label}" if label is not None else ""),
+            key,
+        )
+        for label, opts in level_options.items()
+    }
     return train, val
 
 
-def draw_level_rows(name: str, level_options: dict, train_size: int, val_size: int, seed: int,
-                    template: str) -> dict[str, list[dict]]:
+def draw_level_rows(
+    name: str, level_options: dict, train_size: int, val_size: int, seed: int, template: str
+) -> dict[str, list[dict]]:
     """``draw_levels`` turned into task rows (``to_row``)."""
     train, val = draw_levels(name, level_options, train_size, val_size, seed)
-    return {split: [to_row(it, name, level_options[label], template, label) for label, items in items_by.items()
-                    for it in items]
-            for split, items_by in (("train", train), ("val", val))}
+    return {
+        split: [
+            to_row(it, name, level_options[label], template, label)
+            for label, items in items_by.items()
+            for it in items
+        ]
+        for split, items_by in (("train", train), ("val", val))
+    }
 
 
 def extract_tagged(completion: str, tag: str | None) -> str | None:
@@ -139,14 +161,30 @@ def score_answer(name: str, options_json: str, answer: str | None, entry: dict) 
     return float(_scorer(name, options_json)(answer, entry))
 
 
-def score_answers(completions: list[str], rows: list[dict], answer_tag: str | None, timeout: float, workers: int,
-                  memory_mb: int) -> tuple[list[float], list[int], str]:
+def score_answers(
+    completions: list[str],
+    rows: list[dict],
+    answer_tag: str | None,
+    timeout: float,
+    workers: int,
+    memory_mb: int,
+) -> tuple[list[float], list[int], str]:
     """(scores, indices of the answers whose scoring failed or timed out, a description of the first)."""
-    jobs = [((r["rg_task"], r["rg_options"], extract_tagged(c, answer_tag),
-              {"question": r["question"], "answer": r["answer"], "metadata": r["metadata"]}), {})
-            for c, r in zip(completions, rows, strict=True)]
-    results = get_pool(workers, timeout, memory_mb, ("reasoning_gym",)).map("trgrpo.tasks.reasoning_gym:score_answer",
-                                                                           jobs)
+    jobs = [
+        (
+            (
+                r["rg_task"],
+                r["rg_options"],
+                extract_tagged(c, answer_tag),
+                {"question": r["question"], "answer": r["answer"], "metadata": r["metadata"]},
+            ),
+            {},
+        )
+        for c, r in zip(completions, rows, strict=True)
+    ]
+    results = get_pool(workers, timeout, memory_mb, ("reasoning_gym",)).map(
+        "trgrpo.tasks.reasoning_gym:score_answer", jobs
+    )
     scores = [float(r.value) if r.status == "ok" else 0.0 for r in results]
     failed, message = failures(results, completions, "reasoning-gym's scorer")
     return scores, failed, message
@@ -154,9 +192,18 @@ def score_answers(completions: list[str], rows: list[dict], answer_tag: str | No
 
 @runs_in_sandbox
 def reasoning_gym_reward(
-    prompts: list[str], completions: list[str], rg_task: list[str], rg_options: list[str], question: list[str],
-    answer: list[str], metadata: list[dict], answer_tag: str | None = "answer", timeout: float = DEFAULT_TIMEOUT,
-    workers: int = 1, memory_mb: int = DEFAULT_MEMORY_MB, **_: object,
+    prompts: list[str],
+    completions: list[str],
+    rg_task: list[str],
+    rg_options: list[str],
+    question: list[str],
+    answer: list[str],
+    metadata: list[dict],
+    answer_tag: str | None = "answer",
+    timeout: float = DEFAULT_TIMEOUT,
+    workers: int = 1,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    **_: object,
 ) -> list[float]:
     """reasoning-gym's own score (in [0, 1]) of the answer in the last ``<answer>`` block of each completion.
 
@@ -164,8 +211,10 @@ def reasoning_gym_reward(
     ``workers`` sandbox processes, each answer bounded by ``timeout`` seconds and each process by
     ``memory_mb`` MiB; an answer whose scoring fails or times out scores 0 and is reported as a failed sample.
     """
-    rows = [{"rg_task": t, "rg_options": o, "question": q, "answer": a, "metadata": m}
-            for t, o, q, a, m in zip(rg_task, rg_options, question, answer, metadata, strict=True)]
+    rows = [
+        {"rg_task": t, "rg_options": o, "question": q, "answer": a, "metadata": m}
+        for t, o, q, a, m in zip(rg_task, rg_options, question, answer, metadata, strict=True)
+    ]
     scores, failed, message = score_answers(completions, rows, answer_tag, timeout, workers, memory_mb)
     if failed:
         raise SampleFailures(scores, failed, message)
@@ -224,7 +273,9 @@ class ReasoningGymTask(Task):
         memory_mb: int = DEFAULT_MEMORY_MB,
     ) -> None:
         if train_size < 1 or val_size < 1:
-            raise ValueError(f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}")
+            raise ValueError(
+                f"data.task.init_args.train_size and val_size must be >= 1, got {train_size}, {val_size}"
+            )
         check_prompt_template(prompt_template)
         self.name, self.options, self.levels = name, dict(options or {}), levels
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
@@ -241,17 +292,29 @@ class ReasoningGymTask(Task):
 
     def rows(self, split: Split) -> list[dict]:
         if not self._cache:
-            self._cache = draw_level_rows(self.name, self._level_options(), self.train_size, self.val_size,
-                                          self.seed, self.prompt_template)
+            self._cache = draw_level_rows(
+                self.name,
+                self._level_options(),
+                self.train_size,
+                self.val_size,
+                self.seed,
+                self.prompt_template,
+            )
         return self._cache[split]
 
     def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
         """1.0 where reasoning-gym scores the answer 1.0 (exactly right), else 0.0; scored in sandbox workers."""
-        scores, _, _ = score_answers(completions, rows, self.answer_tag, self.timeout, self.workers, self.memory_mb)
+        scores, _, _ = score_answers(
+            completions, rows, self.answer_tag, self.timeout, self.workers, self.memory_mb
+        )
         return [1.0 if s >= 1.0 else 0.0 for s in scores]
 
     def verify(self, completion: str, row: dict) -> float:
         return self.verify_batch([completion], [row])[0]
 
     def demonstration(self, row: dict) -> str:
-        return f"<{self.answer_tag}>{row['answer']}</{self.answer_tag}>" if self.answer_tag else str(row["answer"])
+        return (
+            f"<{self.answer_tag}>{row['answer']}</{self.answer_tag}>"
+            if self.answer_tag
+            else str(row["answer"])
+        )

@@ -7,7 +7,7 @@ answer after SQuAD normalisation (lower case, punctuation, articles and extra wh
 Search-R1 (arXiv 2503.09516); ``search_qa_f1`` gives token F1 (log it with weight 0).
 
 - ``SearchQATask``: NQ / HotpotQA-style question + answers files (jsonl / json / parquet, read with
-  ``datasets``), with a corpus given to ``trgrpo.retrieval.SearchEnvironment``;
+  ``datasets``), with a corpus given to ``trgrpo.agent.retrieval.SearchEnvironment``;
 - ``FactQATask``: an offline generated fact base (people, their city, their friend), one- and two-hop
   questions, each row with its own small set of passages (``documents``) for the search tool; train and
   held-out questions are about different people.  For CPU demos and tests.
@@ -74,8 +74,13 @@ def f1_score(prediction: str | None, golds: list[str]) -> float:
     return best
 
 
-def search_qa_reward(prompts: list[str], completions: list[str], golden_answers: list[list[str]],
-                     format_score: float = 0.0, **_: object) -> list[float]:
+def search_qa_reward(
+    prompts: list[str],
+    completions: list[str],
+    golden_answers: list[list[str]],
+    format_score: float = 0.0,
+    **_: object,
+) -> list[float]:
     """1.0 when the last ``<answer>`` matches a gold answer exactly (normalised); ``format_score`` when it does
     not but an ``<answer>`` block is there; 0.0 without one."""
     out = []
@@ -85,7 +90,9 @@ def search_qa_reward(prompts: list[str], completions: list[str], golden_answers:
     return out
 
 
-def search_qa_f1(prompts: list[str], completions: list[str], golden_answers: list[list[str]], **_: object) -> list[float]:
+def search_qa_f1(
+    prompts: list[str], completions: list[str], golden_answers: list[list[str]], **_: object
+) -> list[float]:
     """Token F1 of the last ``<answer>`` against the gold answers (for the metrics)."""
     return [f1_score(final_answer(c), golds) for c, golds in zip(completions, golden_answers, strict=True)]
 
@@ -97,8 +104,10 @@ class _QATask(Task):
     def eval_scores(self, completions: list[str], rows: list[dict]) -> dict[str, list[float]]:
         """Held-out metrics ``val/em`` and ``val/f1`` (overall and per hop count, ``val/f1/level_2``)."""
         answers = [final_answer(c) for c in completions]
-        return {"em": [exact_match_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)],
-                "f1": [f1_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)]}
+        return {
+            "em": [exact_match_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)],
+            "f1": [f1_score(a, r["golden_answers"]) for a, r in zip(answers, rows, strict=True)],
+        }
 
 
 class SearchQATask(_QATask):
@@ -118,9 +127,17 @@ class SearchQATask(_QATask):
         cache_dir: ``datasets`` cache folder (empty = its default).
     """
 
-    def __init__(self, path: str, val_path: str | None = None, val_size: int = 100, question_key: str = "question",
-                 answers_key: str = "golden_answers", level_key: str | None = None,
-                 prompt_template: str = SEARCH_R1_TEMPLATE, cache_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        val_path: str | None = None,
+        val_size: int = 100,
+        question_key: str = "question",
+        answers_key: str = "golden_answers",
+        level_key: str | None = None,
+        prompt_template: str = SEARCH_R1_TEMPLATE,
+        cache_dir: str | None = None,
+    ) -> None:
         check_prompt_template(prompt_template)
         self.path, self.val_path, self.val_size = path, val_path, val_size
         self.question_key, self.answers_key, self.level_key = question_key, answers_key, level_key
@@ -138,15 +155,21 @@ class SearchQATask(_QATask):
         data = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=self.cache_dir)
         for column, name in ((self.question_key, "question_key"), (self.answers_key, "answers_key")):
             if column not in data.column_names:
-                raise ValueError(f"data.task.init_args.{name}: {key} {path!r} has no column {column!r} "
-                                 f"(columns: {data.column_names})")
+                raise ValueError(
+                    f"data.task.init_args.{name}: {key} {path!r} has no column {column!r} "
+                    f"(columns: {data.column_names})"
+                )
         return [self._row(r) for r in data]
 
     def _row(self, r: dict) -> dict:
         golds = r[self.answers_key]
         golds = [str(g) for g in golds] if isinstance(golds, (list, tuple)) else [str(golds)]
-        row = {"prompt": fill_template(self.prompt_template, str(r[self.question_key])),
-               "question": str(r[self.question_key]), "golden_answers": golds, "answer": golds[0]}
+        row = {
+            "prompt": fill_template(self.prompt_template, str(r[self.question_key])),
+            "question": str(r[self.question_key]),
+            "golden_answers": golds,
+            "answer": golds[0],
+        }
         if self.level_key:
             row["level"] = r.get(self.level_key)
         return row
@@ -157,7 +180,7 @@ class SearchQATask(_QATask):
             if self.val_path is not None:
                 val = self._load(self.val_path, "data.task.init_args.val_path")
             else:
-                train, val = train[:-self.val_size], train[-self.val_size:]
+                train, val = train[: -self.val_size], train[-self.val_size :]
             seen = {normalise(r["question"]) for r in train}
             self._cache = {"train": train, "val": [r for r in val if normalise(r["question"]) not in seen]}
         return self._cache[split]
@@ -200,18 +223,33 @@ class FactQATask(_QATask):
         seed: seed of the fact bases.
     """
 
-    def __init__(self, people: int = 26, val_people: int = 6, distractors: int = 3, hops: list[int] | None = None,
-                 worlds: int = 1, val_worlds: int | None = None, demo_top_k: int = 3,
-                 prompt_template: str = SHORT_TEMPLATE, seed: int = 0) -> None:
+    def __init__(
+        self,
+        people: int = 26,
+        val_people: int = 6,
+        distractors: int = 3,
+        hops: list[int] | None = None,
+        worlds: int = 1,
+        val_worlds: int | None = None,
+        demo_top_k: int = 3,
+        prompt_template: str = SHORT_TEMPLATE,
+        seed: int = 0,
+    ) -> None:
         hops = list(hops) if hops is not None else [1, 2]
         if not 2 <= people <= len(NAMES) or not 1 <= val_people < people:
-            raise ValueError(f"data.task.init_args.people must be in 2..{len(NAMES)} and val_people in 1..people-1")
+            raise ValueError(
+                f"data.task.init_args.people must be in 2..{len(NAMES)} and val_people in 1..people-1"
+            )
         if not hops or any(h not in (1, 2) for h in hops):
             raise ValueError(f"data.task.init_args.hops must be a non-empty list of 1 and 2, got {hops}")
         if worlds < 1 or demo_top_k < 1:
-            raise ValueError(f"data.task.init_args.worlds and demo_top_k must be >= 1, got {worlds}, {demo_top_k}")
+            raise ValueError(
+                f"data.task.init_args.worlds and demo_top_k must be >= 1, got {worlds}, {demo_top_k}"
+            )
         if val_worlds is not None and not 1 <= val_worlds <= worlds:
-            raise ValueError(f"data.task.init_args.val_worlds must be in 1..worlds (or empty), got {val_worlds}")
+            raise ValueError(
+                f"data.task.init_args.val_worlds must be in 1..worlds (or empty), got {val_worlds}"
+            )
         check_prompt_template(prompt_template)
         self.people, self.val_people, self.distractors, self.hops = people, val_people, distractors, hops
         self.worlds, self.val_worlds, self.demo_top_k = worlds, val_worlds or worlds, demo_top_k
@@ -221,29 +259,38 @@ class FactQATask(_QATask):
     def facts(self, world: int = 0) -> dict[str, tuple[str, str]]:
         """person -> (city, friend) in one world (world 0 is the fact base of ``worlds: 1``)."""
         rng = random.Random(self.seed if world == 0 else f"{self.seed}/{world}")
-        names = NAMES[:self.people]
+        names = NAMES[: self.people]
         return {n: (rng.choice(CITIES), rng.choice([m for m in names if m != n])) for n in names}
 
     @staticmethod
     def passage(name: str, facts: dict) -> str:
         city, friend = facts[name]
-        return f"\"{name}\"\n{name} lives in {city}. The friend of {name} is {friend}."
+        return f'"{name}"\n{name} lives in {city}. The friend of {name} is {friend}.'
 
     def _row(self, name: str, hop: int, facts: dict, rng: random.Random) -> dict:
         chain = [name] if hop == 1 else [name, facts[name][1]]
         others = [n for n in facts if n not in chain]
-        docs = [self.passage(n, facts) for n in chain + rng.sample(others, min(self.distractors, len(others)))]
+        docs = [
+            self.passage(n, facts) for n in chain + rng.sample(others, min(self.distractors, len(others)))
+        ]
         rng.shuffle(docs)
         question = f"Where does {name} live?" if hop == 1 else f"Where does the friend of {name} live?"
         city = facts[chain[-1]][0]
-        return {"prompt": fill_template(self.prompt_template, question), "question": question, "documents": docs,
-                "golden_answers": [city], "answer": city, "level": hop, "chain": chain}
+        return {
+            "prompt": fill_template(self.prompt_template, question),
+            "question": question,
+            "documents": docs,
+            "golden_answers": [city],
+            "answer": city,
+            "level": hop,
+            "chain": chain,
+        }
 
     def rows(self, split: Split) -> list[dict]:
         if not self._cache:
             rng = random.Random(self.seed + 1)
-            names = NAMES[:self.people]
-            held = set(names[-self.val_people:])
+            names = NAMES[: self.people]
+            held = set(names[-self.val_people :])
             self._cache = {"train": [], "val": []}
             for world in range(self.worlds):
                 facts = self.facts(world)
@@ -254,13 +301,23 @@ class FactQATask(_QATask):
 
     def demonstration(self, row: dict) -> str:
         """Search each person of the chain, read what the search tool returns, answer."""
-        from trgrpo.retrieval import SearchEnvironment
+        from trgrpo.agent.retrieval import SearchEnvironment
 
         env = SearchEnvironment(top_k=self.demo_top_k)
         env.reset(row, 0)
-        steps = "".join(f"<search>{n}</search>\n\n<information>{env.search(n)}</information>\n\n" for n in row["chain"])
+        steps = "".join(
+            f"<search>{n}</search>\n\n<information>{env.search(n)}</information>\n\n" for n in row["chain"]
+        )
         return f"{steps}<answer>{row['answer']}</answer>"
 
 
-__all__ = ["FactQATask", "SearchQATask", "exact_match_score", "f1_score", "final_answer", "normalize_answer",
-           "search_qa_f1", "search_qa_reward"]
+__all__ = [
+    "FactQATask",
+    "SearchQATask",
+    "exact_match_score",
+    "f1_score",
+    "final_answer",
+    "normalize_answer",
+    "search_qa_f1",
+    "search_qa_reward",
+]

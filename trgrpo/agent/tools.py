@@ -13,7 +13,7 @@ Two kinds of tool, both given in YAML:
 - an environment (``ToolEnvironment`` subclass, ``class_path`` / ``init_args``) for stateful tasks: each
   completion gets its own episode (``episode()``, a shallow copy), ``reset(row, seed)`` with the prompt's
   task row and a seed shared by the G completions of that prompt (so they see the same task instance),
-  then ``step(call)`` per tool call.  ``trgrpo.retrieval.SearchEnvironment`` is one.
+  then ``step(call)`` per tool call.  ``trgrpo.agent.retrieval.SearchEnvironment`` is one.
 
 ``ToolBox`` puts both behind one ``run(calls)``: each call runs in a worker thread with a per-call timeout;
 a tool that raises, times out, is unknown or gets malformed arguments returns an error text to the model
@@ -79,8 +79,10 @@ def tool_schema(fn: Callable, key: str = "model.sampling.agent.tools") -> dict:
         return get_json_schema(fn)
     except Exception as exc:  # noqa: BLE001 - transformers raises several kinds; all mean "not usable"
         name = getattr(fn, "__name__", repr(fn))
-        raise ValueError(f"{key}: tool {name!r} needs type hints and a docstring with an Args section "
-                         f"to describe it to the model ({exc})") from exc
+        raise ValueError(
+            f"{key}: tool {name!r} needs type hints and a docstring with an Args section "
+            f"to describe it to the model ({exc})"
+        ) from exc
 
 
 class FunctionTools(ToolEnvironment):
@@ -116,7 +118,7 @@ class AgentConfig:
     tools: list[Callable] = field(default_factory=list)
     """Plain callables by import path (type hints and docstrings required: their schema is derived)."""
     environment: ToolEnvironment | None = None
-    """A stateful tool environment (class_path / init_args), e.g. ``trgrpo.retrieval.SearchEnvironment``."""
+    """A stateful tool environment (class_path / init_args), e.g. ``trgrpo.agent.retrieval.SearchEnvironment``."""
     max_turns: int = 2
     """Tool calls per completion at most; one more ends the completion, marked truncated."""
     max_tool_tokens: int = 512
@@ -138,7 +140,9 @@ class AgentConfig:
         if self.max_tool_tokens < 1:
             raise ValueError(f"model.sampling.agent.max_tool_tokens must be >= 1, got {self.max_tool_tokens}")
         if self.max_turn_tokens is not None and self.max_turn_tokens < 1:
-            raise ValueError(f"model.sampling.agent.max_turn_tokens must be >= 1 (or empty), got {self.max_turn_tokens}")
+            raise ValueError(
+                f"model.sampling.agent.max_turn_tokens must be >= 1 (or empty), got {self.max_turn_tokens}"
+            )
         if self.tool_timeout <= 0:
             raise ValueError(f"model.sampling.agent.tool_timeout must be > 0, got {self.tool_timeout}")
         if self.format not in ("tags", "chat"):
@@ -189,7 +193,9 @@ class ToolBox:
         owner = self._owner(call.name)
         if owner is None:
             return f"unknown tool {call.name!r}; available: {', '.join(self.names())}"
-        params = next(s for s in owner.tools() if s["function"]["name"] == call.name)["function"]["parameters"]
+        params = next(s for s in owner.tools() if s["function"]["name"] == call.name)["function"][
+            "parameters"
+        ]
         missing = [k for k in params.get("required", []) if k not in call.arguments]
         unexpected = [k for k in call.arguments if k not in params.get("properties", {})]
         if missing or unexpected:
@@ -235,5 +241,14 @@ def dump_call(name: str, arguments: dict) -> str:
     return json.dumps({"name": name, "arguments": arguments})
 
 
-__all__ = ["AgentConfig", "FunctionTools", "ToolBox", "ToolCall", "ToolEnvironment", "ToolResult",
-           "dump_call", "run_calls", "tool_schema"]
+__all__ = [
+    "AgentConfig",
+    "FunctionTools",
+    "ToolBox",
+    "ToolCall",
+    "ToolEnvironment",
+    "ToolResult",
+    "dump_call",
+    "run_calls",
+    "tool_schema",
+]

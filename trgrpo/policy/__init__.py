@@ -2,9 +2,10 @@
 
 ``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``, a GGUF
 file (a ``.gguf`` path, or a folder / hub id plus ``gguf_file``) converted once to a cached float folder, or
-``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.sources``); left empty,
-a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired with the embedded character tokenizer, so nothing is downloaded.  ``PolicyConfig.lora`` wraps
-the model in peft LoRA adapters (only the adapters train).
+``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.policy.sources``); left empty,
+a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired with
+the embedded character tokenizer (``trgrpo.policy.chartokenizer``), so nothing is downloaded.
+``PolicyConfig.lora`` wraps the model in peft LoRA adapters (only the adapters train).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
-from trgrpo.sources import cache_root, check_special_source, local_folder
-from trgrpo.tokenizer import save_char_tokenizer
+from trgrpo.policy.chartokenizer import save_char_tokenizer
+from trgrpo.policy.sources import cache_root, check_special_source, local_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +64,9 @@ class LoraConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.policy.lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ValueError("model.policy.lora.target_modules must name at least one module (or 'all-linear')")
+            raise ValueError(
+                "model.policy.lora.target_modules must name at least one module (or 'all-linear')"
+            )
 
 
 @dataclass
@@ -96,8 +99,10 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.gguf_file and not self.name_or_path:
-            raise ValueError("model.policy.gguf_file is set but model.policy.name_or_path is empty: name the folder "
-                             "or hub repository that holds the GGUF file")
+            raise ValueError(
+                "model.policy.gguf_file is set but model.policy.name_or_path is empty: name the folder "
+                "or hub repository that holds the GGUF file"
+            )
         check_local_source(self.name_or_path, "model.policy.name_or_path", self.gguf_file)
         check_local_source(self.tokenizer, "model.policy.tokenizer")
 
@@ -123,8 +128,10 @@ def check_local_source(source: str | None, key: str, gguf_file: str | None = Non
     if not source or check_special_source(source, gguf_file, key):
         return
     if looks_like_a_path(source) and not Path(source).expanduser().exists():
-        raise ValueError(f"{key}: the local folder {source!r} does not exist (a hub id looks like "
-                         "'org/name'; a folder must exist on this machine)")
+        raise ValueError(
+            f"{key}: the local folder {source!r} does not exist (a hub id looks like "
+            "'org/name'; a folder must exist on this machine)"
+        )
 
 
 def _char_tokenizer_dir() -> Path:
@@ -146,7 +153,9 @@ def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
             )
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
-        raise ValueError(f"model.policy.tokenizer: the tokenizer at {source!r} has no EOS token to stop generation")
+        raise ValueError(
+            f"model.policy.tokenizer: the tokenizer at {source!r} has no EOS token to stop generation"
+        )
     tok.padding_side = "left"
     return tok
 
@@ -178,7 +187,9 @@ def load_model(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny.seed)
-            model = AutoModelForCausalLM.from_config(tiny_model_config(cfg.tiny, tokenizer), dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_config(
+                tiny_model_config(cfg.tiny, tokenizer), dtype=dtype, **kwargs
+            )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -193,8 +204,9 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     import peft
 
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                           task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     with torch.random.fork_rng(devices=[]):
         model = peft.get_peft_model(model, lora)
         # initialise the adapters again, from their own seed: the same values with or without ZeRO-3 (whose
@@ -208,7 +220,10 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
             gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=0)
         with gather, torch.no_grad():
-            for name, p in adapters:  # peft's default: A Kaiming-uniform, B zero (the adapter starts as identity)
+            for (
+                name,
+                p,
+            ) in adapters:  # peft's default: A Kaiming-uniform, B zero (the adapter starts as identity)
                 if ".lora_A." in name:
                     torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                 else:

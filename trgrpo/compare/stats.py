@@ -21,12 +21,43 @@ from itertools import pairwise
 from pathlib import Path
 
 # t(0.975, df) for df = 1..30
-_T975 = [12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272]
+_T975 = [
+    12.706205,
+    4.302653,
+    3.182446,
+    2.776445,
+    2.570582,
+    2.446912,
+    2.364624,
+    2.306004,
+    2.262157,
+    2.228139,
+    2.200985,
+    2.178813,
+    2.160369,
+    2.144787,
+    2.131450,
+    2.119905,
+    2.109816,
+    2.100922,
+    2.093024,
+    2.085963,
+    2.079614,
+    2.073873,
+    2.068658,
+    2.063899,
+    2.059539,
+    2.055529,
+    2.051831,
+    2.048407,
+    2.045230,
+    2.042272,
+]
 _T975_TAIL = [(30, 2.042272), (40, 2.021075), (60, 2.000298), (120, 1.979930), (math.inf, 1.959964)]
-CI_METHOD = ("two-sided 95% Student t interval over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the sample "
-             "standard deviation (n-1 denominator), n the number of seeds (or of seed pairs)")
+CI_METHOD = (
+    "two-sided 95% Student t interval over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the sample "
+    "standard deviation (n-1 denominator), n the number of seeds (or of seed pairs)"
+)
 
 
 def t_quantile_975(df: float) -> float:
@@ -86,8 +117,11 @@ def mean_ci(values: Iterable[float]) -> Interval:
 
 def paired_differences(values: Mapping[int, float], baseline: Mapping[int, float]) -> dict[int, float]:
     """``values[s] - baseline[s]`` for every seed ``s`` both have (finite values only)."""
-    return {s: values[s] - baseline[s] for s in sorted(values) if s in baseline
-            and math.isfinite(values[s]) and math.isfinite(baseline[s])}
+    return {
+        s: values[s] - baseline[s]
+        for s in sorted(values)
+        if s in baseline and math.isfinite(values[s]) and math.isfinite(baseline[s])
+    }
 
 
 def noise_note(interval: Interval) -> str:
@@ -119,11 +153,16 @@ def variation(values: Sequence[float]) -> dict[str, float]:
     def std(xs):
         return statistics.stdev(xs) if len(xs) > 1 else math.nan
 
-    return {"mean": statistics.fmean(vals) if vals else math.nan, "std": std(vals),
-            "change_mean": statistics.fmean(jumps) if jumps else math.nan, "change_std": std(jumps)}
+    return {
+        "mean": statistics.fmean(vals) if vals else math.nan,
+        "std": std(vals),
+        "change_mean": statistics.fmean(jumps) if jumps else math.nan,
+        "change_std": std(jumps),
+    }
 
 
 # ------------------------------------------------------------------ metrics.csv
+
 
 def _num(text) -> float | None:
     try:
@@ -133,7 +172,9 @@ def _num(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def series(rows: Sequence[Mapping[str, str]], column: str, x_column: str) -> tuple[list[tuple[float, float]], bool]:
+def series(
+    rows: Sequence[Mapping[str, str]], column: str, x_column: str
+) -> tuple[list[tuple[float, float]], bool]:
     """``(x, value)`` of every row with ``column``, sorted by x, one point per x (the last logged wins).
 
     x is ``x_column`` from the row, else from a row of the same ``step`` that has it; rows without one are
@@ -145,8 +186,11 @@ def series(rows: Sequence[Mapping[str, str]], column: str, x_column: str) -> tup
         value = _num(r.get(column))
         if value is None:
             continue
-        x = (_num(r.get(x_column)) if r.get(x_column) not in (None, "") else by_step.get(r.get("step"))) \
-            if by_step else _num(r.get("step"))
+        x = (
+            (_num(r.get(x_column)) if r.get(x_column) not in (None, "") else by_step.get(r.get("step")))
+            if by_step
+            else _num(r.get("step"))
+        )
         if x is not None:
             points[x] = value
     return sorted(points.items()), bool(by_step)
@@ -206,13 +250,19 @@ def summarise(curves: RunCurves) -> dict[str, float]:
     """Per-run numbers: final, best and area-normalised held-out accuracy, grad-norm statistics, extras."""
     accs = [a for _, a in curves.accuracy]
     grad = variation([g for _, g in curves.grad_norm])
-    out = {"final_accuracy": accs[-1] if accs else math.nan, "best_accuracy": max(accs) if accs else math.nan,
-           "accuracy_auc": normalised_auc(curves.accuracy), "grad_norm_mean": grad["mean"],
-           "grad_norm_std": grad["std"], "grad_change_mean": grad["change_mean"],
-           "grad_change_std": grad["change_std"], "rl_steps": curves.last_step,
-           # step-to-step change relative to the norm itself: a weighting that scales every weight up (TR-GRPO's
-           # w in [1, 1.4]) raises both, so only this ratio says whether the norm is smoother
-           "grad_change_relative": grad["change_mean"] / grad["mean"] if grad["mean"] else math.nan}
+    out = {
+        "final_accuracy": accs[-1] if accs else math.nan,
+        "best_accuracy": max(accs) if accs else math.nan,
+        "accuracy_auc": normalised_auc(curves.accuracy),
+        "grad_norm_mean": grad["mean"],
+        "grad_norm_std": grad["std"],
+        "grad_change_mean": grad["change_mean"],
+        "grad_change_std": grad["change_std"],
+        "rl_steps": curves.last_step,
+        # step-to-step change relative to the norm itself: a weighting that scales every weight up (TR-GRPO's
+        # w in [1, 1.4]) raises both, so only this ratio says whether the norm is smoother
+        "grad_change_relative": grad["change_mean"] / grad["mean"] if grad["mean"] else math.nan,
+    }
     out.update(curves.extras)
     return out
 
@@ -234,4 +284,4 @@ def band(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, f
 def smooth(values: Sequence[float], window: int) -> list[float]:
     """Centred moving average over ``window`` points (odd; shrunk at the ends); window 1 returns a copy."""
     half = max(window, 1) // 2
-    return [statistics.fmean(values[max(0, i - half): i + half + 1]) for i in range(len(values))]
+    return [statistics.fmean(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]

@@ -11,7 +11,7 @@ and stderr streamed to ``stdout.log`` and ``stderr.log`` there.  With ``--rl_ste
 ``trainer.max_steps`` far above what N steps need.  A run that exits 0 gets ``done.json``; a rerun skips it
 (unless its settings changed) and deletes and redoes any other run folder.  A failed run gets ``failed.json``
 with the tail of its stderr; the sweep goes on.  The report (``OUT/report.md`` and PNG plots, see
-``trgrpo.comparereport``) is written at the end, or alone with ``--report_only``.  docs/compare.md has more.
+``trgrpo.compare.report``) is written at the end, or alone with ``--report_only``.  docs/compare.md has more.
 """
 
 from __future__ import annotations
@@ -27,26 +27,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-DONE, FAILED, SETTINGS = "done.json", "failed.json", "settings.json"
+from trgrpo.compare.report import write_report
+from trgrpo.compare.runs import DONE, FAILED, SETTINGS, Run, fmt_seconds, read_json, tail, write_json
+
 WEIGHTING_DIR = Path("configs/weighting")
-
-
-@dataclass(frozen=True)
-class Run:
-    strategy: str
-    fragment: str
-    seed: int
-    folder: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.strategy} seed {self.seed}"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -54,24 +43,39 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     extra = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m trgrpo compare",
         description="Run every weighting strategy with every seed (paired: the same seed gives every strategy "
-                    "the same initialisation, warm-start and data order), then write OUT/report.md and plots. "
-                    "Arguments after '--' go to every 'fit' run unchanged.")
+        "the same initialisation, warm-start and data order), then write OUT/report.md and plots. "
+        "Arguments after '--' go to every 'fit' run unchanged.",
+    )
     parser.add_argument("--base", default="configs/demo.yaml", help="base config (default: %(default)s)")
-    parser.add_argument("--strategies", nargs="+", metavar="FRAGMENT",
-                        help="weighting fragments (configs/weighting/*.yaml) or their names (grpo, tr_grpo, ...); "
-                             "the strategy name is the file stem")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="FRAGMENT",
+        help="weighting fragments (configs/weighting/*.yaml) or their names (grpo, tr_grpo, ...); "
+        "the strategy name is the file stem",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--report_only: the sweep's)")
-    parser.add_argument("--rl_steps", type=int, default=None,
-                        help="RL steps per run (trgrpo.callbacks.RLStepLimit); default: the base's max_steps")
+    parser.add_argument(
+        "--rl_steps",
+        type=int,
+        default=None,
+        help="RL steps per run (trgrpo.callbacks.RLStepLimit); default: the base's max_steps",
+    )
     parser.add_argument("--out", required=True, help="output folder (runs/, report.md, plots)")
-    parser.add_argument("--baseline", default="grpo", help="strategy of the paired differences (default: grpo)")
+    parser.add_argument(
+        "--baseline", default="grpo", help="strategy of the paired differences (default: grpo)"
+    )
     parser.add_argument("--report_only", action="store_true", help="write the report from existing runs only")
-    parser.add_argument("--heartbeat", type=float, default=60.0,
-                        help="seconds between 'still running' lines (0: none; default: %(default)s)")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=60.0,
+        help="seconds between 'still running' lines (0: none; default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     args.extra = extra
     previous = read_json(Path(args.out) / SETTINGS) if args.report_only else None
@@ -104,16 +108,33 @@ def resolve_fragment(name: str) -> str:
 
 def plan(out: Path, fragments: Sequence[str], seeds: Sequence[int]) -> list[Run]:
     """Seed by seed, every strategy: a partial sweep holds complete pairs early."""
-    return [Run(Path(f).stem, f, s, out / "runs" / Path(f).stem / f"seed{s}") for s in seeds for f in fragments]
+    return [
+        Run(Path(f).stem, f, s, out / "runs" / Path(f).stem / f"seed{s}") for s in seeds for f in fragments
+    ]
 
 
 def fit_command(run: Run, base: str, rl_steps: int | None, extra: Sequence[str]) -> list[str]:
     """The ``fit`` command line of one run (the CSV logger's folder is the run folder)."""
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-              "init_args": {"save_dir": str(run.folder.parent), "name": "", "version": run.folder.name}}
-    cmd = [sys.executable, "-m", "trgrpo", "fit", "--config", base, "--config", run.fragment,
-           "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
-           "--trainer.logger", json.dumps(logger)]
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run.folder.parent), "name": "", "version": run.folder.name},
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "trgrpo",
+        "fit",
+        "--config",
+        base,
+        "--config",
+        run.fragment,
+        "--seed_everything",
+        str(run.seed),
+        "--data.seed",
+        str(run.seed),
+        "--trainer.logger",
+        json.dumps(logger),
+    ]
     if rl_steps is not None:
         limit = {"class_path": "trgrpo.callbacks.RLStepLimit", "init_args": {"steps": rl_steps}}
         # the callback ends the run; max_steps only bounds it if something went wrong (Lopti makes 2
@@ -133,33 +154,15 @@ def config_digest(path: str) -> str | None:
 
 def settings(run: Run, base: str, rl_steps: int | None, extra: Sequence[str]) -> dict:
     """What determines a run's result: a finished run with other settings (or edited configs) is redone."""
-    return {"base": base, "fragment": run.fragment, "seed": run.seed, "rl_steps": rl_steps, "extra": list(extra),
-            "base_digest": config_digest(base), "fragment_digest": config_digest(run.fragment)}
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def fmt_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return {
+        "base": base,
+        "fragment": run.fragment,
+        "seed": run.seed,
+        "rl_steps": rl_steps,
+        "extra": list(extra),
+        "base_digest": config_digest(base),
+        "fragment_digest": config_digest(run.fragment),
+    }
 
 
 def execute(run: Run, cmd: Sequence[str], heartbeat: float, say: Callable[[str], None]) -> tuple[int, float]:
@@ -188,8 +191,13 @@ def execute(run: Run, cmd: Sequence[str], heartbeat: float, say: Callable[[str],
     return code, time.monotonic() - start
 
 
-def sweep(runs: Sequence[Run], command: Callable[[Run], list[str]], keys: Callable[[Run], dict],
-          heartbeat: float = 60.0, say: Callable[[str], None] = print) -> dict[Run, str]:
+def sweep(
+    runs: Sequence[Run],
+    command: Callable[[Run], list[str]],
+    keys: Callable[[Run], dict],
+    heartbeat: float = 60.0,
+    say: Callable[[str], None] = print,
+) -> dict[Run, str]:
     """Run what is not finished yet; returns each run's status ("done", "skipped" or "failed")."""
     status: dict[Run, str] = {}
     durations: list[float] = []
@@ -208,15 +216,27 @@ def sweep(runs: Sequence[Run], command: Callable[[Run], list[str]], keys: Callab
     for i, run in enumerate(todo, 1):
         if run.folder.exists():  # unfinished, failed or stale: start it again from nothing
             shutil.rmtree(run.folder)
-        eta = f"ETA {fmt_seconds(sum(durations) / len(durations) * (len(todo) - i + 1))}" if durations \
+        eta = (
+            f"ETA {fmt_seconds(sum(durations) / len(durations) * (len(todo) - i + 1))}"
+            if durations
             else "ETA after the first run"
-        say(f"[{i}/{len(todo)}] {run.label}: started (sweep elapsed {fmt_seconds(time.monotonic() - start)}, "
-            f"{eta}); output in {run.folder}/stdout.log")
+        )
+        say(
+            f"[{i}/{len(todo)}] {run.label}: started (sweep elapsed {fmt_seconds(time.monotonic() - start)}, "
+            f"{eta}); output in {run.folder}/stdout.log"
+        )
         cmd = command(run)
         code, seconds = execute(run, cmd, heartbeat, say)
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        record = {"strategy": run.strategy, "seed": run.seed, "returncode": code, "wall_s": round(seconds, 2),
-                  "finished": finished, "command": cmd, "settings": keys(run)}
+        record = {
+            "strategy": run.strategy,
+            "seed": run.seed,
+            "returncode": code,
+            "wall_s": round(seconds, 2),
+            "finished": finished,
+            "command": cmd,
+            "settings": keys(run),
+        }
         if code == 0 and (run.folder / "metrics.csv").is_file():
             write_json(run.folder / DONE, record)
             durations.append(seconds)
@@ -229,8 +249,10 @@ def sweep(runs: Sequence[Run], command: Callable[[Run], list[str]], keys: Callab
             write_json(run.folder / FAILED, record)
             status[run] = "failed"
             indented = "\n".join("      " + line for line in record["stderr_tail"].splitlines()[-8:])
-            say(f"[{i}/{len(todo)}] {run.label}: FAILED ({why}) after {fmt_seconds(seconds)}; full log in "
-                f"{run.folder}/stderr.log; last lines:\n{indented}")
+            say(
+                f"[{i}/{len(todo)}] {run.label}: FAILED ({why}) after {fmt_seconds(seconds)}; full log in "
+                f"{run.folder}/stderr.log; last lines:\n{indented}"
+            )
     return status
 
 
@@ -244,25 +266,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, failed = time.monotonic(), []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / SETTINGS, {"argv": argv, "base": args.base, "fragments": args.fragments,
-                                    "seeds": args.seeds, "rl_steps": args.rl_steps, "extra": args.extra})
+        write_json(
+            out / SETTINGS,
+            {
+                "argv": argv,
+                "base": args.base,
+                "fragments": args.fragments,
+                "seeds": args.seeds,
+                "rl_steps": args.rl_steps,
+                "extra": args.extra,
+            },
+        )
 
         def handle_sigterm(signum, frame):
             raise SystemExit(143)
 
         handler = signal.signal(signal.SIGTERM, handle_sigterm)
         try:
-            status = sweep(runs, lambda r: fit_command(r, args.base, args.rl_steps, args.extra),
-                           lambda r: settings(r, args.base, args.rl_steps, args.extra), args.heartbeat)
+            status = sweep(
+                runs,
+                lambda r: fit_command(r, args.base, args.rl_steps, args.extra),
+                lambda r: settings(r, args.base, args.rl_steps, args.extra),
+                args.heartbeat,
+            )
         except (KeyboardInterrupt, SystemExit):
-            print("compare: interrupted; the run that was going has no done.json and starts again on the next call")
+            print(
+                "compare: interrupted; the run that was going has no done.json and starts again on the next call"
+            )
             raise
         finally:
             signal.signal(signal.SIGTERM, handler)
         failed = [r.label for r, s in status.items() if s == "failed"]
         if failed:
             print(f"compare: {len(failed)} run(s) failed: {', '.join(failed)}")
-    from trgrpo.comparereport import write_report
 
     report = write_report(out, runs, args, session_s=time.monotonic() - started)
     print(f"compare: report written to {report}")

@@ -36,9 +36,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trgrpo.callformats import make_format
-from trgrpo.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
-from trgrpo.tools import ToolBox, run_calls
+from trgrpo.agent.formats import make_format
+from trgrpo.agent.tools import ToolBox, run_calls
+from trgrpo.rollout.base import Rollout, RolloutEngine, SamplingConfig, encode_prompts
 
 
 class EpisodeStats(NamedTuple):
@@ -82,8 +82,16 @@ def fit_result(tokenizer, before: str, text: str, after: str, marker: str, room:
 
 
 @torch.no_grad()
-def run_episodes(engine: RolloutEngine, model: torch.nn.Module, tokenizer, prompts: list[str],
-                 sampling: SamplingConfig, group_size: int, greedy: bool, rows: list[dict] | None = None) -> Rollout:
+def run_episodes(
+    engine: RolloutEngine,
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    group_size: int,
+    greedy: bool,
+    rows: list[dict] | None = None,
+) -> Rollout:
     """``group_size`` multi-turn completions per prompt (see the module docstring) as one ``Rollout``."""
     agent = sampling.agent
     toolbox = ToolBox(agent)
@@ -94,11 +102,18 @@ def run_episodes(engine: RolloutEngine, model: torch.nn.Module, tokenizer, promp
     prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
     rows = rows if rows is not None else [{"prompt": p} for p in prompts]
     seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # one per prompt: same instance for its G
-    episodes = [Episode(toolbox.episode(rows[i // group_size], seeds[i // group_size]))
-                for i in range(len(prompts) * group_size)]
+    episodes = [
+        Episode(toolbox.episode(rows[i // group_size], seeds[i // group_size]))
+        for i in range(len(prompts) * group_size)
+    ]
     while active := [i for i, e in enumerate(episodes) if not e.done]:
-        budgets = [min(sampling.max_new_tokens - episodes[i].model_tokens, agent.max_turn_tokens or sampling.max_new_tokens)
-                   for i in active]
+        budgets = [
+            min(
+                sampling.max_new_tokens - episodes[i].model_tokens,
+                agent.max_turn_tokens or sampling.max_new_tokens,
+            )
+            for i in active
+        ]
         contexts = [prompt_ids[i // group_size] + episodes[i].ids() for i in active]
         outs = engine.continue_contexts(model, tokenizer, contexts, sampling, budgets, fmt.stop, greedy)
         calls = []
@@ -110,7 +125,11 @@ def run_episodes(engine: RolloutEngine, model: torch.nn.Module, tokenizer, promp
             call = fmt.parse(tokenizer.decode(out.ids)) if out.finish == "stop" else None
             if out.finish == "eos" or (out.finish == "stop" and call is None):
                 e.end(truncated=False)
-            elif out.finish == "length" or e.calls >= agent.max_turns or e.model_tokens >= sampling.max_new_tokens:
+            elif (
+                out.finish == "length"
+                or e.calls >= agent.max_turns
+                or e.model_tokens >= sampling.max_new_tokens
+            ):
                 e.end(truncated=True)  # budget spent, or one call more than max_turns
             else:
                 calls.append((i, call))
@@ -119,8 +138,14 @@ def run_episodes(engine: RolloutEngine, model: torch.nn.Module, tokenizer, promp
             e = episodes[i]
             e.calls += 1
             e.errors += int(result.error)
-            ids = fit_result(tokenizer, before, result.text, after, agent.truncation_marker,
-                             agent.max_tool_tokens - e.tool_tokens)
+            ids = fit_result(
+                tokenizer,
+                before,
+                result.text,
+                after,
+                agent.truncation_marker,
+                agent.max_tool_tokens - e.tool_tokens,
+            )
             if ids is None:
                 e.end(truncated=True)
                 continue
@@ -129,8 +154,9 @@ def run_episodes(engine: RolloutEngine, model: torch.nn.Module, tokenizer, promp
     return assemble_episodes(tokenizer, enc.input_ids, enc.attention_mask, episodes, group_size)
 
 
-def assemble_episodes(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, episodes: list[Episode],
-                      group_size: int) -> Rollout:
+def assemble_episodes(
+    tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, episodes: list[Episode], group_size: int
+) -> Rollout:
     """The ``Rollout`` of finished episodes: [U, P] prompts, completions of model and tool tokens."""
     n, width = len(episodes), max(1, max(len(e.ids()) for e in episodes))
     completion = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -139,13 +165,15 @@ def assemble_episodes(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, episod
     for i, e in enumerate(episodes):
         at = 0
         for ids, train in e.pieces:
-            completion[i, at:at + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            real[i, at:at + len(ids)] = 1.0
-            trainable[i, at:at + len(ids)] = float(train)
+            completion[i, at : at + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            real[i, at : at + len(ids)] = 1.0
+            trainable[i, at : at + len(ids)] = float(train)
             at += len(ids)
     device = prompt_ids.device
     completion, real, trainable = completion.to(device), real.to(device), trainable.to(device)
-    stats = EpisodeStats(*(torch.tensor([getattr(e, k) for e in episodes]) for k in ("calls", "errors", "turns")))
+    stats = EpisodeStats(
+        *(torch.tensor([getattr(e, k) for e in episodes]) for k in ("calls", "errors", "turns"))
+    )
     return Rollout(
         input_ids=torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion], dim=1),
         attention_mask=torch.cat([prompt_mask.repeat_interleave(group_size, 0), real.long()], dim=1),

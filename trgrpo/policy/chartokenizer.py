@@ -6,7 +6,7 @@ One token per character (ASCII printable, newline, tab) plus a few tags that rea
 folder, so it is loaded through the same ``AutoTokenizer.from_pretrained`` path as any hub tokenizer.
 A minimal chat template is included so chat-formatted prompts work offline.
 
-    python -c "from trgrpo.tokenizer import save_char_tokenizer; save_char_tokenizer('char_tok')"
+    python -c "from trgrpo.policy.chartokenizer import save_char_tokenizer; save_char_tokenizer('char_tok')"
 """
 
 from __future__ import annotations

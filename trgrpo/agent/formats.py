@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 
-from trgrpo.tools import ToolCall
+from trgrpo.agent.tools import ToolCall
 
 _SENTINEL = "TRGRPOSENTINEL"
 
@@ -40,8 +40,10 @@ class TagFormat:
             params = s["function"]["parameters"]
             names = params.get("required") or list(params.get("properties", {}))
             if not names:
-                raise ValueError(f"model.sampling.agent: tag format needs tool {s['function']['name']!r} to "
-                                 "take one text argument")
+                raise ValueError(
+                    f"model.sampling.agent: tag format needs tool {s['function']['name']!r} to "
+                    "take one text argument"
+                )
             self.argument[s["function"]["name"]] = names[0]
         self.stop = [f"</{n}>" for n in self.argument] + [f"</{answer_tag}>"]
 
@@ -58,7 +60,7 @@ class TagFormat:
                 start = end.rfind(f"<{name}>")
                 if start < 0:
                     return ToolCall(name, {}, f"</{name}> without an opening <{name}>")
-                return ToolCall(name, {arg: end[start + len(name) + 2:-(len(name) + 3)].strip()})
+                return ToolCall(name, {arg: end[start + len(name) + 2 : -(len(name) + 3)].strip()})
         return ToolCall("", {}, "no tool call found")
 
     def wrap(self, tokenizer) -> tuple[str, str]:
@@ -68,8 +70,13 @@ class TagFormat:
 class ChatFormat:
     """The chat template's tool calls: tools in the rendered prompt, JSON calls, ``tool`` result messages."""
 
-    def __init__(self, schemas: list[dict], system_prompt: str | None = None, call_open: str = "<tool_call>",
-                 call_close: str = "</tool_call>") -> None:
+    def __init__(
+        self,
+        schemas: list[dict],
+        system_prompt: str | None = None,
+        call_open: str = "<tool_call>",
+        call_close: str = "</tool_call>",
+    ) -> None:
         self.schemas, self.system_prompt = schemas, system_prompt
         self.call_open, self.call_close = call_open, call_close
         self.stop = [call_close]
@@ -81,7 +88,9 @@ class ChatFormat:
             raise ValueError("model.sampling.agent.format is 'chat' but the tokenizer has no chat template")
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, tools=self.schemas, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tools=self.schemas, tokenize=False, add_generation_prompt=True
+        )
 
     def parse(self, text: str) -> ToolCall | None:
         end = text.rstrip()
@@ -90,13 +99,13 @@ class ChatFormat:
         start = end.rfind(self.call_open)
         if start < 0:
             return ToolCall("", {}, f"{self.call_close} without an opening {self.call_open}")
-        body = end[start + len(self.call_open):-len(self.call_close)].strip()
+        body = end[start + len(self.call_open) : -len(self.call_close)].strip()
         try:
             call = json.loads(body)
             args = call.get("arguments", {})
             args = json.loads(args) if isinstance(args, str) else args
             if not isinstance(call.get("name"), str) or not isinstance(args, dict):
-                raise ValueError("expected {\"name\": str, \"arguments\": object}")
+                raise ValueError('expected {"name": str, "arguments": object}')
         except (ValueError, AttributeError) as exc:
             return ToolCall("", {}, f"malformed tool call {body[:200]!r}: {exc}")
         return ToolCall(call["name"], args)
@@ -107,13 +116,19 @@ class ChatFormat:
         if self._wrap is None:
             base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _SENTINEL}]
             prefix = tokenizer.apply_chat_template(base, tools=self.schemas, tokenize=False)
-            full = tokenizer.apply_chat_template(base + [{"role": "tool", "content": _SENTINEL + "R"}],
-                                                 tools=self.schemas, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(
+                base + [{"role": "tool", "content": _SENTINEL + "R"}],
+                tools=self.schemas,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
             if not full.startswith(prefix) or full.count(_SENTINEL + "R") != 1:
-                raise ValueError("model.sampling.agent.format 'chat': the chat template does not render a tool "
-                                 "message after an assistant turn")
-            end_of_turn = prefix[prefix.index(_SENTINEL) + len(_SENTINEL):]
-            before, after = full[len(prefix):].split(_SENTINEL + "R")
+                raise ValueError(
+                    "model.sampling.agent.format 'chat': the chat template does not render a tool "
+                    "message after an assistant turn"
+                )
+            end_of_turn = prefix[prefix.index(_SENTINEL) + len(_SENTINEL) :]
+            before, after = full[len(prefix) :].split(_SENTINEL + "R")
             self._wrap = (end_of_turn + before, after)
         return self._wrap
 

