@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
 from trgrpo.rollout import SamplingConfig, VLLMConfig
-from trgrpo.rollout.engines import generate_rollout  # noqa: E402
+from trgrpo.rollout.engines import generate_rollout, make_engine  # noqa: E402
 
 
 def main() -> None:
@@ -60,13 +60,15 @@ def main() -> None:
             ignore_eos=True,
             vllm=VLLMConfig(enforce_eager=not torch.cuda.is_available()),
         )
+        run_engine = make_engine(sampling)  # one per engine, as in a run: vLLM starts once
         t0 = time.perf_counter()
-        generate_rollout(model, tok, prompts, sampling)  # warm-up (vLLM: start-up and the first weight push)
+        # warm-up (vLLM: start-up and the first weight push)
+        generate_rollout(model, tok, prompts, sampling, engine=run_engine)
         first = time.perf_counter() - t0
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            generate_rollout(model, tok, prompts, sampling)
+            generate_rollout(model, tok, prompts, sampling, engine=run_engine)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         print(f"{engine:<6} first call {first:6.2f} s   median {med:6.3f} s   {n_tokens / med:9.0f} tokens/s")

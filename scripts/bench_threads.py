@@ -174,8 +174,8 @@ def main() -> None:
 
     times: dict[tuple[str, str], list[float]] = {}
     print(
-        f"cores {len(os.sched_getaffinity(0))}, competitor {args.competitor!r}, workload: {args.sft_steps} SFT steps + "
-        f"{args.rl_steps} RL steps",
+        f"cores {len(os.sched_getaffinity(0))}, competitor {args.competitor!r}, "
+        f"workload: {args.sft_steps} SFT steps + {args.rl_steps} RL steps",
         flush=True,
     )
     for rep in range(args.reps):

@@ -16,7 +16,7 @@ Scenarios (each at two model sizes):
                separately together with ours without skipping.
 
 vLLM (only when asked with ``--trainers``):
-    ours_vllm  ours with its vLLM rollout engine (``SamplingConfig(engine="vllm")``, trgrpo/vllm_engine.py).
+    ours_vllm  ours with its vLLM rollout engine (``SamplingConfig(engine="vllm")``, trgrpo/rollout/vllm.py).
     trl_vllm   TRL with its own vLLM mode (``use_vllm=True, vllm_mode="colocate"``), fixed length by vLLM's
                ``min_tokens``.
     Both engines run eager (no CUDA graphs / torch.compile) and reserve ``--vllm-memory`` of the memory
@@ -63,15 +63,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+MODEL_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+"""The fields of ``trgrpo.policy.TinyModelConfig`` a size sets (the rest keep their defaults)."""
+
+
 def demo_model_shape() -> dict:
     """The tiny model of configs/demo.yaml (``model.policy.tiny``), so "demo" follows that file."""
     import yaml
 
     tiny = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]["policy"]["tiny"]
-    return {
-        k: int(tiny[k])
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    }
+    return {k: int(tiny[k]) for k in MODEL_SHAPE}
 
 
 SIZES = {
@@ -149,34 +150,19 @@ def coin_flip_reward(prompts, completions, dead=None, **kwargs) -> list[float]:
     return scores
 
 
-def collate_rows(rows: list[dict]) -> dict[str, list]:
-    """Rows -> column lists (what ``trgrpo.data.collate_rows`` does)."""
-    return {key: [r[key] for r in rows] for key in rows[0]}
-
-
 def build_model_folder(size: str, folder: Path) -> int:
     """Save a randomly initialised Qwen2 model and the character tokenizer; returns the parameter count."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
+    from trgrpo.policy import TinyModelConfig, tiny_model_config
     from trgrpo.policy.chartokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.padding_side = "left"
     dims = SIZES[size]
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=dims["hidden_size"],
-        num_hidden_layers=dims["num_hidden_layers"],
-        num_attention_heads=dims["num_attention_heads"],
-        num_key_value_heads=dims["num_attention_heads"],
-        intermediate_size=dims["intermediate_size"],
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    shape = TinyModelConfig(**{k: dims[k] for k in MODEL_SHAPE})
+    cfg = tiny_model_config(shape, tok)  # the package's own Qwen2 shape, as the trainer builds it
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).float()
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -258,7 +244,7 @@ def run_ours(spec: RunSpec) -> dict:
     from trgrpo.config import LossConfig, OptimConfig
     from trgrpo.module import GRPOModule
     from trgrpo.policy import PolicyConfig
-    from trgrpo.rewards import RewardSpec
+    from trgrpo.rewards import RewardSpec, collate_rows
     from trgrpo.rollout import SamplingConfig, VLLMConfig
     from trgrpo.weighting import TokenRegulatedWeighting, UniformWeighting
 
@@ -590,8 +576,8 @@ def model_flops(
     completion_len: float,
     shared_prompts: bool,
 ) -> dict:
-    """FLOPs each trainer executes: 2 * matmul parameters per token and 4 * hidden * context per token and layer
-    for attention in a forward; a backward costs twice the forward.
+    """FLOPs each trainer executes: 2 * matmul parameters per token and 4 * hidden * context per token and
+    layer for attention in a forward; a backward costs twice the forward.
 
     With ``shared_prompts`` (ours) each prompt is computed once per group, in the prefill and in the training
     forward/backward; otherwise (TRL) once per sequence.  The LM head runs on completion positions only.
@@ -626,7 +612,8 @@ _EXCEPTION_LINE = re.compile(
 
 def failure_line(stderr: str, returncode: int) -> str:
     """The exception line of the last traceback in ``stderr`` (``SomeError: message``; a ``[rank0]:`` prefix
-    dropped), else its last line.  Messages printed at interpreter exit (nanobind leak reports) are skipped."""
+    dropped), else its last line.  Messages printed at interpreter exit (nanobind leak reports) are
+    skipped."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for line in reversed(lines):
         if m := _EXCEPTION_LINE.match(line):
@@ -813,8 +800,8 @@ def main(argv: list[str] | None = None) -> None:
                             f" (engine start-up {err.startup_s:.1f}s)" if err.startup_s is not None else ""
                         )
                         print(
-                            f"  {scenario:9s} {name:11s} round {r}: FAILED after {time.perf_counter() - t0:.1f}s"
-                            f"{started}: {err.error}",
+                            f"  {scenario:9s} {name:11s} round {r}: "
+                            f"FAILED after {time.perf_counter() - t0:.1f}s{started}: {err.error}",
                             flush=True,
                         )
                         continue
@@ -843,8 +830,9 @@ def report(results: dict) -> None:
     for kind, title in (("wall", "wall-clock seconds"), ("cpu", "CPU seconds of the process")):
         print(f"\nMedian per step, {title}:\n")
         print(
-            "| size | scenario | trainer | steps/s | completion tok/s | mean completion len | zero-spread groups "
-            "| peak RSS MB | step | generation | reward | log-prob fwd | bwd + optimiser | other |"
+            "| size | scenario | trainer | steps/s | completion tok/s | mean completion len "
+            "| zero-spread groups | peak RSS MB | step | generation | reward | log-prob fwd "
+            "| bwd + optimiser | other |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for size, so in results["sizes"].items():
@@ -854,7 +842,8 @@ def report(results: dict) -> None:
                         continue
                     m = s[kind]
                     print(
-                        f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | {s['tokens_per_s_' + kind]:.0f} | "
+                        f"| {size} | {scenario} | {name} | {1 / m['total']:.3f} | "
+                        f"{s['tokens_per_s_' + kind]:.0f} | "
                         f"{s['mean_completion_len']:.1f} | {s['zero_spread']:.2f} | {s['peak_rss_mb']:.0f} | "
                         + " | ".join(f"{m[k]:.3f}" for k in ["total", *PHASES])
                         + " |"
@@ -891,7 +880,8 @@ def report(results: dict) -> None:
                 f"whole warm-up step {s['warmup_wall_s']:6.1f}s (start-up, first weight push, first rollout)"
             )
     print(
-        "\nFLOP/s in the fixed scenario against the measured float32 matmul rate (FLOPs each trainer executes):"
+        "\nFLOP/s in the fixed scenario against the measured float32 matmul rate "
+        "(FLOPs each trainer executes):"
     )
     for size, so in results["sizes"].items():
         sc = so["scenarios"].get("fixed")
@@ -927,13 +917,14 @@ def report(results: dict) -> None:
         if wc:
             print(
                 f"  {size:5s} uniform {wc['uniform_wall']:.3f}s wall / {wc['uniform_cpu']:.3f}s CPU, tr_grpo "
-                f"{wc['tr_grpo_wall']:.3f}s / {wc['tr_grpo_cpu']:.3f}s: x{wc['tr_grpo_wall'] / wc['uniform_wall']:.3f} "
+                f"{wc['tr_grpo_wall']:.3f}s / {wc['tr_grpo_cpu']:.3f}s: "
+                f"x{wc['tr_grpo_wall'] / wc['uniform_wall']:.3f} "
                 f"wall, x{wc['tr_grpo_cpu'] / wc['uniform_cpu']:.3f} CPU; inside weights(): "
                 f"{wc['tr_grpo_weights'] * 1e3:.2f} ms vs {wc['uniform_weights'] * 1e3:.2f} ms per update"
             )
     print(
-        "\nRatios, ours / TRL (throughput: completion tokens generated and trained per second; higher is better. "
-        "Peak RSS: lower is better):"
+        "\nRatios, ours / TRL (throughput: completion tokens generated and trained per second; "
+        "higher is better. Peak RSS: lower is better):"
     )
     for size, so in results["sizes"].items():
         for scenario, trainers in so["scenarios"].items():
@@ -957,7 +948,8 @@ def report(results: dict) -> None:
                 continue
             ours, ref = trainers["ours"], trainers["trl"]
             line = (
-                f"  {size:5s} {scenario:9s} throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
+                f"  {size:5s} {scenario:9s} "
+                f"throughput x{ours['tokens_per_s_wall'] / ref['tokens_per_s_wall']:.2f} "
                 f"wall (x{ours['tokens_per_s_cpu'] / ref['tokens_per_s_cpu']:.2f} CPU)  "
                 f"steps/s x{ref['wall']['total'] / ours['wall']['total']:.2f}  "
                 f"peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"

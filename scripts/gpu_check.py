@@ -2,10 +2,11 @@
 
 Runs a few RL steps of a randomly initialised Qwen2-shaped model with the shape of Qwen2.5-0.5B (hidden
 896, 24 layers, 14 heads, MLP 4864; KV heads = heads, as in the tiny model; the vocabulary is the
-embedded character tokenizer's, so nearly all of its ~390M parameters sit in the layers), bf16-mixed, under DeepSpeed ZeRO-2 and ZeRO-3, with the ``fast``
-and the ``vllm`` rollout engines, each run in a fresh process, and prints one table of measured numbers:
-generation and training tokens per second (medians over the steps after the first), peak GPU memory, and
-the train/sampler_kl of the vllm runs.  A run that fails prints its error in the table instead of numbers.
+embedded character tokenizer's, so nearly all of its ~390M parameters sit in the layers), bf16-mixed,
+under DeepSpeed ZeRO-2 and ZeRO-3, with the ``fast`` and the ``vllm`` rollout engines, each run in a
+fresh process, and prints one table of measured numbers: generation and training tokens per second
+(medians over the steps after the first), peak GPU memory, and the train/sampler_kl of the vllm runs.
+A run that fails prints its error in the table instead of numbers.
 TRL's GRPOTrainer is not run here (scripts/bench_vs_trl.py is its CPU comparison).
 
     python scripts/gpu_check.py                         # everything installed already
@@ -143,7 +144,8 @@ def main() -> None:
             wall, name = time.perf_counter() - t0, f"zero{stage} {engine}"
             if proc.returncode != 0 or not out.exists():
                 print(
-                    f"{name:<14}FAILED ({wall:.0f} s): {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+                    f"{name:<14}FAILED ({wall:.0f} s): "
+                    f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
                 )
                 continue
             s = summarise(json.loads(out.read_text()), 16 * 8)

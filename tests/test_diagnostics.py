@@ -14,9 +14,18 @@ import pytest
 import torch
 from helpers import DENSE_REWARD, arithmetic_args, run_cli
 
-from trgrpo.diagnostics import GradBuckets, bucket_names, check_edges, logit_grad_norm_sq
+from trgrpo.config import LossConfig
+from trgrpo.diagnostics import (
+    GradBuckets,
+    bucket_names,
+    check_edges,
+    logit_grad_norm_sq,
+    surrogate_grad_coef,
+)
 from trgrpo.logprobs import selective_log_softmax, squared_prob_sum
-from trgrpo.losses import policy_loss, sequence_ratio
+from trgrpo.losses import GRPOLoss, sequence_ratio
+from trgrpo.scoring import TokenScores
+from trgrpo.update import UpdateBatch
 from trgrpo.weighting import TokenRegulatedWeighting
 
 B, T, V = 6, 5, 11
@@ -63,28 +72,20 @@ def test_logit_gradient_norms_match_autograd(setting):
         if setting.pop("sampler", False)
         else None
     )
-    out = policy_loss(
-        logp,
-        old,
-        adv,
-        weights,
-        mask,
-        active,
-        num_tokens=mask.sum().item(),
-        num_seqs=float(B),
-        max_len=T,
-        placement=placement,
-        sampler_logp=sampler,
-        **setting,
+    batch = UpdateBatch(torch.arange(B), adv, mask, active, old, None)
+    loss = GRPOLoss(LossConfig(**setting), placement=placement, max_len=T)
+    out = loss(
+        batch, TokenScores(logp, None), weights, sampler, num_tokens=mask.sum().item(), num_seqs=float(B)
     )
     out.loss.backward()
     expected = logits.grad.square().sum(-1)  # [B, T] squared norm of each token's logit gradient
-    got = logit_grad_norm_sq(out.pg_coef, logp, squared_prob_sum(logits))
+    pg_coef = surrogate_grad_coef(out, batch)  # [B, T]
+    got = logit_grad_norm_sq(pg_coef, logp, squared_prob_sum(logits))
     scale = expected.max().item()
     assert scale > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * scale)
     # the clip must have stopped some gradients in this draw, or the test would not exercise it
-    flows = (out.pg_coef > 0).sum().item()
+    flows = (pg_coef > 0).sum().item()
     assert flows < (active.bool() & (adv != 0).unsqueeze(1)).sum().item() or setting.get("ratio_level")
 
 
@@ -99,20 +100,10 @@ def test_sequence_ratio_is_gspo():
     lengths = mask.sum(1)
     expected_s = torch.exp(((logp - old) * mask).sum(1) / lengths).detach()
     torch.testing.assert_close(ratio.detach()[:, 0], expected_s)
-    ours = policy_loss(
-        logp,
-        old,
-        adv,
-        mask,
-        mask,
-        mask,
-        num_tokens=mask.sum().item(),
-        num_seqs=float(B),
-        max_len=T,
-        clip_low=eps,
-        clip_high=eps,
-        aggregation="seq_mean_token_mean",
-        ratio_level="sequence",
+    cfg = LossConfig(clip_low=eps, clip_high=eps, aggregation="seq_mean_token_mean", ratio_level="sequence")
+    batch = UpdateBatch(torch.arange(B), adv, mask, mask, old, None)
+    ours = GRPOLoss(cfg, max_len=T)(
+        batch, TokenScores(logp, None), mask, num_tokens=mask.sum().item(), num_seqs=float(B)
     ).loss
     (g_ours,) = torch.autograd.grad(ours, logits)
 
@@ -122,6 +113,25 @@ def test_sequence_ratio_is_gspo():
     (g_ref,) = torch.autograd.grad(gspo, logits)
     torch.testing.assert_close(ours, gspo, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
+
+
+def test_surrogate_grad_coef_by_hand():
+    # A = -2, ratios e^0 = 1 and e^-0.5 = 0.61 (below 1 - 0.2: clipped, no gradient), a third token outside
+    # the pass; weights 1.5; sampler correction 0.5 everywhere; token_mean over 4 tokens
+    logp = torch.tensor([[0.0, -0.5, 0.0, 0.0]])
+    sampler = torch.full((1, 4), math.log(2.0))  # pi_old / pi_sampler = 1 / 2 with the old log-probs 0
+    batch = UpdateBatch(
+        torch.arange(1),
+        torch.tensor([-2.0]),
+        torch.ones(1, 4),
+        torch.tensor([[1.0, 1, 0, 1]]),
+        torch.zeros(1, 4),
+        None,
+    )
+    loss = GRPOLoss(LossConfig(sampler_is_cap=3.0), max_len=4)
+    out = loss(batch, TokenScores(logp, None), torch.full((1, 4), 1.5), sampler, num_tokens=4, num_seqs=1)
+    # |w A r| * correction / 4 = 1.5 * 2 * 1 * 0.5 / 4 = 0.375 where the gradient flows
+    torch.testing.assert_close(surrogate_grad_coef(out, batch), torch.tensor([[0.375, 0.0, 0.0, 0.375]]))
 
 
 def test_buckets_by_hand():

@@ -1,4 +1,4 @@
-"""Two-process DDP (gloo, CPU) gives the same loss and updated weights as one process on the same global batch.
+"""Two-process DDP (gloo, CPU): the same loss and updated weights as one process on the same global batch.
 
 The global batch is 4 prompts x 4 completions.  One process takes all 4 prompts in 2 micro-batches of 8
 sequences; two processes (launched with torchrun, as on a cluster) take 2 prompts each in 2 micro-batches of
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=False, rows=None):
+def fixed_rollout(model, tokenizer, prompts, sampling, group_size=None, greedy=False, rows=None, engine=None):
     """Completion j of prompt p: digit j+1, digit (sum of p's characters mod 10), EOS — no sampling."""
     from trgrpo.rollout import Rollout
 
@@ -194,6 +194,36 @@ def test_processes_draw_disjoint_prompts_whose_union_is_the_single_process_batch
             ranks[0][2 * k : 2 * k + 2] + ranks[1][2 * k : 2 * k + 2]
         )
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_the_backend_is_built_once_with_what_its_step_needs():
+    """One process and DDP clip in the plain backend at ``optim.grad_clip``; a DeepSpeed strategy has its
+    config adapted to the manual RL step when its backend is built (nothing is launched: no GPU needed)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from trgrpo.backend import DeepSpeedBackend, PlainBackend, training_backend
+    from trgrpo.config import OptimConfig
+
+    backward_calls = []
+    plain = training_backend(None, OptimConfig(grad_clip=0.5), backward_calls.append, 0)
+    assert type(plain) is PlainBackend
+    model = torch.nn.Linear(2, 1, bias=False)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    (model(torch.tensor([[3.0, 4.0]])).sum()).backward()  # gradient [3, 4]: norm 5
+    plain.note_backward()
+    assert plain.step(model, opt, sched) == pytest.approx(5.0)  # the pre-clip norm
+    # SGD at lr 1 moves the weights by the clipped gradient: [3, 4] * 0.5 / 5
+    torch.testing.assert_close(before - model.weight.detach(), torch.tensor([[0.3, 0.4]]))
+    assert backward_calls == []  # only DeepSpeed's step after no backward at all calls it
+
+    pytest.importorskip("deepspeed")  # an optional dependency (pip install trgrpo[deepspeed])
+    strategy = DeepSpeedStrategy(stage=2)
+    deepspeed = training_backend(strategy, OptimConfig(grad_clip=0.5), backward_calls.append, 7)
+    assert type(deepspeed) is DeepSpeedBackend and deepspeed.token_id == 7
+    assert strategy.config["gradient_clipping"] == 0.5
+    assert strategy.config["managed_gradient_accumulation"] is False  # the RL step owns the boundary
 
 
 if __name__ == "__main__":

@@ -12,7 +12,13 @@ import pytest
 import torch
 from helpers import DENSE_REWARD, arithmetic_args, run_cli
 
-from trgrpo.dynamic_sampling import DynamicSampling, keep_groups, select_groups
+from trgrpo.dynamic_sampling import (
+    DynamicSampling,
+    GroupFilter,
+    apply_dynamic_sampling,
+    keep_groups,
+    select_groups,
+)
 from trgrpo.rewards import RewardResult
 from trgrpo.rollout import Rollout
 
@@ -60,6 +66,18 @@ def test_keep_groups_slices_every_rollout_field_and_counts():
     # nothing to drop: the same objects
     same = keep_groups(_rollout(4), RewardResult(rewards[:4], {}, 0), 2, keep=2, min_spread=1e-6)
     assert same[2] == (2, 0, 0)
+
+
+def test_the_group_filter_keeps_batch_size_groups_and_none_keeps_all():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    result = RewardResult(rewards, {}, errors=0)
+    group_filter = DynamicSampling(min_spread=0.5).group_filter(batch_size=3)
+    assert group_filter == GroupFilter(keep=3, min_spread=0.5)
+    rollout, kept, counts = apply_dynamic_sampling(group_filter, _rollout(8), result, group_size=2)
+    assert rollout.input_ids[:, 0].tolist() == [0, 1, 2, 3, 6, 7] and counts == (4, 1, 1)
+    everything = _rollout(8)
+    same, same_rewards, no_counts = apply_dynamic_sampling(None, everything, result, group_size=2)
+    assert same is everything and same_rewards is result and no_counts is None  # off: every group, as drawn
 
 
 def test_oversample_must_draw_more_than_the_batch():
@@ -117,7 +135,8 @@ def test_dynamic_sampling_trains_full_batches_and_resumes_at_the_exact_data_posi
         "--trainer.callbacks.save_top_k=-1",
     ]
     full = run_cli(tmp_path / "full", *RUN, *ckpt, "--trainer.max_steps=5")
-    assert full.model.plan.rollout == 2 * 4  # every update trains on batch_size groups
+    assert full.model.group_filter == GroupFilter(keep=2, min_spread=1e-6)  # handed over once by the CLI
+    assert full.model.plan.sequences == 2 * 4  # every update trains on batch_size groups
     prompts = _recorder(full).prompts
     assert all(len(p) == 4 for p in prompts.values())  # ... out of 2 * batch_size drawn
     expected = _metrics(tmp_path / "full")

@@ -1,4 +1,4 @@
-"""Export to a Hugging Face folder: at the end of fit (``HFExport``) and from a checkpoint (``trgrpo.export``).
+"""Hugging Face export: at the end of fit (``HFExport``) and from a checkpoint (``trgrpo.export``).
 
 Both must load with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and compute what the trained policy
 computes.  Export from DeepSpeed ZeRO shards is covered in ``test_strategy_configs.py``.

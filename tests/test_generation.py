@@ -1,4 +1,4 @@
-"""The fast sampler (``trgrpo.fastpath.sampler``) against ``model.generate``: same tokens for the same seed."""
+"""The fast sampler (``trgrpo.fastpath.sampler``) gives ``model.generate``'s tokens for the same seed."""
 
 from __future__ import annotations
 
@@ -191,3 +191,41 @@ def test_every_engine_name_has_an_engine_and_selects_it(tokenizer, monkeypatch):
         _qwen2(tokenizer), tokenizer, PROMPTS[:2], SamplingConfig(group_size=2, max_new_tokens=3, engine="hf")
     )
     assert calls == [(2, False)] and r.input_ids.shape[0] == 4
+
+
+def test_the_module_builds_one_engine_for_every_rollout_and_held_out_evaluation(monkeypatch):
+    """The run's engine is built once (``configure_model``) and every rollout and held-out rollout uses it."""
+    from trgrpo.evaluation import EvalConfig
+    from trgrpo.module import GRPOModule
+
+    built = []
+
+    class RecordingEngine(HFEngine):
+        def __init__(self):
+            built.append(self)
+            self.calls = []
+
+        def generate(self, model, tokenizer, prompts, sampling, group_size, greedy):
+            self.calls.append((len(prompts), group_size, greedy))
+            return super().generate(model, tokenizer, prompts, sampling, group_size, greedy)
+
+    class Task:
+        def verify_batch(self, completions, rows):
+            return [0.0] * len(completions)
+
+    monkeypatch.setitem(ENGINES, "hf", RecordingEngine)
+    tiny = TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    module = GRPOModule(
+        policy=PolicyConfig(tiny=tiny),
+        sampling=SamplingConfig(group_size=2, max_new_tokens=3, engine="hf"),
+        eval=EvalConfig(k=2, n=3),
+    )
+    module.connect(Task())
+    module.configure_model()
+    assert built == [module.engine] and module.evaluator.engine is module.engine
+    module.rollout(PROMPTS[:2])
+    module.rollout(PROMPTS[2:])
+    module.evaluator.add_batch(module.policy_model, module.tokenizer, {"prompt": PROMPTS[:2]}, False)
+    module.configure_model()  # Lightning calls it again for a second fit or validate: the same engine
+    assert built == [module.engine]
+    assert module.engine.calls == [(2, 2, False), (2, 2, False), (2, 1, True), (2, 3, False)]

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "config": PURE_MATH,  # option dataclasses of the loss and the optimiser (no Lightning)
     "diagnostics": PURE_MATH,  # gradient share by token-probability bucket
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
+    "world": PURE_MATH,  # how many processes train together (the guard of every collective)
     "rollout": COMPONENTS,  # rollout data types (base), the fast/hf engines and the chooser, the vllm engine
     "agent": COMPONENTS,  # multi-turn tool use: tools, call formats, the episode loop, the search environment
     "policy": COMPONENTS,  # loading the policy; sources (package:, GGUF); the character tokenizer
@@ -41,10 +42,12 @@ LAYERS: dict[str, int] = {
     "tasks": COMPONENTS,
     "evaluation": COMPONENTS,
     "checkpointing": COMPONENTS,
+    "random_streams": COMPONENTS,  # the random streams a resumed run continues (the module owns them)
     "data": COMPONENTS,
     "callbacks": COMPONENTS,
     "progress": COMPONENTS,
     "export": COMPONENTS,  # also ``python -m trgrpo.export``, but the HFExport callback calls it
+    "strategies": COMPONENTS,  # CPUDeepSpeedStrategy: ZeRO on CPU processes, for debugging and CI
     "module": MODULE,
     "backend": MODULE,  # the DeepSpeed glue the module delegates to (imports Lightning's strategies)
     "cli": CLI,
@@ -57,7 +60,8 @@ LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
 
 
 def module_name(path: Path) -> str:
-    """trgrpo/tasks/base.py -> "tasks.base"; trgrpo/tasks/__init__.py -> "tasks"; trgrpo/__init__.py -> "__init__"."""
+    """trgrpo/tasks/base.py -> "tasks.base"; trgrpo/tasks/__init__.py -> "tasks";
+    trgrpo/__init__.py -> "__init__"."""
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts.pop()
@@ -174,7 +178,7 @@ def test_the_import_reader():
     assert any(target == "trgrpo.tasks.base" for _, target in imports(PACKAGE / "tasks" / "arithmetic.py"))
 
 
-MAX_LINES = 450  # any file of the package; lines are bounded by ruff's line-length (110)
+MAX_LINES = 500  # any file of the package (450 in the packed layout ruff format replaced)
 
 
 def test_files_stay_short():

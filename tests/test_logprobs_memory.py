@@ -1,9 +1,9 @@
 """Peak memory of the token log-prob + entropy computation with a 150k vocabulary.
 
-The naive ``log_softmax(logits.float(), -1)`` keeps a float32 [B*T, V] tensor (and its ``exp`` for the entropy);
-``trgrpo.logprobs`` works in chunks of rows, so its extra memory is a few chunks.  Each variant runs in a fresh
-process that resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) after the logits are allocated, so
-the number is the extra peak of the computation alone.
+The naive ``log_softmax(logits.float(), -1)`` keeps a float32 [B*T, V] tensor (and its ``exp`` for the
+entropy); ``trgrpo.logprobs`` works in chunks of rows, so its extra memory is a few chunks.  Each variant runs
+in a fresh process that resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) after the logits are
+allocated, so the number is the extra peak of the computation alone.
 """
 
 from __future__ import annotations
@@ -110,12 +110,12 @@ def test_results_match_naive_with_a_150k_vocabulary(dtype):
     # 150k exps in different orders, and that order also varies between CPUs: the log-sum-exp (~16-26 here)
     # can differ by a few float32 ulps (~2e-5 seen).  Log-probs are -10..-26: relative tolerance.
     torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-6)
-    # entropies are 5..8, from the same log_softmax kernel on the same rows, only chunked differently (measured:
-    # identical); relative tolerance for a float32 sum of 150k terms
+    # entropies are 5..8, from the same log_softmax kernel on the same rows, only chunked differently
+    # (measured: identical); relative tolerance for a float32 sum of 150k terms
     torch.testing.assert_close(token_entropy(logits), naive_ent.detach(), rtol=1e-5, atol=1e-6)
-    # d(logp)/d(logit_j) = [j == id] - p_j: a log-sum-exp shift of d changes every p_j by the relative amount d
-    # (~2e-5), hence rtol 1e-4 in float32; atol covers the ~1e-7-sized p_j.  bfloat16 gradients are those float32
-    # values rounded to bfloat16 (8 significant bits), so a tiny float32 difference can move one to the
-    # neighbouring bfloat16 value: up to 2^-7 = 0.8% relative.
+    # d(logp)/d(logit_j) = [j == id] - p_j: a log-sum-exp shift of d changes every p_j by the relative
+    # amount d (~2e-5), hence rtol 1e-4 in float32; atol covers the ~1e-7-sized p_j.  bfloat16 gradients are
+    # those float32 values rounded to bfloat16 (8 significant bits), so a tiny float32 difference can move one
+    # to the neighbouring bfloat16 value: up to 2^-7 = 0.8% relative.
     grad_rtol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours_grad.float(), naive_grad.float(), rtol=grad_rtol, atol=1e-6)

@@ -1,4 +1,4 @@
-"""LoRA through peft, set in YAML: only adapters train, the reference is the adapter-free base, exports work."""
+"""LoRA (peft) set in YAML: only adapters train, the reference is the adapter-free base, exports work."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_lora_run_trains_only_adapters_and_uses_the_base_as_reference(lora_run):
     assert module.ref_model is None  # no second copy of the model
     model = module.policy_model
     base_now = model.get_base_model().state_dict()
-    # the frozen base is the initial model (LoRA layers hold it as base_layer); never updated, so compared exactly
+    # the frozen base is the initial model (LoRA layers hold it as base_layer): never updated, so it is
+    # compared exactly
     for k, v in base.items():
         key = (
             k
@@ -96,8 +97,8 @@ def test_lora_run_trains_only_adapters_and_uses_the_base_as_reference(lora_run):
         torch.testing.assert_close(base_now[key], v, rtol=0, atol=0, msg=k)
     assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # adapters moved
     kls = [float(r["train/kl"]) for r in _metric_rows(tmp)]
-    # KL against the adapter-free base grows once the adapters move; at the first step lora_B is still 0, so the
-    # policy's log-probs are the base's bit for bit and the KL exactly 0
+    # KL against the adapter-free base grows once the adapters move; at the first step lora_B is still 0, so
+    # the policy's log-probs are the base's bit for bit and the KL exactly 0
     assert kls[0] == 0 and kls[-1] > 0
 
     # the reference log-probs are exactly those of the base model

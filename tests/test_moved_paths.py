@@ -8,6 +8,7 @@ a tiny size, whose hyper-parameters name ``trgrpo.retrieval.SearchEnvironment``)
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "agentic_tiny_before_rooms.ckpt"
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
-def test_an_old_path_is_the_module_at_its_new_home(old):
+def test_an_old_path_is_the_module_at_its_new_home(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)  # imported before by another test: import it afresh
     with pytest.warns(FutureWarning, match=MOVED[old].replace(".", r"\.")):
         module = importlib.import_module(old)
     assert module is importlib.import_module(MOVED[old])

@@ -18,12 +18,15 @@ import torch
 import trgrpo.scoring as scoring_mod
 from trgrpo.agent.episodes import run_episodes
 from trgrpo.agent.tools import AgentConfig, ToolEnvironment
+from trgrpo.config import LossConfig
 from trgrpo.losses import GRPOLoss
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+from trgrpo.rewards import RewardResult
 from trgrpo.rollout.base import SamplingConfig, StopStrings
 from trgrpo.rollout.engines import ENGINES, generate_rollout
 from trgrpo.scoring import TokenScorer
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
+from trgrpo.update import UpdateBatch
 from trgrpo.weighting import AdvantageReweighting, HighEntropyTokens, Lopti, TokenRegulatedWeighting
 
 TOOL_TEXT = {"value": "def"}
@@ -93,7 +96,8 @@ class SecretEnv(ToolEnvironment):
 
 
 class ScriptedEngine:
-    """``continue_contexts`` from a script: turn k (k = tool results in the context so far) says ``script[k]``."""
+    """``continue_contexts`` from a script: turn k (k = tool results in the context so far) says
+    ``script[k]``."""
 
     def __init__(self, script):
         self.script = script
@@ -241,6 +245,14 @@ def test_generate_rollout_runs_the_loop_with_a_real_engine(model, tokenizer):
     assert r.input_ids.shape[0] == 4 and r.episodes is not None and r.trainable_mask.sum(1).le(8).all()
 
 
+def test_generate_rollout_hands_the_runs_engine_to_the_loop(model, tokenizer):
+    sampling = SamplingConfig(group_size=2, max_new_tokens=64, agent=AgentConfig(tools=[lookup]))
+    engine = ScriptedEngine(["<lookup>a</lookup>", "<answer>x</answer>"])
+    r = generate_rollout(model, tokenizer, ["Q1 "], sampling, engine=engine)
+    assert r.episodes.tool_calls.tolist() == [1, 1] and r.episodes.turns.tolist() == [2, 2]
+    assert all(c.endswith("<answer>x</answer>") for c in r.completions)
+
+
 # ---------------------------------------------------------------- tool tokens never train
 
 
@@ -264,7 +276,8 @@ def _two_rollouts(model, tokenizer):
 
 
 def _loss_and_logits(model, rollout, monkeypatch, perturb_tool_logits=False):
-    """GRPO loss through the real scorer and loss, with the [N, T, V] completion logits kept for their gradient."""
+    """GRPO loss through the real scorer and loss, with the [N, T, V] completion logits kept for their
+    gradient."""
     kept = {}
     real = scoring_mod.completion_logits
 
@@ -283,16 +296,9 @@ def _loss_and_logits(model, rollout, monkeypatch, perturb_tool_logits=False):
     mask, adv = rollout.trainable_mask, torch.tensor([1.0, -1.0, 0.5, -0.5])
     logp = scores.logp
     ref = logp.detach() - 0.3
-    loss = GRPOLoss(beta=0.1)(
-        logp,
-        logp.detach() - 0.1,
-        adv,
-        torch.ones_like(mask) * mask,
-        mask,
-        mask,
-        num_tokens=mask.sum().item(),
-        num_seqs=4,
-        ref_logp=ref,
+    batch = UpdateBatch(torch.arange(4), adv, mask, mask, logp.detach() - 0.1, ref)
+    loss = GRPOLoss(LossConfig(beta=0.1))(
+        batch, scores, torch.ones_like(mask) * mask, num_tokens=mask.sum().item(), num_seqs=4
     )
     loss.loss.backward()
     return loss, kept["logits"], logp.detach()
@@ -337,18 +343,14 @@ def test_weightings_entropy_quantile_kl_and_length_metric_exclude_tool_tokens(mo
     (kept,) = HighEntropyTokens(q=0.5).passes(logp, mask, spiked)
     assert torch.equal(kept, HighEntropyTokens(q=0.5).passes(logp, mask, entropy)[0]) and not kept[tool].any()
     stats = StepStats.collect(
-        rewards=torch.zeros(4),
-        per_term={},
-        reward_errors=0,
+        RewardResult(torch.zeros(4), {}, 0),
+        r,
+        UpdateStats(),
+        StepTimings(0, 0, 0, 0),
         group_size=2,
-        completion_mask=r.trainable_mask,
-        truncated=r.truncated,
-        update=UpdateStats(),
         lr=1.0,
         bounded_weights=False,
         kl=False,
-        timings=StepTimings(0, 0, 0, 0),
-        episodes=r.episodes,
     )
     assert (
         stats.completion_length

@@ -9,8 +9,9 @@ file and each missing path:
 - bare names of top-level documents, ``NAME.md`` or ``NAME.toml`` (from the root or the citing file's folder);
 - markdown link targets, ``[text](target)`` (from the citing file's folder; URLs and ``#anchors`` skipped).
 
-Outputs are not references: they live outside those five folders (``logs/``, ``.cache/``, checkpoint and export
-folders) and a reference must begin a path, so ``logs/x/configs/...`` or ``.cache/trgrpo/`` never count.
+Outputs are not references: they live outside those five folders (``logs/``, ``.cache/``, checkpoint and
+export folders) and a reference must begin a path, so ``logs/x/configs/...`` or ``.cache/trgrpo/`` never
+count.
 
     python -m pytest tests/test_references.py -q
 """
@@ -47,7 +48,8 @@ def _exists(path: str, bases: list[Path]) -> bool:
 
 
 def missing_references(text: str, folder: Path) -> list[str]:
-    """The paths cited in ``text`` that exist neither in the repository nor (relative ones) beside ``folder``."""
+    """The paths cited in ``text`` that exist neither in the repository nor (relative ones) beside
+    ``folder``."""
     missing = []
     for match in REPO_PATH.finditer(text):
         cited = match.group(1).rstrip(".")  # a sentence may end right after a path

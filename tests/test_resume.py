@@ -1,4 +1,4 @@
-"""Long runs: SIGKILL mid-training and ``--ckpt_path last`` continue exactly; checkpoints are never half-written.
+"""Long runs: ``--ckpt_path last`` after a SIGKILL continues exactly; checkpoints are never half-written.
 
 The kill test runs the real CLI in subprocesses (tiny model, CPU): one uninterrupted run, and one run that
 is killed with SIGKILL by the test in the middle of an RL step, then resumed from the last checkpoint.  The
@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, arithmetic_args, run_cli
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trgrpo.checkpointing import AtomicModelCheckpoint, partial_path, write_atomically
+from trgrpo.random_streams import RandomStreams
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,6 +135,54 @@ def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(t
     assert len(rewards) > 1 and max(rewards) > 0  # the compared steps sampled different things
 
 
+def _draws(generator: torch.Generator) -> tuple:
+    """One value from every stream a resumed run must continue."""
+    return (
+        torch.rand(2).tolist(),
+        random.random(),
+        float(np.random.rand()),
+        torch.rand(2, generator=generator).tolist(),
+    )
+
+
+def test_random_streams_continue_every_stream_from_a_state_and_once_after_resume():
+    shuffle = torch.Generator().manual_seed(0)
+    streams = RandomStreams(shuffle=shuffle)
+    (state,) = streams.gather(world=1)  # no process group: this process's entry alone
+    first = _draws(shuffle)
+    streams.restore(state)
+    assert _draws(shuffle) == first
+    streams.resume_from([state, streams.capture()], rank=0, world=2)  # rank 0's entry is queued ...
+    assert _draws(shuffle) != first  # ... and nothing is restored before restore_pending
+    streams.restore_pending()
+    assert _draws(shuffle) == first
+    streams.restore_pending()  # once only
+    assert _draws(shuffle) != first
+
+
+def test_random_streams_set_aside_and_put_back_leave_them_as_they_were():
+    shuffle = torch.Generator().manual_seed(0)
+    streams = RandomStreams(shuffle=shuffle)
+    state = streams.capture()
+    expected = _draws(shuffle)
+    streams.restore(state)
+    streams.set_aside()
+    _draws(shuffle)  # what validation would draw
+    streams.put_back()
+    assert _draws(shuffle) == expected
+    loaded = torch.load(_saved(state), weights_only=True)  # plain tensors and lists: loads without code
+    assert loaded["generators"]["shuffle"].equal(state["generators"]["shuffle"])
+
+
+def _saved(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 class TornWriteError(RuntimeError):
     pass
 
@@ -208,7 +259,8 @@ def test_sigkill_inside_write_atomically_keeps_the_old_file(tmp_path):
 
 
 def test_atomic_checkpoint_folders_are_swapped_through_a_symlink(tmp_path):
-    """DeepSpeed checkpoints are folders: each save lands in a new hidden folder, ``last.ckpt`` is re-pointed."""
+    """DeepSpeed checkpoints are folders: each save lands in a new hidden folder, ``last.ckpt`` is
+    re-pointed."""
     final = tmp_path / "last.ckpt"
 
     def folder(step):

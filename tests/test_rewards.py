@@ -13,6 +13,7 @@ import pytest
 from trgrpo.rewards import (
     RewardSpec,
     SampleFailures,
+    check_rewards,
     compute_rewards,
     exact_match,
     has_think_answer_format,
@@ -250,10 +251,10 @@ def test_keyword_calls_and_column_filtering():
 
 
 def test_missing_column_names_it_and_lists_present():
-    with pytest.raises(
-        ValueError, match=r"needs the column 'answer'.*columns present: \['level', 'question'\]"
-    ):
-        compute_rewards([RewardSpec(fn=exact_match)], ["p"], ["a"], {"question": ["q"], "level": [1]})
+    # checked once before training (the CLI runs check_rewards); the trainer adds its own two columns
+    present = r"\['completion_length', 'level', 'question', 'truncated'\]"
+    with pytest.raises(ValueError, match=rf"needs the column 'answer'.*columns present: {present}"):
+        check_rewards([RewardSpec(fn=exact_match)], ["question", "level"])
 
 
 def test_bad_reward_path_fails_at_startup_before_any_model(monkeypatch, capsys):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from trgrpo.config import LossConfig
-from trgrpo.losses import GRPOLoss, policy_loss, sampler_correction, sampler_kl
-from trgrpo.weighting import UniformWeighting
+from trgrpo.losses import GRPOLoss, sampler_correction, sampler_kl
+from trgrpo.scoring import TokenScores
+from trgrpo.update import UpdateBatch
 
 
 def test_truncated_importance_weights_by_hand():
@@ -37,24 +38,29 @@ def test_the_correction_scales_each_tokens_surrogate():
     logp = torch.zeros(1, 3, requires_grad=True)
     old = torch.zeros(1, 3)
     sampler = torch.log(torch.tensor([[0.5, 2.0, 0.1]]))  # pi_old / pi_sampler = 2, 0.5, 10 -> capped at 3
-    kw = dict(num_tokens=3, num_seqs=1, max_len=3)
-    ones, adv = torch.ones(1, 3), torch.ones(1)
-    plain = policy_loss(logp, old, adv, ones, ones, ones, **kw)
+    ones = torch.ones(1, 3)
+    batch, scores = (
+        UpdateBatch(torch.arange(1), torch.ones(1), ones, ones, old, None),
+        TokenScores(logp, None),
+    )
+    kw = dict(num_tokens=3, num_seqs=1)
+    plain = GRPOLoss(LossConfig(), max_len=3)(batch, scores, ones, **kw)
     assert plain.loss.item() == pytest.approx(-1.0) and plain.sampler_kl is None
-    off = policy_loss(logp, old, adv, ones, ones, ones, sampler_logp=sampler, **kw)
+    off = GRPOLoss(LossConfig(), max_len=3)(batch, scores, ones, sampler, **kw)
     assert off.loss.item() == pytest.approx(-1.0) and off.sampler_kl is not None  # measured, not corrected
-    on = policy_loss(logp, old, adv, ones, ones, ones, sampler_logp=sampler, sampler_is_cap=3.0, **kw)
+    on = GRPOLoss(LossConfig(sampler_is_cap=3.0), max_len=3)(batch, scores, ones, sampler, **kw)
     assert on.loss.item() == pytest.approx(-(2 + 0.5 + 3) / 3)
     on.loss.backward()  # d/dlogp_t of -w_t * exp(logp_t - old_t) / 3 at ratio 1 = -w_t / 3
     assert torch.allclose(logp.grad, -torch.tensor([[2.0, 0.5, 3.0]]) / 3)
 
 
 def test_grpo_loss_reads_the_cap_from_the_config():
-    loss = GRPOLoss.from_config(LossConfig(sampler_is_cap=2.0), UniformWeighting(), max_len=4)
-    assert (
-        loss.sampler_is_cap == 2.0
-        and GRPOLoss.from_config(LossConfig(), UniformWeighting(), 4).sampler_is_cap is None
-    )
+    old, sampler = torch.zeros(1, 2), torch.log(torch.tensor([[0.25, 2.0]]))  # pi_old / pi_sampler = 4, 0.5
+    ones = torch.ones(1, 2)
+    batch, scores = UpdateBatch(torch.arange(1), torch.ones(1), ones, ones, old, None), TokenScores(old, None)
+    capped = GRPOLoss(LossConfig(sampler_is_cap=2.0))(batch, scores, ones, sampler, num_tokens=2, num_seqs=1)
+    assert torch.allclose(capped.correction, torch.tensor([[2.0, 0.5]]))  # 4 capped at 2
+    assert GRPOLoss(LossConfig())(batch, scores, ones, sampler, num_tokens=2, num_seqs=1).correction is None
     with pytest.raises(ValueError, match="model.loss.sampler_is_cap must be > 0"):
         LossConfig(sampler_is_cap=0.0)
 

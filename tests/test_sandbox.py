@@ -47,8 +47,8 @@ completions = [
 ]
 rows = [insertion, integration, insertion, insertion, insertion]
 columns = {k: [r[k] for r in rows] for k in ("rg_task", "rg_options", "question", "answer", "metadata")}
-result = compute_rewards([RewardSpec(fn=reasoning_gym_reward, kwargs={"timeout": 1.0})], ["q"] * 5, completions,
-                         columns)
+result = compute_rewards([RewardSpec(fn=reasoning_gym_reward, kwargs={"timeout": 1.0})],
+                         ["q"] * 5, completions, columns)
 task = ReasoningGymTask(name="string_insertion", train_size=1, val_size=1)
 verified = task.verify_batch(completions[:1] + completions[-1:], [insertion, insertion])
 print(json.dumps({"total": result.total.tolist(), "errors": result.errors, "verified": verified}))

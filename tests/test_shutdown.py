@@ -73,7 +73,8 @@ def _env(**extra: str) -> dict:
 
 
 def test_sigterm_while_a_reward_hangs_stops_at_once_with_a_resumable_checkpoint(tmp_path):
-    # the reward hangs in the third RL step (its default 60 s timeout is far off): SIGTERM must not wait for it
+    # the reward hangs in the third RL step (its default 60 s timeout is far off):
+    # SIGTERM must not wait for it
     proc = subprocess.Popen(
         _command(tmp_path, "run", 4),
         env=_env(TRGRPO_TEST_HANG_AT="3"),

@@ -1,10 +1,11 @@
-"""Strategy fragments: every one composes with a base config; DeepSpeed is refused without CUDA; bad keys fail.
+"""Strategy fragments: each composes with a base config; DeepSpeed is refused without CUDA; bad keys fail.
 
-DeepSpeed itself only runs on CUDA in Lightning, but DeepSpeed's CPU accelerator can run ZeRO-2/3 with one
-process.  ``test_zero_on_cpu_matches_a_plain_run`` uses it through a three-method ``DeepSpeedStrategy``
-subclass that skips Lightning's CUDA checks, to run the real code paths of the fragments (sharded
-construction, generation on gathered ZeRO-3 weights, micro-batch accumulation, DeepSpeed clipping,
-sharded checkpoints written atomically, export from the shards) and compare with a run without DeepSpeed.
+DeepSpeed itself only runs on CUDA in Lightning, but DeepSpeed's CPU accelerator can run ZeRO-2/3 on CPU
+processes (one here; two in tests/test_multiprocess.py).  ``test_zero_on_cpu_matches_a_plain_run`` uses it
+through ``trgrpo.strategies.CPUDeepSpeedStrategy`` (Lightning's strategy without its CUDA checks), to run
+the real code paths of the fragments (sharded construction, generation on gathered ZeRO-3 weights,
+micro-batch accumulation, DeepSpeed clipping, sharded checkpoints written atomically, export from the
+shards) and compare with a run without DeepSpeed.
 The file is also that run's script: ``python tests/test_strategy_configs.py FRAGMENT FACTS.json CLI_ARGS...``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +34,28 @@ DEEPSPEED = [f for f in FRAGMENTS if f.name.startswith("deepspeed")]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
-def test_the_four_fragments_exist():
-    assert [f.name for f in FRAGMENTS] == [
-        "ddp.yaml",
-        "deepspeed_zero2.yaml",
-        "deepspeed_zero3.yaml",
-        "deepspeed_zero3_offload.yaml",
-    ]
+# what a strategy fragment may set: how and where the processes run, and the memory trade of the policy
+STRATEGY_KEYS = {
+    "trainer": {"strategy", "accelerator", "devices", "num_nodes", "precision"},
+    "model": {"policy"},
+}
+
+
+def test_the_scaling_table_lists_exactly_the_fragments():
+    # docs/scaling.md's table is where a user picks a strategy: no fragment missing from it, no row naming a
+    # file that is gone (and an empty folder, over which the tests below would run nothing, fails here)
+    rows = re.findall(r"^\| `configs/strategy/([\w.]+)` \|", (ROOT / "docs" / "scaling.md").read_text(), re.M)
+    assert sorted(rows) == [f.name for f in FRAGMENTS] and len(rows) == 4
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
+def test_a_fragment_sets_strategy_keys_only(fragment):
+    # composed after any recipe, a fragment must leave the recipe's RL settings (task, loss, sampling) alone
+    data = yaml.safe_load(fragment.read_text())
+    assert set(data) <= set(STRATEGY_KEYS)
+    for section, keys in data.items():
+        assert set(keys) <= STRATEGY_KEYS[section], f"{fragment.name}: {section}.{sorted(keys)}"
+    assert set(data.get("model", {}).get("policy", {})) <= {"gradient_checkpointing"}
 
 
 def test_ddp_fragment_composes_with_a_base_config():
@@ -81,6 +98,29 @@ def test_deepspeed_by_name_on_the_command_line_fails_too():
         main(["--config", DEMO, "--trainer.strategy=deepspeed_stage_3"], run=False)
 
 
+def test_the_cpu_deepspeed_strategy_composes_with_a_fragment_without_cuda():
+    """``trgrpo.strategies.CPUDeepSpeedStrategy`` (CPU debugging and CI) passes the start-up check that
+    refuses DeepSpeed without CUDA, and keeps the fragment's ZeRO settings."""
+    pytest.importorskip("deepspeed")
+    from trgrpo.strategies import CPUDeepSpeedStrategy
+
+    cli = main(
+        [
+            "--config",
+            DEMO,
+            "--config",
+            str(ROOT / "configs/strategy/deepspeed_zero3.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            "--trainer.strategy.class_path=trgrpo.strategies.CPUDeepSpeedStrategy",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
+    assert isinstance(cli.trainer.strategy, CPUDeepSpeedStrategy)
+    assert cli.trainer.strategy.config["zero_optimization"]["stage"] == 3
+
+
 def test_unknown_strategy_name_fails_naming_it():
     with pytest.raises(ValueError, match="unknown trainer.strategy 'deepspeed_stage_9'"):
         main(["--config", DEMO, "--trainer.strategy=deepspeed_stage_9"], run=False)
@@ -97,7 +137,7 @@ def test_unknown_key_in_a_fragment_fails_naming_the_key(tmp_path, capsys):
     assert "'stag' is not accepted" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- ZeRO on DeepSpeed's CPU accelerator
+# ------------------------------------------------------------------- ZeRO on DeepSpeed's CPU accelerator
 
 ZERO_RUN = [
     *TINY,
@@ -137,8 +177,8 @@ def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
         }
 
 
-# without KL, 2 optimiser steps per RL step of one group each: groups with equal rewards are skipped whole, and
-# the engine still steps (on a zero gradient) as the plain run does
+# without KL, 2 optimiser steps per RL step of one group each: groups with equal rewards are skipped whole,
+# and the engine still steps (on a zero gradient) as the plain run does
 SKIP = ["--model.loss.beta=0", "--model.optim.mini_batch_size=4", "--trainer.max_steps=4"]
 
 
@@ -244,40 +284,9 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
 
 if __name__ == "__main__":
     fragment, facts_path, cli_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: (
-        None
-    )  # no C++ build for one process
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        """DeepSpeedStrategy minus Lightning's CUDA assumptions (device checks, device index)."""
-
-        def setup_environment(self):
-            DDPStrategy.setup_environment(self)
-
-        def setup_distributed(self):
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
-        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-            import argparse
-
-            import deepspeed
-
-            engine, opt, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=-1),
-                config=self.config,
-                model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad],
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                dist_init_required=False,
-            )
-            return engine, opt
-
     import trgrpo.cli
     import trgrpo.module
 
-    trgrpo.cli.torch.cuda.is_available = lambda: True  # past the CLI's start-up check
     configure_model = trgrpo.module.GRPOModule.configure_model
 
     def configure_and_record(self):
@@ -312,6 +321,6 @@ if __name__ == "__main__":
             *cli_args[1:],
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
-            "--trainer.strategy.class_path=__main__.CPUDeepSpeedStrategy",
+            "--trainer.strategy.class_path=trgrpo.strategies.CPUDeepSpeedStrategy",
         ]
     )

@@ -3,7 +3,9 @@
 The GPU configs keep ``Qwen/Qwen2.5-3B-Instruct`` in the file; the smoke runs swap it for the embedded
 tiny model (``--model.policy.name_or_path=null``) and the embedded character tokenizer, on CPU.  The K&K
 variants are the base recipe composed with a weighting fragment (tests/test_weighting_configs.py checks every
-base with every fragment).
+base with every fragment).  The recipes stand alone (each runs with one ``--config``, fragments compose after
+it), so the settings they share are written in each; the tests here read the shared values from the files
+(the K&K recipe, the TR-GRPO fragment) rather than copying them.
 
     python -m pytest tests/test_task_configs.py -q
 """
@@ -11,7 +13,9 @@ base with every fragment).
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import operator
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,8 @@ from trgrpo.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KK_3B = CONFIGS / "kk_qwen2.5_3b.yaml"
 MATH_3B = CONFIGS / "math_gsm8k_qwen2.5_3b.yaml"
-TR_GRPO = (
-    "TokenRegulatedWeighting",
-    {"alpha": 2.0, "tau": 0.1111111111, "mu": 0.25, "lower": 1.0, "upper": 1.4},
-)
+TR_GRPO = CONFIGS / "weighting" / "tr_grpo.yaml"
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1"]  # parsing builds the Trainer: not on a GPU here
 # the published K&K comparison: weighting fragment -> updates per RL step (Lopti trains in two passes)
 KK_VARIANTS = {
     "tr_grpo": 1,
@@ -100,9 +102,14 @@ def test_kk_3b_config_mirrors_the_published_setup():
     ]
     # alone, the base runs TR-GRPO; the variants are fragments composed after it, so they differ from it in
     # the weighting only (tests/test_weighting_configs.py) and log to the base's folder unless renamed
-    name, args = TR_GRPO
-    assert model["weighting"] == {"class_path": f"trgrpo.weighting.{name}", "init_args": args}
-    assert cfg["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": "kk_qwen2.5_3b"}
+    assert _weighting(KK_3B) == _weighting(KK_3B, TR_GRPO)
+    assert cfg["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": KK_3B.stem}
+
+
+def _weighting(*configs: Path) -> dict:
+    """``model.weighting`` as the CLI parses it (every argument, defaults included) from these configs."""
+    cli = main([a for c in configs for a in ("--config", str(c))] + CPU, run=False)
+    return cli.config.model.weighting.as_dict()
 
 
 def test_math_config_shares_the_kk_optimisation_settings():
@@ -113,7 +120,15 @@ def test_math_config_shares_the_kk_optimisation_settings():
         k: v for k, v in kk["model"]["loss"].items() if k != "aggregation"
     }
     assert math["model"]["weighting"] == kk["model"]["weighting"]
-    assert math["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": "math_gsm8k_qwen2.5_3b"}
+    # what its header says it takes from K&K besides: 64 prompts x 8 rollouts at temperature 0.7, in bf16
+    for keys in (
+        ("model", "sampling", "group_size"),
+        ("model", "sampling", "temperature"),
+        ("data", "batch_size"),
+        ("trainer", "precision"),
+    ):
+        assert functools.reduce(operator.getitem, keys, math) == functools.reduce(operator.getitem, keys, kk)
+    assert math["trainer"]["logger"]["init_args"] == {"save_dir": "logs", "name": MATH_3B.stem}
 
 
 def _run(args: list[str], tmp_path: Path):

@@ -1,5 +1,5 @@
-"""Tools and call formats: schemas from type hints and docstrings, the chat-template tool-call format (tools in
-the rendered prompt, JSON calls, ``tool`` messages), the Search-R1 tag format, and bad tool settings.
+"""Tools and call formats: schemas from type hints and docstrings, the chat-template tool-call format (tools
+in the rendered prompt, JSON calls, ``tool`` messages), the Search-R1 tag format, and bad tool settings.
 
     python -m pytest tests/test_tools.py -q
 """

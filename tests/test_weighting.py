@@ -5,12 +5,15 @@ import math
 import pytest
 import torch
 
+from trgrpo.config import LossConfig
 from trgrpo.logprobs import selective_log_softmax
-from trgrpo.losses import policy_loss
+from trgrpo.losses import GRPOLoss
+from trgrpo.scoring import TokenScores
+from trgrpo.update import UpdateBatch
 from trgrpo.weighting import (
     AdvantageReweighting,
-    HighEntropyTokens,
-    Lopti,
+    HighEntropyWeighting,
+    LoptiWeighting,
     TokenRegulatedWeighting,
     UniformWeighting,
 )
@@ -73,16 +76,16 @@ def test_advantage_reweighting_by_hand():
 def test_lopti_splits_low_probability_tokens_first():
     old = torch.log(torch.tensor([[0.1, 0.6, 0.49, 0.9]]))
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    low, high = Lopti(eta=0.5).passes(old, mask, None)  # 0/1 masks, far from the threshold: exact
+    low, high = LoptiWeighting(eta=0.5).passes(old, mask, None)  # 0/1 masks, far from the threshold: exact
     assert low.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     assert high.tolist() == [[0.0, 1.0, 0.0, 0.0]]
-    first, second = Lopti(eta=0.5, low_first=False).passes(old, mask, None)
+    first, second = LoptiWeighting(eta=0.5, low_first=False).passes(old, mask, None)
     assert torch.equal(first, high) and torch.equal(second, low)
 
 
 def test_high_entropy_tokens_keeps_top_fraction():
     entropy = torch.arange(1, 11, dtype=torch.float32).view(1, 10)  # 1..10
-    (keep,) = HighEntropyTokens(q=0.2).passes(torch.zeros(1, 10), torch.ones(1, 10), entropy)
+    (keep,) = HighEntropyWeighting(q=0.2).passes(torch.zeros(1, 10), torch.ones(1, 10), entropy)
     assert keep.tolist() == [[0.0] * 8 + [1.0, 1.0]]
 
 
@@ -92,8 +95,8 @@ def test_high_entropy_tokens_keeps_top_fraction():
         UniformWeighting(),
         TokenRegulatedWeighting(),
         AdvantageReweighting(),
-        Lopti(ar_alpha=0.1),
-        HighEntropyTokens(),
+        LoptiWeighting(ar_alpha=0.1),
+        HighEntropyWeighting(),
     ],
 )
 def test_weights_are_nonnegative_detached_and_zero_on_padding(strategy):
@@ -124,7 +127,10 @@ def test_uniform_weighting_reproduces_plain_grpo_loss_and_gradient():
     (g_ref,) = torch.autograd.grad(ref, logits)
     logp = selective_log_softmax(logits, ids)
     w = UniformWeighting().weights(logp.detach(), old, adv, mask)
-    ours = policy_loss(logp, old, adv, w, mask, mask, num_tokens=mask.sum().item(), num_seqs=4, max_len=5)
+    batch = UpdateBatch(torch.arange(4), adv, mask, mask, old, None)
+    ours = GRPOLoss(LossConfig(), max_len=5)(
+        batch, TokenScores(logp, None), w, num_tokens=mask.sum().item(), num_seqs=4
+    )
     (g_ours,) = torch.autograd.grad(ours.loss, logits)
     assert torch.allclose(ours.loss, ref, atol=1e-6)
     assert torch.allclose(g_ours, g_ref, atol=1e-6)

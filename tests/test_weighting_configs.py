@@ -1,10 +1,11 @@
-"""Weighting fragments: each composes with every base recipe and yields its weighting with the published values.
+"""Weighting fragments compose with every base recipe and yield their weighting with the published values.
 
 A fragment in ``configs/weighting/`` sets ``model.weighting`` only and is given after a base recipe:
 ``python -m trgrpo fit --config configs/kk_qwen2.5_3b.yaml --config configs/weighting/ar.yaml``.
 jsonargparse merges a later ``class_path`` over an earlier one by dropping the earlier class's ``init_args``
 when the class changes (TR-GRPO's ``alpha`` never reaches ``Lopti``) and by merging them key by key when it is
-the same class, which is why the TR-GRPO fragments name ``placement``, ``weight_kl`` and ``reverse`` and ``lopti.yaml`` names ``ar_alpha``.
+the same class, which is why the TR-GRPO fragments name ``placement``, ``weight_kl`` and ``reverse`` and
+``lopti.yaml`` names ``ar_alpha``.
 Parsing only (``run=False``): the 3B recipes build no model, so nothing is downloaded.
 
     python -m pytest tests/test_weighting_configs.py -q
@@ -23,6 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 import trgrpo.weighting
 from trgrpo.cli import main
+from trgrpo.losses import sequence_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = sorted((ROOT / "configs").glob("*.yaml"))  # every top-level recipe is a base
@@ -39,9 +41,9 @@ PUBLISHED = {
     ),
     "tr_grpo_reverse": ("TokenRegulatedWeighting", {**TR_GRPO, "placement": "surrogate", "reverse": True}),
     "ar": ("AdvantageReweighting", {"alpha": 0.3}),
-    "lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.0}),
-    "ar_lopti": ("Lopti", {"eta": 0.5, "low_first": True, "ar_alpha": 0.3}),
-    "high_entropy": ("HighEntropyTokens", {"q": 0.2}),
+    "lopti": ("LoptiWeighting", {"eta": 0.5, "low_first": True, "ar_alpha": 0.0}),
+    "ar_lopti": ("LoptiWeighting", {"eta": 0.5, "low_first": True, "ar_alpha": 0.3}),
+    "high_entropy": ("HighEntropyWeighting", {"q": 0.2}),
 }
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1"]  # the GPU recipes keep theirs in the file
 
@@ -105,7 +107,7 @@ def test_every_base_composes_with_every_fragment(base, fragment):
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
 def test_a_fragment_replaces_every_weighting_before_it(fragment):
-    """Given after all the other fragments (those of its own class last), it still yields exactly its values."""
+    """Given after every other fragment (those of its own class last), it still yields exactly its values."""
     cls, init_args = _expected(fragment.stem)
     others = sorted(
         (f for f in FRAGMENTS if f != fragment), key=lambda f: PUBLISHED[f.stem][0] == cls.__name__
@@ -131,7 +133,29 @@ def test_strategy_and_weighting_fragments_compose_together():
         extra=("--trainer.logger=false",),
     )
     assert isinstance(cli.trainer.strategy, DDPStrategy)
-    assert type(cli.model.weighting).__name__ == "Lopti"
+    assert type(cli.model.weighting).__name__ == "LoptiWeighting"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "init_args"),
+    [
+        ("Lopti", "LoptiWeighting", {"eta": 0.3, "low_first": False, "ar_alpha": 0.1}),
+        ("HighEntropyTokens", "HighEntropyWeighting", {"q": 0.3}),
+    ],
+)
+def test_the_former_class_names_still_load_from_the_command_line_and_yaml(old, new, init_args, tmp_path):
+    """Configs written before the rename: the short name on the command line and the full class path."""
+    cls = getattr(trgrpo.weighting, new)
+    args = [f"--model.weighting.init_args.{k}={v}" for k, v in init_args.items()]
+    short = _parse(ROOT / "configs" / "demo.yaml", extra=(f"--model.weighting={old}", *args))
+    fragment = tmp_path / f"{old}.yaml"
+    weighting = {"class_path": f"trgrpo.weighting.{old}", "init_args": init_args}
+    fragment.write_text(yaml.safe_dump({"model": {"weighting": weighting}}))
+    full = _parse(ROOT / "configs" / "demo.yaml", fragment)
+    for cli in (short, full):
+        assert isinstance(cli.model.weighting, cls)
+        assert {k: getattr(cli.model.weighting, k) for k in init_args} == init_args
+        assert cli.model.plan.multi_pass == cls.multi_pass  # the same update as under the new name
 
 
 def test_print_config_of_a_composed_recipe_names_the_fragment_weighting(capsys):
@@ -169,4 +193,4 @@ def test_the_gspo_fragment_changes_the_ratio_and_keeps_the_rest_of_the_loss(base
         "clip_high": 0.0004,
     }
     assert type(cli.model.weighting).__name__ == "UniformWeighting"
-    assert cli.model.loss_fn.ratio_level == "sequence"
+    assert cli.model.loss_fn.ratio is sequence_ratio  # the loss computes GSPO's sequence ratio

@@ -91,10 +91,10 @@ def test_skipping_gives_the_same_weights_and_trains_fewer_sequences():
     init = _initial()
     moved = max((full[k] - init[k]).abs().max().item() for k in full)
     assert moved > 1e-4  # the steps really changed the weights
-    # The two runs sum the gradients over different batch shapes; AdamW divides each gradient by its own size, so
-    # the float noise of near-zero gradients becomes noise of the order of the step (lr 1e-3), whatever the weight:
-    # measured 7e-7.  Absolute tolerance of 1% of a step; a gradient off by 2x (a wrong normaliser) moves the
-    # weights by ~3e-4.
+    # The two runs sum the gradients over different batch shapes; AdamW divides each gradient by its own size,
+    # so the float noise of near-zero gradients becomes noise of the order of the step (lr 1e-3), whatever the
+    # weight: measured 7e-7.  Absolute tolerance of 1% of a step; a gradient off by 2x (a wrong normaliser)
+    # moves the weights by ~3e-4.
     for k in full:
         torch.testing.assert_close(skipped[k], full[k], rtol=0, atol=1e-5, msg=k)
     assert sum(scored_full) == 2 * len(PATTERN[0]) * G

@@ -13,7 +13,7 @@ denominator is at least eps.  Pure tensor code, no Lightning import.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
@@ -44,7 +44,8 @@ def compute_advantages(
     elif scale == "batch":
         centred = centred / (rewards.std() + eps) if rewards.numel() > 1 else centred
     elif scale != "none":
-        raise ValueError(f"scale must be one of 'group', 'batch', 'none', got {scale!r}")
+        names = ", ".join(map(repr, get_args(AdvantageScale)))
+        raise ValueError(f"scale must be one of {names}, got {scale!r}")
     return centred.reshape(-1)
 
 
@@ -60,8 +61,12 @@ def group_has_spread(rewards: Tensor, group_size: int, tol: float = 1e-8) -> Ten
 
 
 def zero_spread_fraction(rewards: Tensor, group_size: int, tol: float = 1e-8) -> float:
-    """Share of groups whose rewards are all equal (they contribute no policy gradient)."""
-    return (~group_has_spread(rewards, group_size, tol)).float().mean().item()
+    """Share of groups whose reward std is under ``tol``: they contribute no policy gradient.
+
+    This is ``train/frac_reward_zero_std``.  It reads the same std as ``group_reward_spread`` (and so
+    ``train/reward_std``), not the max - min test of ``group_has_spread`` that dynamic sampling filters with.
+    """
+    return (group_reward_spread(rewards, group_size) < tol).float().mean().item()
 
 
 __all__ = [

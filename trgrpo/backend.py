@@ -1,17 +1,18 @@
 """Where the DeepSpeed glue lives: one object that knows how the policy is stored and stepped.
 
-``training_backend(strategy)`` returns ``PlainBackend`` (one process, DDP) or ``DeepSpeedBackend`` (ZeRO-2/3,
-offload).  The RL step calls the same methods either way, and nothing else in the package checks the
-strategy's type:
+``training_backend(strategy, optim, backward, token_id)`` builds, once and before the models are built,
+``PlainBackend`` (one process, DDP) or ``DeepSpeedBackend`` (ZeRO-2/3, offload; building it adapts the
+engine config to the manual RL step).  The RL step calls the same methods either way, and nothing else in
+the package checks the strategy's type:
 
-    configure(strategy, optim)        before the models are built: adapt the engine config to manual steps
-    attach(model, optimizer_of)       after: the ZeRO micro-step hook on the policy
+    attach(model, optimizer_of)       once the policy is built: the ZeRO micro-step hook on it
     optimizer_class()                 AdamW, or DeepSpeed's CPU AdamW under ZeRO-Offload
     generation_weights(model)         context: whole weights while sampling (ZeRO-3 gathers them once)
-    step(...)                         clip, optimiser step, schedule; returns the pre-clip gradient norm
+    step(model, opt, sched)           clip, optimiser step, schedule; returns the pre-clip gradient norm
     note_backward()                   count backward passes (a step after none needs zero gradients)
 
-Also ``all_reduce_sum`` (the counts the loss normalisers need) and ``all_gather_objects``.  See docs/scaling.md.
+Also ``all_reduce_sum`` (the counts the loss normalisers need) and ``all_gather_objects``.
+See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from torch import Tensor
 
+from trgrpo.config import OptimConfig
+from trgrpo.world import is_distributed
+
 
 def all_reduce_sum(value: Tensor) -> Tensor:
     """``value`` summed over every process (a copy; the value itself without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         value = value.clone()
         dist.all_reduce(value)
     return value
@@ -36,7 +40,7 @@ def all_reduce_sum(value: Tensor) -> Tensor:
 
 def all_gather_objects(obj) -> list:
     """Every process's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -44,13 +48,15 @@ def all_gather_objects(obj) -> list:
 
 
 class PlainBackend:
-    """One process or DDP: gradients in ``.grad``, clipped here, a torch optimiser steps."""
+    """One process or DDP: gradients in ``.grad``, clipped here, a torch optimiser steps.
 
-    def __init__(self) -> None:
+    Args:
+        grad_clip: the largest gradient norm (``optim.grad_clip``; None: no clipping).
+    """
+
+    def __init__(self, grad_clip: float | None = None) -> None:
+        self.grad_clip = grad_clip
         self.backwards_since_step = 0
-
-    def configure(self, strategy: Strategy | None, optim) -> None:
-        """Called before the models are built."""
 
     def attach(self, model: torch.nn.Module, optimizer_of: Callable[[], object]) -> None:
         """Called once the policy is built."""
@@ -66,9 +72,7 @@ class PlainBackend:
     def note_backward(self) -> None:
         self.backwards_since_step += 1
 
-    def step(
-        self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable, token_id: int
-    ) -> float:
+    def step(self, model: torch.nn.Module, opt, sched) -> float:
         """Clip the gradient norm, step optimiser and schedule; returns the pre-clip norm.
 
         After no backward at all (every sequence skipped for a zero advantage) the step still runs on zero
@@ -79,7 +83,7 @@ class PlainBackend:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         params = [p for p in model.parameters() if p.grad is not None]
-        max_norm = grad_clip if grad_clip is not None else math.inf
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,15 +97,31 @@ class DeepSpeedBackend(PlainBackend):
 
     Several ``manual_backward`` calls (micro-batches) accumulate locally and one ``opt.step()`` reduces,
     clips and steps (``managed_gradient_accumulation: false``: the caller owns the boundary, and the loss is
-    not divided by gradient_accumulation_steps); clipping is DeepSpeed's, from ``optim.grad_clip``.
+    not divided by gradient_accumulation_steps); clipping is DeepSpeed's, from ``optim.grad_clip``.  Built
+    before the models, it adapts the strategy's config for that.
+
+    Args:
+        strategy: Lightning's DeepSpeed strategy (its config formatted, not yet used).
+        optim: the optimiser settings (``grad_clip``).
+        backward: the module's ``manual_backward``, for the zero-loss backward of a step that had none.
+        token_id: a token of the policy's vocabulary (its EOS) for that zero-loss forward.
     """
 
-    def __init__(self, strategy: DeepSpeedStrategy) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        strategy: DeepSpeedStrategy,
+        optim: OptimConfig,
+        backward: Callable[[Tensor], None],
+        token_id: int,
+    ) -> None:
+        super().__init__(optim.grad_clip)
         self.strategy = strategy
+        self.backward = backward
+        self.token_id = token_id
         self._hf_ds_config = None
+        self._configure(optim)
 
-    def configure(self, strategy: Strategy | None, optim) -> None:
+    def _configure(self, optim: OptimConfig) -> None:
         """Adapt the DeepSpeed config (already formatted by Lightning, not yet used) to the manual RL step."""
         cfg = self.strategy.config
         cfg["managed_gradient_accumulation"] = False
@@ -110,7 +130,8 @@ class DeepSpeedBackend(PlainBackend):
         if self.strategy.zero_stage_3:
             from transformers.integrations import HfDeepSpeedConfig
 
-            # lets from_pretrained load weights straight into the shards (kept alive: transformers holds a weakref)
+            # lets from_pretrained load weights straight into the shards
+            # (kept alive: transformers holds a weakref)
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
 
     def attach(self, model: torch.nn.Module, optimizer_of: Callable[[], object]) -> None:
@@ -171,9 +192,7 @@ class DeepSpeedBackend(PlainBackend):
                         coordinator._invalidate_trace()
                     offload._register_deepspeed_module(offload.module)
 
-    def step(
-        self, model: torch.nn.Module, opt, sched, grad_clip: float | None, backward: Callable, token_id: int
-    ) -> float:
+    def step(self, model: torch.nn.Module, opt, sched) -> float:
         """The engine's step: reduces the accumulated micro-batches, clips at ``gradient_clipping`` and
         reports the global pre-clip norm.  The gradients live in the engine's (partitioned) buffers."""
         if not self.backwards_since_step:
@@ -181,8 +200,8 @@ class DeepSpeedBackend(PlainBackend):
             # so give it the zero gradient the plain path steps with, through a zero loss on one token
             for p in model.parameters():
                 p.grad = None  # gradients live in the engine's buffers, not in .grad (ZeRO-3: shard-sized)
-            ids = torch.full((1, 1), token_id, device=next(model.parameters()).device)
-            backward(model(input_ids=ids).logits.sum() * 0.0)
+            ids = torch.full((1, 1), self.token_id, device=next(model.parameters()).device)
+            self.backward(model(input_ids=ids).logits.sum() * 0.0)
         self.backwards_since_step = 0
         opt.step()
         sched.step()
@@ -190,9 +209,20 @@ class DeepSpeedBackend(PlainBackend):
         return float(norm) if norm is not None else float("nan")
 
 
-def training_backend(strategy: Strategy | None) -> PlainBackend:
-    """The backend for a Lightning strategy (``PlainBackend`` without a trainer)."""
-    return DeepSpeedBackend(strategy) if isinstance(strategy, DeepSpeedStrategy) else PlainBackend()
+def training_backend(
+    strategy: Strategy | None, optim: OptimConfig, backward: Callable[[Tensor], None], token_id: int
+) -> PlainBackend:
+    """The backend for a Lightning strategy (``PlainBackend`` without a trainer), built with all it needs.
+
+    Args:
+        strategy: the trainer's strategy (None without a trainer).
+        optim: the optimiser settings (``grad_clip``).
+        backward: the module's ``manual_backward`` (DeepSpeed's step after no backward calls it).
+        token_id: a token id of the policy's vocabulary, its EOS (the same step's zero-loss forward).
+    """
+    if isinstance(strategy, DeepSpeedStrategy):
+        return DeepSpeedBackend(strategy, optim, backward, token_id)
+    return PlainBackend(optim.grad_clip)
 
 
 __all__ = ["DeepSpeedBackend", "PlainBackend", "all_gather_objects", "all_reduce_sum", "training_backend"]

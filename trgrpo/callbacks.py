@@ -1,11 +1,14 @@
-"""Callbacks: the supervised warm-start the demo uses, and the reward/accuracy plot.
+"""Callbacks: the supervised warm-start the demo uses, the reward/accuracy plot, export, an RL-step limit.
 
 ``SupervisedWarmStart`` is a short, clearly labelled supervised fine-tune on the task's reference
 completions before RL starts (a tiny random model starts near 0 accuracy; real RLVR starts from an
 instruct model).  Its result is cached under ``cache_dir`` keyed by everything that determines it, so
 reruns skip it.  ``RewardPlot`` writes ``reward_accuracy.png`` next to the logs at the end of fit.
 ``HFExport`` writes the policy as a Hugging Face model folder at the end of fit (``trgrpo.export``).
-``HeldoutAccuracy`` measures greedy held-out accuracy before and after RL (``GRPOModule`` adds it itself).
+``RLStepLimit`` ends the fit after N RL steps however many optimiser updates each makes (``trainer.max_steps``
+counts updates); ``python -m trgrpo compare --rl_steps N`` adds it to every run.
+``HeldoutAccuracy`` measures greedy held-out accuracy before and after RL (``GRPOModule`` adds it itself),
+sampling with the run's own rollout engine (``model.sampling.engine``: fast, hf or vllm).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
 
-from trgrpo.checkpointing import capture_rng_states, restore_rng_states, write_atomically
+from trgrpo.checkpointing import write_atomically
 from trgrpo.progress import rl_steps_done
 
 log = logging.getLogger(__name__)
@@ -54,13 +58,11 @@ class SupervisedWarmStart(L.Callback):
     ) -> None:
         if steps < 0:
             raise ValueError(f"SupervisedWarmStart.steps must be >= 0, got {steps}")
-        self.steps, self.lr, self.batch_size, self.cache_dir, self.seed = (
-            steps,
-            lr,
-            batch_size,
-            cache_dir,
-            seed,
-        )
+        self.steps = steps
+        self.lr = lr
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.seed = seed
         self.verbose = verbose
         self._print = False
 
@@ -94,7 +96,10 @@ class SupervisedWarmStart(L.Callback):
         rows = trainer.datamodule.splits["train"]
         path = self._cache_path(pl_module, rows)
         model = pl_module.policy_model
-        if path.exists():
+        # one decision for all processes (a collective, on every one): a process that trained while another
+        # loaded would run the training's collectives (ZeRO's gradient hooks) alone; the file must be on
+        # every process's disk for any to load it
+        if trainer.strategy.reduce_boolean_decision(path.exists(), all=True):
             model.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True))
             self._report(
                 f"supervised warm-start: using cached weights {path} (delete the file to train again)"
@@ -107,7 +112,8 @@ class SupervisedWarmStart(L.Callback):
         start = time.perf_counter()
         loss = self._train(pl_module, rows)
         if trainer.is_global_zero:
-            # staged as .NAME.partial beside it: a killed save leaves no half file, and the next one replaces it
+            # staged as .NAME.partial beside it: a killed save leaves no half file,
+            # and the next one replaces it
             write_atomically(path, lambda partial: torch.save(model.state_dict(), partial))
         self._report(
             f"supervised warm-start: done in {time.perf_counter() - start:.0f}s, loss {loss:.4f}; "
@@ -171,6 +177,8 @@ class RewardPlot(L.Callback):
         self.filename = filename
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # Trainer.log_dir broadcasts rank 0's folder (a collective): every process asks, then rank 0 draws
+        out = Path(trainer.log_dir or ".") / self.filename
         if not trainer.is_global_zero or not pl_module.reward_history:
             return
         import matplotlib
@@ -191,7 +199,6 @@ class RewardPlot(L.Callback):
             ax2.set_ylim(0, 1)
         ax.set_title(f"{type(pl_module.weighting).__name__}: reward and held-out accuracy")
         fig.tight_layout()
-        out = Path(trainer.log_dir or ".") / self.filename
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
         plt.close(fig)
@@ -203,7 +210,8 @@ class HFExport(L.Callback):
 
     Args:
         dirpath: output folder (empty = ``hf_model`` in the run's log folder).
-        merge_lora: LoRA runs: write the full model with the adapters merged (the adapter goes to ``adapter/``).
+        merge_lora: LoRA runs: write the full model with the adapters merged
+            (the adapter goes to ``adapter/``).
         dtype: cast the exported weights (float32, bfloat16, float16; empty = as trained).
     """
 
@@ -230,8 +238,8 @@ class RLStepLimit(L.Callback):
 
     ``trainer.max_steps`` counts optimiser updates: Lopti makes two per RL step and several mini-batches or
     epochs make more, so at equal ``max_steps`` strategies would get different numbers of RL steps.  This
-    callback counts RL steps instead (resumed runs included); set ``trainer.max_steps: -1`` or leave it larger.
-    The comparison tool (``python -m trgrpo compare --rl_steps N``) adds it to every run.
+    callback counts RL steps instead (resumed runs included); set ``trainer.max_steps: -1`` or leave it
+    larger.  The comparison tool (``python -m trgrpo compare --rl_steps N``) adds it to every run.
 
     Args:
         steps: RL steps after which the fit ends (>= 1).
@@ -247,72 +255,65 @@ class RLStepLimit(L.Callback):
             trainer.should_stop = True
 
 
+class HeldoutResult(NamedTuple):
+    """Greedy accuracy on the whole held-out split, as ``GRPOModule.evaluate_heldout`` returns it."""
+
+    accuracy: float
+    prompts: int  # held-out prompts scored, over every process
+    tool_calls: float | None  # multi-turn rollouts: mean tool calls per answer; None otherwise
+
+    def metrics(self, rl_step: int) -> dict[str, float]:
+        """The logged values: ``val/accuracy``, ``val/rl_step``, multi-turn also ``val/tool_calls``."""
+        metrics = {"val/accuracy": self.accuracy, "val/rl_step": float(rl_step)}
+        if self.tool_calls is not None:
+            metrics["val/tool_calls"] = self.tool_calls
+        return metrics
+
+
 class HeldoutAccuracy(L.Callback):
     """Greedy accuracy on the whole held-out split before RL and after it: logged as ``val/accuracy`` at
     those steps, kept for the plot, and printed as one ``before -> after`` line at the end of fit (with
-    multi-turn rollouts a second line, the mean tool calls per answer, logged as ``val/tool_calls``).  Around
-    every validation it also sets the random streams aside (restored after) and gathers whole weights.
+    multi-turn rollouts a second line, the mean tool calls per answer, logged as ``val/tool_calls``).
 
-    ``GRPOModule`` adds it itself (``configure_callbacks``); it does nothing without a data module.
+    ``GRPOModule`` adds it itself (``configure_callbacks``) and does the evaluating (``evaluate_heldout``);
+    it does nothing without a data module.
     """
 
     def __init__(self) -> None:
-        self.before = float("nan")
-        self.tool_calls_before: float | None = None
-
-    def _evaluate(self, trainer: L.Trainer, pl_module, when: str) -> tuple[float, int]:
-        acc, count = pl_module.heldout_accuracy(trainer.datamodule.val_dataloader())
-        pl_module.eval_history.append((trainer.global_step, acc))
-        metrics = {"val/accuracy": acc, "val/rl_step": float(rl_steps_done(trainer))}
-        calls = getattr(pl_module.evaluator, "tool_calls", None)  # multi-turn: mean calls per completion
-        if calls is not None:
-            metrics["val/tool_calls"] = calls
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
-        log.info(
-            "held-out accuracy %s RL: %.3f%s",
-            when,
-            acc,
-            "" if calls is None else f" ({calls:.2f} tool calls per answer)",
-        )
-        return acc, count
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        # validation samples too: keep it off the training streams, so that a resumed run (whose checkpoint
-        # was written before the validation that followed it) and the value of val_check_interval do not
-        # change what training draws; sample from whole weights (ZeRO-3 gathers them once)
-        self._rng = capture_rng_states(shuffle=pl_module.shuffle_generator)
-        self._weights = pl_module.generation_weights()
-        self._weights.__enter__()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        weights, self._weights = getattr(self, "_weights", None), None
-        if weights is not None:
-            weights.__exit__(None, None, None)
-        state, self._rng = getattr(self, "_rng", None), None
-        if state is not None:
-            restore_rng_states(state, shuffle=pl_module.shuffle_generator)
+        self.before = HeldoutResult(float("nan"), 0, None)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.datamodule is not None:
-            self.before = self._evaluate(trainer, pl_module, "before")[0]
-            self.tool_calls_before = getattr(pl_module.evaluator, "tool_calls", None)
+            self.before = self._evaluate(trainer, pl_module, "before")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.datamodule is None:
             return
-        after, count = self._evaluate(trainer, pl_module, "after")
+        after = self._evaluate(trainer, pl_module, "after")
         if trainer.is_global_zero:
-            print(
-                f"\nheld-out accuracy (greedy, {count} prompts never trained on): "
-                f"before RL {self.before:.3f} -> after RL {after:.3f} ({after - self.before:+.3f})",
-                flush=True,
+            print(self.summary(after), flush=True)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module, when: str) -> HeldoutResult:
+        """Evaluate through the module, then log the result at this step to every logger."""
+        result = pl_module.evaluate_heldout(trainer.datamodule.val_dataloader())
+        for logger in trainer.loggers:
+            logger.log_metrics(result.metrics(rl_steps_done(trainer)), step=trainer.global_step)
+            logger.save()
+        calls = "" if result.tool_calls is None else f" ({result.tool_calls:.2f} tool calls per answer)"
+        log.info("held-out accuracy %s RL: %.3f%s", when, result.accuracy, calls)
+        return result
+
+    def summary(self, after: HeldoutResult) -> str:
+        """The ``before RL -> after RL`` line (and the tool-call line of multi-turn rollouts)."""
+        before = self.before
+        gain = after.accuracy - before.accuracy
+        lines = [
+            f"\nheld-out accuracy (greedy, {after.prompts} prompts never trained on): "
+            f"before RL {before.accuracy:.3f} -> after RL {after.accuracy:.3f} ({gain:+.3f})"
+        ]
+        if after.tool_calls is not None and before.tool_calls is not None:
+            lines.append(
+                f"held-out tool calls per answer (greedy): before RL {before.tool_calls:.2f} -> "
+                f"after RL {after.tool_calls:.2f}"
             )
-            calls = getattr(pl_module.evaluator, "tool_calls", None)
-            if calls is not None and self.tool_calls_before is not None:
-                print(
-                    f"held-out tool calls per answer (greedy): before RL {self.tool_calls_before:.2f} -> "
-                    f"after RL {calls:.2f}",
-                    flush=True,
-                )
+        return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Checkpoints that survive being killed: atomic publishing and the random state of every process.
+"""Checkpoints that survive being killed: atomic publishing, resume checks, and stopping on SIGTERM.
 
 ``AtomicModelCheckpoint`` is Lightning's ``ModelCheckpoint`` with one change: each checkpoint is first
 written under a hidden ``.NAME.partial`` path and only then published under its real name, so a process
@@ -12,10 +12,10 @@ replaces Lightning's default writer, which stages in ``/tmp`` and leaves whole c
 killed); stale partial files are removed by the next save.  ``SigtermHandler`` stops a run on SIGTERM with a
 resumable checkpoint (the CLI adds it to every run and exits with status ``EXIT_SIGTERM`` = 143).
 
-``capture_rng_states`` / ``restore_rng_states`` cover the random streams a resumed run must continue
-(torch CPU and CUDA, Python, NumPy, plus named ``torch.Generator`` objects); ``GRPOModule`` stores one
-entry per process (``gather_rng_states``).  ``check_policy_matches`` / ``check_state_shapes`` refuse a
-checkpoint of another model before anything is loaded.  The data position is the sampler's job (``trgrpo.data.ResumableSampler``).
+The random streams a resumed run must continue have their own home (``trgrpo.random_streams``, owned by
+``GRPOModule``).  ``check_policy_matches`` / ``check_state_shapes`` refuse a checkpoint of another model
+before anything is loaded.  The data position is the sampler's job
+(``trgrpo.data.ResumableSampler``).
 
     trainer:
       callbacks:
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import shutil
 import signal
 import threading
@@ -38,13 +37,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from trgrpo.random_streams import RandomStreams
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,8 @@ def publish(partial: Path, final: Path) -> None:
 
 
 def write_atomically(final: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Single-process form: ``write(partial)`` then publish; a crash inside ``write`` leaves ``final`` as it was."""
+    """Single-process form: ``write(partial)`` then publish;
+    a crash inside ``write`` leaves ``final`` as it was."""
     final, partial = Path(final), partial_path(final)
     _remove(partial)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,8 @@ class StagedCheckpointIO(TorchCheckpointIO):
 
 
 def use_staged_checkpoint_io(strategy) -> None:
-    """Give ``strategy`` a ``StagedCheckpointIO`` if it has Lightning's default writer (a custom one is kept)."""
+    """Give ``strategy`` a ``StagedCheckpointIO`` if it has Lightning's default writer
+    (a custom one is kept)."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = StagedCheckpointIO()
 
@@ -178,58 +179,6 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             trainer.strategy.barrier("AtomicModelCheckpoint.remove")
             return
         super()._remove_checkpoint(trainer, filepath)
-
-
-# --------------------------------------------------------------------------- random state
-
-
-def capture_rng_states(**generators: torch.Generator) -> dict:
-    """This process's random streams as plain tensors / lists (loadable with ``torch.load(weights_only=True)``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_states(state: dict, **generators: torch.Generator) -> None:
-    """Inverse of :func:`capture_rng_states`."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    for name, g in generators.items():
-        if name in state["generators"]:
-            g.set_state(state["generators"][name])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(world: int, **generators: torch.Generator) -> list[dict]:
-    """Every process's random state, in rank order (one entry without a process group)."""
-    state = capture_rng_states(**generators)
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: list = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def pick_rng_state(states: list[dict], rank: int, world: int) -> dict:
-    """This process's entry of :func:`gather_rng_states` (with a warning when the world size changed)."""
-    if len(states) != world:
-        log.warning(
-            "resuming on %d processes from a checkpoint of %d: random streams are not continued exactly",
-            world,
-            len(states),
-        )
-    return states[rank % len(states)]
 
 
 # --------------------------------------------------------------------------- shape checks
@@ -320,7 +269,8 @@ class SigtermHandler(L.Callback):
     """Stop a run promptly on SIGTERM, with a resumable checkpoint; the CLI adds it to every run.
 
     On its own Lightning only notes SIGTERM and stops after the current training step, however long a reward
-    or a verifier holds that step, and the process then exits with status 0.  With this callback (one process):
+    or a verifier holds that step, and the process then exits with status 0.
+    With this callback (one process):
 
     - SIGTERM before the step's first backward pass (set-up, rollout, rewards, verifiers, evaluation) abandons
       the step at once, nothing of it applied; during the update the step is finished first (a second SIGTERM
@@ -336,10 +286,17 @@ class SigtermHandler(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.abandonable, self.updating, self.saving, self.signals = True, False, False, 0
-        self._rng: dict | None = None
+        self._reset(world=1)
+
+    def _reset(self, world: int) -> None:
+        """The state at the start of a run: no signal seen, nothing trained yet."""
+        self.abandonable = True  # a SIGTERM now abandons the step: nothing of it is applied yet
+        self.updating = False  # inside the update: a SIGTERM lets the step finish
+        self.saving = False
+        self.signals = 0
+        self._rng: dict | None = None  # the random streams when the step (or validation) under way began
         self._start_step: int | None = None
-        self._world = 1
+        self._world = world
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -368,19 +325,19 @@ class SigtermHandler(L.Callback):
         log.warning("SIGTERM: finishing the current update, then saving a checkpoint and stopping")
 
     @staticmethod
-    def _generators(pl_module) -> dict:
-        generator = getattr(pl_module, "shuffle_generator", None)
-        return {"shuffle": generator} if isinstance(generator, torch.Generator) else {}
+    def _streams(pl_module) -> RandomStreams:
+        """The module's random streams (the global ones alone for a module that keeps none)."""
+        streams = getattr(pl_module, "random_streams", None)
+        return streams if isinstance(streams, RandomStreams) else RandomStreams()
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        self.abandonable, self.updating, self.saving, self.signals = True, False, False, 0
-        self._rng, self._start_step, self._world = None, None, trainer.world_size
+        self._reset(trainer.world_size)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._start_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        self._rng = capture_rng_states(**self._generators(pl_module))
+        self._rng = self._streams(pl_module).capture()
         self.abandonable, self.updating = True, False
 
     def _enter_update(self) -> None:
@@ -397,7 +354,7 @@ class SigtermHandler(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            self._rng = capture_rng_states(**self._generators(pl_module))
+            self._rng = self._streams(pl_module).capture()
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0
@@ -422,7 +379,7 @@ class SigtermHandler(L.Callback):
             log.warning("SIGTERM: nothing was trained since the run started; no checkpoint written")
             return
         if self._rng is not None:  # the abandoned step's sampling is undone: resume draws it again
-            restore_rng_states(self._rng, **self._generators(pl_module))
+            self._streams(pl_module).restore(self._rng)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 path = save_for_resume(callback, trainer)

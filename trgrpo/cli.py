@@ -5,9 +5,9 @@ Built on LightningCLI (jsonargparse): every constructor argument of ``GRPOModule
 docstrings in ``--help``; ``--print_config`` prints a complete YAML that loads back.  Strategy fragments
 (DDP, DeepSpeed ZeRO) compose with a second ``--config`` (docs/scaling.md); an unknown strategy name, or a
 DeepSpeed fragment on a machine without CUDA, is refused at start-up naming the fragment (``check_strategy``).
-``data.batch_size`` is linked to the module (its update layout is checked when it is built), the tokenizer
-and the task's verifier are handed over once after instantiation, and an integer ``val_check_interval``
-counts RL steps across epochs (``check_val_every_n_epoch`` set to null).
+``data.batch_size`` is linked to the module (its update layout is checked when it is built); the tokenizer,
+the task's verifier and the dynamic-sampling filter are handed over once after instantiation; and an integer
+``val_check_interval`` counts RL steps across epochs (``check_val_every_n_epoch`` set to null).
 
 Before any model is loaded, ``fit`` checks what would otherwise fail late: every reward against the columns
 of one task row (``trgrpo.rewards.check_rewards``), that the log and checkpoint folders are writable, and it
@@ -70,7 +70,8 @@ class TRGRPOCLI(LightningCLI):
         check_strategy(cfg.trainer.strategy, [str(p) for p in cfg.get("config") or []])
         trainer = cfg.trainer
         if isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch == 1:
-            # an RL run is bounded by max_steps, not epochs: count val_check_interval in RL steps across epochs
+            # an RL run is bounded by max_steps, not epochs:
+            # count val_check_interval in RL steps across epochs
             trainer.check_val_every_n_epoch = None
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = (
@@ -85,9 +86,10 @@ class TRGRPOCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # hand each side what it needs once: the tokenizer (loaded at setup) and the held-out verifier
+        # hand each side what it needs once: the tokenizer (loaded at setup), the held-out verifier and
+        # which groups each RL step keeps (dynamic sampling)
         self.datamodule.connect(lambda: self.model.tokenizer)
-        self.model.connect(self.datamodule.task)
+        self.model.connect(self.datamodule.task, self.datamodule.group_filter)
         self.sigterm = SigtermHandler()
         self.trainer.callbacks.append(self.sigterm)
         use_staged_checkpoint_io(self.trainer.strategy)
@@ -146,7 +148,7 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
 
 
 def check_output_folders(trainer) -> None:
-    """The loggers' folders and the checkpoint folders must be writable (local ones; remote are not checked)."""
+    """The loggers' and checkpoint folders must be writable (local ones; remote are not checked)."""
     targets = [
         (getattr(lg, "save_dir", None), f"trainer.logger ({type(lg).__name__}).init_args.save_dir")
         for lg in trainer.loggers
@@ -185,12 +187,12 @@ def check_strategy(strategy, config_files: list[str]) -> None:
             )
         cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
     elif isinstance(strategy, DeepSpeedStrategy):
-        cls = DeepSpeedStrategy
+        cls = type(strategy)
     else:
         module, _, name = str(getattr(strategy, "class_path", "")).rpartition(".")
         cls = getattr(importlib.import_module(module), name, None) if module else None
     is_deepspeed = isinstance(cls, type) and issubclass(cls, DeepSpeedStrategy)
-    if is_deepspeed and not torch.cuda.is_available():
+    if is_deepspeed and not getattr(cls, "runs_without_cuda", False) and not torch.cuda.is_available():
         raise ValueError(
             f"{_strategy_source(config_files)}: the DeepSpeed strategy needs CUDA GPUs, and none is "
             "visible here (torch.cuda.is_available() is False); on a CPU machine compose "
@@ -199,7 +201,8 @@ def check_strategy(strategy, config_files: list[str]) -> None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TRGRPOCLI:
-    """Entry point; ``args`` lets tests drive the real CLI in-process.  ``compare`` goes to ``trgrpo.compare``."""
+    """Entry point; ``args`` lets tests drive the real CLI in-process.
+    ``compare`` goes to ``trgrpo.compare``."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "compare":
         from trgrpo.compare import main as compare

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from trgrpo.advantages import AdvantageScale
 from trgrpo.losses import Aggregation, KLEstimator, RatioLevel
@@ -42,10 +43,9 @@ class LossConfig:
     same for every token of a completion; use with seq_mean_token_mean and clip ranges near 3e-4 / 4e-4)."""
 
     def __post_init__(self) -> None:
-        if self.ratio_level not in ("token", "sequence"):
-            raise ValueError(
-                f"model.loss.ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}"
-            )
+        if self.ratio_level not in get_args(RatioLevel):
+            levels = " or ".join(map(repr, get_args(RatioLevel)))
+            raise ValueError(f"model.loss.ratio_level must be {levels}, got {self.ratio_level!r}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError(
                 f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}"
@@ -58,16 +58,15 @@ class LossConfig:
             raise ValueError(f"model.loss.beta must be >= 0, got {self.beta}")
         if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
             raise ValueError(f"model.loss.sampler_is_cap must be > 0 (or empty), got {self.sampler_is_cap}")
-        if self.aggregation not in ("token_mean", "seq_mean_token_mean", "seq_sum_const"):
-            raise ValueError(
-                f"model.loss.aggregation must be one of token_mean, seq_mean_token_mean, seq_sum_const; got {self.aggregation!r}"
-            )
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"model.loss.kl_estimator must be one of k1, k2, k3; got {self.kl_estimator!r}")
-        if self.advantage_scale not in ("group", "batch", "none"):
-            raise ValueError(
-                f"model.loss.advantage_scale must be one of group, batch, none; got {self.advantage_scale!r}"
-            )
+        for key, choices in (
+            ("aggregation", Aggregation),
+            ("kl_estimator", KLEstimator),
+            ("advantage_scale", AdvantageScale),
+        ):
+            value = getattr(self, key)
+            if value not in get_args(choices):
+                names = ", ".join(get_args(choices))
+                raise ValueError(f"model.loss.{key} must be one of {names}; got {value!r}")
 
 
 @dataclass
@@ -116,12 +115,13 @@ def check_batch_layout(prompts_per_step: int, group_size: int, optim: OptimConfi
     micro = optim.micro_batch_size or mini
     if mini % group_size or n % mini:
         raise ValueError(
-            f"model.optim.mini_batch_size={mini} must be a multiple of model.sampling.group_size={group_size} "
-            f"and divide the rollout batch data.batch_size * group_size = {n} into whole groups"
+            f"model.optim.mini_batch_size={mini} must be a multiple of "
+            f"model.sampling.group_size={group_size} and divide the rollout batch "
+            f"data.batch_size * group_size = {n} into whole groups"
         )
     if micro % group_size or mini % micro:
         raise ValueError(
-            f"model.optim.micro_batch_size={micro} must be a multiple of model.sampling.group_size={group_size} "
-            f"and divide the mini-batch of {mini} sequences"
+            f"model.optim.micro_batch_size={micro} must be a multiple of "
+            f"model.sampling.group_size={group_size} and divide the mini-batch of {mini} sequences"
         )
     return mini, micro

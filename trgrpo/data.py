@@ -17,15 +17,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from trgrpo.dynamic_sampling import DynamicSampling
+from trgrpo.dynamic_sampling import DynamicSampling, GroupFilter
+from trgrpo.rewards import collate_rows
 from trgrpo.tasks import Task
+from trgrpo.world import trainer_world_size
 
 log = logging.getLogger(__name__)
-
-
-def collate_rows(rows: list[dict]) -> dict[str, list]:
-    """List of row dicts -> dict of column lists (the layout reward functions receive)."""
-    return {key: [r.get(key) for r in rows] for key in rows[0]}
 
 
 class ResumableSampler(DistributedSampler):
@@ -34,7 +31,8 @@ class ResumableSampler(DistributedSampler):
     Epoch ``e`` is ``randperm(len(rows))`` seeded with ``seed + e`` (for one process, epoch 0 is the order
     ``DataLoader(shuffle=True)`` gives with that seed); process ``r`` of ``w`` takes every ``w``-th index from
     ``r``, so the ``k``-th batches of all processes together are the ``k``-th batch a single process with a
-    ``w`` times larger batch would draw.  Being a ``DistributedSampler`` already, Lightning does not replace it.
+    ``w`` times larger batch would draw.
+    Being a ``DistributedSampler`` already, Lightning does not replace it.
 
     ``progress()`` returns how many batches of the current epoch were trained; a checkpoint stores that
     count (not what the loader has prefetched), and the first epoch iterated after ``load_state_dict``
@@ -212,6 +210,12 @@ class PromptDataModule(L.LightningDataModule):
         ds = self.dynamic_sampling
         return ds.draw_size(self.batch_size) if ds is not None else self.batch_size
 
+    @property
+    def group_filter(self) -> GroupFilter | None:
+        """Which groups each RL step keeps with ``dynamic_sampling`` (None: all); the CLI hands it over."""
+        ds = self.dynamic_sampling
+        return ds.group_filter(self.batch_size) if ds is not None else None
+
     def check_prompt_count(self, rows: int) -> None:
         if rows < self.draw_size:
             what = (
@@ -220,35 +224,36 @@ class PromptDataModule(L.LightningDataModule):
                 else f" (x data.dynamic_sampling.oversample = {self.draw_size})"
             )
             raise ValueError(f"data.batch_size={self.batch_size}{what} exceeds the {rows} training prompts")
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = trainer_world_size(self.trainer)
         if rows // world < self.draw_size:
             drawn = (
                 "" if self.dynamic_sampling is None else f" (drawn: {self.draw_size}, data.dynamic_sampling)"
             )
             raise ValueError(
-                f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the {rows} "
-                f"training prompts to each process, fewer than one batch of data.batch_size={self.batch_size}{drawn} "
-                "prompts (data.batch_size is per process; each process samples whole groups for its own "
-                "prompts): lower data.batch_size or the number of processes, or add prompts"
+                f"world size {world} (trainer.devices x trainer.num_nodes) leaves {rows // world} of the "
+                f"{rows} training prompts to each process, fewer than one batch of "
+                f"data.batch_size={self.batch_size}{drawn} prompts (data.batch_size is per process; "
+                "each process samples whole groups for its own prompts): lower data.batch_size or the "
+                "number of processes, or add prompts"
             )
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         # a private generator also keeps the loader from drawing its worker seed from the global RNG,
         # which would shift the sampling stream of a resumed run
         gen = torch.Generator().manual_seed(self.seed)
-        collate: Callable = collate_rows
         return DataLoader(
             rows,
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            collate_fn=collate,
+            collate_fn=collate_rows,
             generator=gen,
         )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world = trainer_world_size(trainer)
+        rank = trainer.global_rank if trainer is not None else 0
         sampler = ResumableSampler(
             self.splits["train"],
             num_replicas=world,

@@ -7,9 +7,10 @@ d log p / d z = onehot(y) - pi, so the gradient of the weighted surrogate at tha
     g_t = -(d loss / d log p_t) * (onehot(y_t) - pi_t),   ||g_t|| = |w A r| * c_t * ||onehot(y_t) - pi_t||,
 
 with c_t the importance and aggregation factors and g_t = 0 where the clip stops the gradient
-(``PolicyLossOutput.pg_coef`` is |w A r| * c_t), and ||onehot - pi||^2 = 1 - 2 p + sum_v pi_v^2.  Each
-token's logits are separate variables, so the squared norm of the whole logit gradient is the sum of the
-tokens' squared norms: the share of a bucket is its part of that sum, exact, with no extra backward.
+(:func:`surrogate_grad_coef` computes |w A r| * c_t from what ``GRPOLoss`` returns), and
+||onehot - pi||^2 = 1 - 2 p + sum_v pi_v^2.  Each token's logits are separate variables, so the squared norm
+of the whole logit gradient is the sum of the tokens' squared norms: the share of a bucket is its part of
+that sum, exact, with no extra backward.
 
 ``GradBuckets`` adds these up per bucket of the *rollout* probability (the probability the weighting
 strategies see; buckets ``p < 0.1``, ``0.1 <= p < 0.5``, ``p >= 0.5`` by default) over every micro-batch of
@@ -25,10 +26,17 @@ Only the surrogate is counted (KL and entropy terms are left out).  No Lightning
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trgrpo.losses import PolicyLossOutput
+    from trgrpo.update import UpdateBatch
+
+from trgrpo.world import is_distributed
 
 
 def bucket_names(edges: Sequence[float]) -> list[str]:
@@ -48,11 +56,25 @@ def check_edges(edges: Sequence[float], key: str = "model.grad_buckets") -> list
     return out
 
 
+def surrogate_grad_coef(out: PolicyLossOutput, batch: UpdateBatch) -> Tensor:
+    """[B, T] |d loss / d log p| of the weighted surrogate alone (KL and entropy terms left out), detached.
+
+    |w A r| times the sampler correction and the aggregation factor, 0 where the clip, the dual clip or
+    ``batch.active`` stops the gradient.  The same for both placements: d(w r)/d log p = w r, and a
+    sequence ratio's token form has gradient r * grad log p as well.
+    """
+    coef = (out.weights * out.ratio * batch.advantages.unsqueeze(1).abs()).float()  # [B, T]
+    if out.correction is not None:
+        coef = coef * out.correction
+    flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & batch.active.bool()  # [B, T]
+    return coef * flows * batch.mask * out.normaliser
+
+
 def logit_grad_norm_sq(pg_coef: Tensor, logp: Tensor, prob_sq: Tensor) -> Tensor:
     """[B, T] squared norm of each token's surrogate gradient at its logits (see the module docstring).
 
     Args:
-        pg_coef: [B, T] |d loss / d log p| of the surrogate (0 where no gradient flows).
+        pg_coef: [B, T] |d loss / d log p| of the surrogate (:func:`surrogate_grad_coef`; 0: no gradient).
         logp: [B, T] log-prob of the sampled token under the policy being differentiated.
         prob_sq: [B, T] sum of the squared probabilities at the same logits.
     """
@@ -81,7 +103,8 @@ class GradBuckets:
         return torch.bucketize(rollout_logp.detach().float().exp(), edges, right=True)
 
     def add(self, grad_sq: Tensor, rollout_logp: Tensor, weights: Tensor, active: Tensor) -> None:
-        """Add one micro-batch: [b, T] squared gradient norms, rollout log-probs, weights and trained tokens."""
+        """Add one micro-batch: [b, T] squared gradient norms, rollout log-probs, weights and
+        trained tokens."""
         sel = active.bool()
         idx = self.bucket_of(rollout_logp)[sel].cpu()
         k = len(self.names)
@@ -93,7 +116,7 @@ class GradBuckets:
         """These sums over every process (a copy; unchanged with one process or no process group)."""
         out = GradBuckets(self.edges)
         both = torch.cat([self.grad_sq, self.tokens, self.weight]).to(device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(both)
         out.grad_sq, out.tokens, out.weight = both.cpu().split(len(self.names))
         return out
@@ -115,4 +138,4 @@ class GradBuckets:
         return out
 
 
-__all__ = ["GradBuckets", "bucket_names", "check_edges", "logit_grad_norm_sq"]
+__all__ = ["GradBuckets", "bucket_names", "check_edges", "logit_grad_norm_sq", "surrogate_grad_coef"]

@@ -1,10 +1,12 @@
-"""Dynamic sampling (DAPO, Yu et al. 2025, https://arxiv.org/abs/2503.14476): train on groups with reward spread.
+"""Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476): train on groups with reward spread.
 
 A group whose G rewards are all equal has zero advantage everywhere and carries no policy gradient.  With
 ``data.dynamic_sampling`` the data module draws ``ceil(oversample * batch_size)`` prompts per step, the
 module samples and scores all of them, and ``keep_groups`` keeps ``batch_size`` groups: those with reward
 spread first, in drawn order, then (only when too few have spread) zero-spread groups to fill the batch, so
-every step trains on exactly ``batch_size`` groups (a fixed update layout, equal on every process).
+every step trains on exactly ``batch_size`` groups (a fixed update layout, equal on every process).  The
+data module hands the module what it keeps once, as a ``GroupFilter`` (``PromptDataModule.group_filter``,
+passed on by ``GRPOModule.connect``), so the RL step never reads the data module.
 
 Why a factor and not DAPO's "generate again until the batch is full": every step then reads exactly one
 loader batch, so the data position Lightning checkpoints (batches trained) stays exact on resume, and all
@@ -44,6 +46,17 @@ class DynamicSampling:
         """Prompts drawn per step for ``batch_size`` trained ones."""
         return math.ceil(self.oversample * batch_size - 1e-9)
 
+    def group_filter(self, batch_size: int) -> GroupFilter:
+        """What the RL step needs to keep ``batch_size`` groups of each drawn batch."""
+        return GroupFilter(keep=batch_size, min_spread=self.min_spread)
+
+
+class GroupFilter(NamedTuple):
+    """The groups one RL step trains on: ``keep`` of those drawn, with spread first (``select_groups``)."""
+
+    keep: int  # groups trained per step (data.batch_size)
+    min_spread: float  # a group has spread when max - min of its rewards exceeds this
+
 
 class GroupSelection(NamedTuple):
     """What ``keep_groups`` did to one step's groups (counts of this process)."""
@@ -77,13 +90,19 @@ def keep_groups(
 
 
 def apply_dynamic_sampling(
-    datamodule, rollout: Rollout, rewards: RewardResult, group_size: int
+    group_filter: GroupFilter | None, rollout: Rollout, rewards: RewardResult, group_size: int
 ) -> tuple[Rollout, RewardResult, GroupSelection | None]:
-    """The groups to train on: ``datamodule.batch_size`` of them with its ``dynamic_sampling``, else all."""
-    cfg = getattr(datamodule, "dynamic_sampling", None)
-    if cfg is None:
+    """The groups to train on: those ``group_filter`` keeps, or all without dynamic sampling (None)."""
+    if group_filter is None:
         return rollout, rewards, None
-    return keep_groups(rollout, rewards, group_size, datamodule.batch_size, cfg.min_spread)
+    return keep_groups(rollout, rewards, group_size, group_filter.keep, group_filter.min_spread)
 
 
-__all__ = ["DynamicSampling", "GroupSelection", "apply_dynamic_sampling", "keep_groups", "select_groups"]
+__all__ = [
+    "DynamicSampling",
+    "GroupFilter",
+    "GroupSelection",
+    "apply_dynamic_sampling",
+    "keep_groups",
+    "select_groups",
+]

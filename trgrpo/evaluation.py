@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trgrpo.rewards import batch_rows, compute_rewards, reward_columns
+from trgrpo.rewards import batch_rows, collate_rows, compute_rewards, reward_columns
 from trgrpo.rollout.engines import generate_rollout
 
 
@@ -191,12 +191,17 @@ class HeldoutEvaluator:
     def __init__(self, cfg: EvalConfig, sampling, rewards: Sequence) -> None:
         self.cfg, self.sampling, self.rewards = cfg, sampling, list(rewards)
         self.task = None
+        self.engine = None  # the run's rollout engine (``use_engine``); empty: a new one per rollout
         self.tool_calls: float | None = None  # mean tool calls per completion of the last ``accuracy`` call
         self.start()
 
     def connect(self, task) -> None:
         """The task whose ``verify_batch`` scores completions."""
         self.task = task
+
+    def use_engine(self, engine) -> None:
+        """The run's rollout engine (the training rollouts' own): every held-out rollout goes through it."""
+        self.engine = engine
 
     def _verify(self, completions: list[str], rows: list[dict]) -> list[float]:
         if self.task is None:
@@ -207,7 +212,9 @@ class HeldoutEvaluator:
     def greedy(self, model, tokenizer, batch: dict[str, list]):
         """(greedy rollout, the batch's rows, [B] correctness) of a batch of held-out prompts."""
         rows = batch_rows(batch)
-        rollout = generate_rollout(model, tokenizer, batch["prompt"], self.sampling, greedy=True, rows=rows)
+        rollout = generate_rollout(
+            model, tokenizer, batch["prompt"], self.sampling, greedy=True, rows=rows, engine=self.engine
+        )
         return rollout, rows, torch.tensor(self._verify(rollout.completions, rows), dtype=torch.float32)
 
     @torch.no_grad()
@@ -217,7 +224,9 @@ class HeldoutEvaluator:
         sampling = dataclasses.replace(
             self.sampling, temperature=self.cfg.temperature or self.sampling.temperature
         )
-        rollout = generate_rollout(model, tokenizer, batch["prompt"], sampling, group_size=n, rows=rows)
+        rollout = generate_rollout(
+            model, tokenizer, batch["prompt"], sampling, group_size=n, rows=rows, engine=self.engine
+        )
         flat = self._verify(rollout.completions, [r for r in rows for _ in range(n)])
         return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
 
@@ -225,7 +234,7 @@ class HeldoutEvaluator:
         """The first ``count`` prompts of a batch for the sample table, scored by every reward term."""
         rows, texts = rows[:count], rollout.completions[:count]
         columns = reward_columns(
-            {k: [r[k] for r in rows] for k in rows[0]},
+            collate_rows(rows),
             rollout.trainable_mask[:count],
             rollout.truncated[:count],
         )
@@ -254,7 +263,8 @@ class HeldoutEvaluator:
         self.table: list[SampleRow] = []
 
     def extra_scores(self, rollout, rows: list[dict]) -> dict[str, list[float]]:
-        """Per-prompt scores beyond correctness: ``tool_calls`` of a multi-turn rollout, the task's ``eval_scores``."""
+        """Per-prompt scores beyond correctness: ``tool_calls`` of a multi-turn rollout,
+        the task's ``eval_scores``."""
         out = {}
         if rollout.episodes is not None:
             out["tool_calls"] = rollout.episodes.tool_calls.float().tolist()

@@ -78,8 +78,10 @@ USAGE_FULL = """from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{out}")
 tokenizer = AutoTokenizer.from_pretrained("{out}")"""
 
-USAGE_ADAPTER = """from peft import AutoPeftModelForCausalLM   # needs the base model named in adapter_config.json
-model = AutoPeftModelForCausalLM.from_pretrained("{out}")"""
+USAGE_ADAPTER = (
+    "from peft import AutoPeftModelForCausalLM   # needs the base model named in adapter_config.json\n"
+    'model = AutoPeftModelForCausalLM.from_pretrained("{out}")'
+)
 
 
 def plain(obj):

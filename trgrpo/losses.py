@@ -1,5 +1,15 @@
 """Token-level GRPO losses: the clipped surrogate, KL estimators and loss aggregation.
 
+``GRPOLoss`` is the one entry: configured once from ``LossConfig``, the weighting's placement and the
+generation budget, and called with one micro-batch (``UpdateBatch``), the policy's ``TokenScores`` and the
+token weights.  It composes the small pure functions below, in order:
+
+    ratio (token or sequence) -> clipped surrogate, weights in their place -> sampler correction
+        -> KL -> entropy bonus -> aggregate
+
+and returns the loss with what went into it (``PolicyLossOutput``: ratio, weights, clip masks, correction,
+normaliser), from which ``trgrpo.diagnostics`` derives each token's gradient and ``trgrpo.stats`` its counts.
+
 Conventions (shapes in trailing comments):
     B = sequences in the (micro-)batch, T = completion length (padded),
     ``mask`` is the response mask (1 on real completion tokens, 0 on padding).
@@ -33,10 +43,17 @@ loss and gradient.  Pure tensor code, no Lightning import.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trgrpo.config import LossConfig
+    from trgrpo.scoring import TokenScores
+    from trgrpo.update import UpdateBatch
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -133,22 +150,16 @@ def aggregate(
     return (per_token * mask * token_normaliser(mask, mode, num_tokens, num_seqs, max_len)).sum()
 
 
+def token_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] PPO / GRPO ratio pi_theta / pi_old per token (``mask`` unused: every ratio step takes it)."""
+    return torch.exp(logp - old_logp)
+
+
 def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     """[B, T] GSPO token-form ratio: value exp(mean log-ratio of the sequence), gradient value * grad logp."""
     lengths = mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
     log_s = ((logp - old_logp).detach() * mask).sum(dim=1, keepdim=True) / lengths  # [B, 1]
     return torch.exp(log_s + logp - logp.detach())
-
-
-class PolicyLossOutput(NamedTuple):
-    loss: Tensor  # scalar, normalised by the batch-global counts
-    clipped_low: Tensor  # scalar: number of active tokens clipped below
-    clipped_high: Tensor  # scalar: number of active tokens clipped above
-    kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
-    sampler_kl: Tensor | None = None  # scalar: summed k3 KL(sampler || trainer) over response tokens, or None
-    pg_coef: Tensor | None = (
-        None  # [B, T] |d loss / d logp| of the surrogate alone (detached; 0 where no gradient)
-    )
 
 
 def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
@@ -157,186 +168,156 @@ def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Te
 
 
 def sampler_kl(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
-    """Scalar sum over ``mask`` of the k3 estimate of KL(pi_sampler || pi_trainer) from the sampler's tokens."""
+    """Scalar sum over ``mask`` of the k3 estimate of KL(pi_sampler || pi_trainer) on the sampler's tokens."""
     return (kl_penalty(sampler_logp, old_logp.detach(), "k3") * mask).sum()
 
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    weights: Tensor,
-    mask: Tensor,
-    active: Tensor,
-    *,
-    num_tokens: float,
-    num_seqs: float,
-    max_len: int,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    placement: Placement = "surrogate",
-    aggregation: Aggregation = "token_mean",
-    ref_logp: Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    weight_kl: bool = False,
-    entropy: Tensor | None = None,
-    entropy_coef: float = 0.0,
-    sampler_logp: Tensor | None = None,
-    sampler_is_cap: float | None = None,
-    ratio_level: RatioLevel = "token",
-) -> PolicyLossOutput:
-    """The full token-weighted GRPO loss of one micro-batch.
+def old_logprobs(batch: UpdateBatch, scores: TokenScores) -> Tensor:
+    """[b, T] log-probs of the policy before the update: the batch's, or (a single pass, no separate forward)
+    the current ones detached, so that the ratio is exactly 1."""
+    return batch.old_logp if batch.old_logp is not None else scores.logp.detach()
 
-    Args:
-        logp: [B, T] log-probs of the sampled tokens under the current policy (with grad).
-        old_logp: [B, T] log-probs under the rollout policy (detached).
-        advantages: [B] sequence advantages.
-        weights: [B, T] detached token weights from a weighting strategy (0 on padding).
-        mask: [B, T] response mask.
-        active: [B, T] tokens trained in this pass (a subset of ``mask``; Lopti and top-entropy
-            training use it; otherwise equal to ``mask``).  Normalisers still count all of ``mask``.
-        ref_logp: [B, T] reference-model log-probs, required when beta > 0.
-        entropy: [B, T] differentiable token entropy, required when entropy_coef > 0.
-        sampler_logp: [B, T] log-probs under the engine that sampled (for ``sampler_kl`` and, with
-            ``sampler_is_cap``, the truncated importance weight of every token's surrogate loss).
-        ratio_level: "token" (PPO / GRPO) or "sequence" (GSPO's length-normalised sequence ratio).
 
-    ``pg_coef`` is |d loss / d logp_t| of the weighted surrogate alone (KL and entropy terms left out):
-    |w A r| times the importance and aggregation factors, 0 where the clip, the dual clip or ``active``
-    stops the gradient.  Times ||onehot(y_t) - pi_t|| it is the norm of the token's gradient at the logits.
-    """
-    weights = weights.detach()
-    ratio = sequence_ratio(logp, old_logp, mask) if ratio_level == "sequence" else torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(1)  # [B, 1]
-    if placement == "ratio":
-        out = clipped_surrogate(weights * ratio, adv, clip_low, clip_high, dual_clip)
-        per_token = out.loss
-    else:
-        out = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
-        per_token = weights * out.loss
-    coef = (weights * ratio.detach() * adv.abs()).float()
-    if sampler_is_cap is not None and sampler_logp is not None:
-        correction = sampler_correction(old_logp, sampler_logp, sampler_is_cap)
-        per_token = correction * per_token
-        coef = coef * correction
-    norm = token_normaliser(
-        mask, aggregation, num_tokens, num_seqs, max_len
-    )  # [B, T], once for loss and coef
-    flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & active.bool()
-    coef = coef * flows * mask * norm
-    kl_sum = logp.new_zeros(())
-    if beta > 0.0:
-        if ref_logp is None:
-            raise ValueError("beta > 0 needs reference log-probs")
-        kl = kl_penalty(logp, ref_logp, kl_estimator)
-        per_token = per_token + beta * (weights * kl if weight_kl else kl)
-        kl_sum = (kl.detach() * mask).sum()
-    if entropy_coef > 0.0:
-        if entropy is None:
-            raise ValueError("entropy_coef > 0 needs the token entropy")
-        per_token = per_token - entropy_coef * entropy
-    per_token = per_token * active
-    loss = (per_token * mask * norm).sum()  # = aggregate(per_token, mask, aggregation, ...)
-    act = active.bool()
-    return PolicyLossOutput(
-        loss=loss,
-        clipped_low=(out.clipped_low & act).sum(),
-        clipped_high=(out.clipped_high & act).sum(),
-        kl=kl_sum,
-        sampler_kl=sampler_kl(old_logp, sampler_logp, mask) if sampler_logp is not None else None,
-        pg_coef=coef,
-    )
+Surrogate = Callable[[Tensor, Tensor], SurrogateOutput]
+"""(ratio [B, T], advantages [B, 1]) -> per-token loss and clip masks."""
+
+
+def weights_on_surrogate(
+    surrogate: Surrogate, ratio: Tensor, adv: Tensor, weights: Tensor
+) -> SurrogateOutput:
+    """placement="surrogate": ``loss_t <- w_t * loss_t``; the clip sees the plain ratio."""
+    out = surrogate(ratio, adv)  # [B, T]
+    return out._replace(loss=weights * out.loss)
+
+
+def weights_in_ratio(surrogate: Surrogate, ratio: Tensor, adv: Tensor, weights: Tensor) -> SurrogateOutput:
+    """placement="ratio": ``r_t <- w_t * r_t`` inside both the min and the clip."""
+    return surrogate(weights * ratio, adv)  # [B, T]
+
+
+# the closed choices of the loss, each mapped to its step: a new choice is one function and one entry here
+RATIOS: dict[RatioLevel, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": token_ratio,
+    "sequence": sequence_ratio,
+}
+PLACEMENTS: dict[Placement, Callable[[Surrogate, Tensor, Tensor, Tensor], SurrogateOutput]] = {
+    "surrogate": weights_on_surrogate,
+    "ratio": weights_in_ratio,
+}
+
+
+class PolicyLossOutput(NamedTuple):
+    """The loss of one micro-batch and what went into it (per-token tensors detached)."""
+
+    loss: Tensor  # scalar, normalised by the batch-global counts
+    kl: Tensor  # scalar: sum of per-token KL over response tokens (0 when beta == 0)
+    sampler_kl: Tensor | None  # scalar: summed k3 KL(sampler || trainer) over response tokens, or None
+    ratio: Tensor  # [B, T] importance ratio pi_theta / pi_old, before any weight
+    weights: Tensor  # [B, T] token weights of the weighting strategy
+    clipped_low: Tensor  # [B, T] bool: A < 0 and the (weighted) ratio below 1 - clip_low
+    clipped_high: Tensor  # [B, T] bool: A > 0 and the (weighted) ratio above 1 + clip_high
+    dual_clipped: Tensor  # [B, T] bool: A < 0 and the (weighted) ratio above dual_clip
+    correction: Tensor | None  # [B, T] truncated importance weights against the sampler, None when off
+    normaliser: Tensor  # [B, T] factor of each token in the aggregated loss (``token_normaliser``)
 
 
 class GRPOLoss:
-    """The token-weighted GRPO loss, configured once and called with tensors only.
+    """The token-weighted GRPO loss, configured once and called with one micro-batch.
 
-    Settings come from ``LossConfig`` (clip range, dual clip, KL, entropy bonus, aggregation), the weighting
-    strategy (``placement``, ``weight_kl``) and the generation budget (``max_len`` of ``seq_sum_const``);
-    a call computes :func:`policy_loss` for one micro-batch.
+    Args:
+        config: the clip range, dual clip, KL, entropy bonus, aggregation, ratio level and sampler correction.
+        placement: where the weighting's token weights enter (``TokenWeighting.placement``).
+        weight_kl: multiply the KL term by the token weights too (``TokenWeighting.weight_kl``).
+        max_len: the generation budget, the constant length of ``seq_sum_const``.
+
+    A call composes the steps in order: ratio -> clipped surrogate with the weights in their place ->
+    sampler correction -> KL -> entropy bonus -> aggregate.  The ratio and the placement are chosen here,
+    once, from their ``Literal`` settings.
     """
 
     def __init__(
         self,
-        *,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        dual_clip: float | None = None,
-        aggregation: Aggregation = "token_mean",
-        beta: float = 0.0,
-        kl_estimator: KLEstimator = "k3",
-        entropy_coef: float = 0.0,
+        config: LossConfig,
         placement: Placement = "surrogate",
         weight_kl: bool = False,
         max_len: int = 1,
-        sampler_is_cap: float | None = None,
-        ratio_level: RatioLevel = "token",
     ) -> None:
-        self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
-        self.aggregation, self.max_len = aggregation, max_len
-        self.beta, self.kl_estimator, self.entropy_coef = beta, kl_estimator, entropy_coef
-        self.placement, self.weight_kl = placement, weight_kl
-        self.sampler_is_cap, self.ratio_level = sampler_is_cap, ratio_level
-
-    @classmethod
-    def from_config(cls, loss, weighting, max_len: int) -> GRPOLoss:
-        """From a ``LossConfig``, a ``TokenWeighting`` and ``sampling.max_new_tokens``."""
-        return cls(
-            clip_low=loss.clip_low,
-            clip_high=loss.clip_high,
-            dual_clip=loss.dual_clip,
-            aggregation=loss.aggregation,
-            beta=loss.beta,
-            kl_estimator=loss.kl_estimator,
-            entropy_coef=loss.entropy_coef,
-            placement=weighting.placement,
-            weight_kl=weighting.weight_kl,
-            max_len=max_len,
-            sampler_is_cap=loss.sampler_is_cap,
-            ratio_level=loss.ratio_level,
+        self.config = config
+        self.placement = placement
+        self.weight_kl = weight_kl
+        self.max_len = max_len
+        self.ratio = RATIOS[config.ratio_level]
+        self.place_weights = PLACEMENTS[placement]
+        self.surrogate: Surrogate = partial(
+            clipped_surrogate,
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+            dual_clip=config.dual_clip,
         )
 
     def __call__(
         self,
-        logp: Tensor,
-        old_logp: Tensor,
-        advantages: Tensor,
+        batch: UpdateBatch,
+        scores: TokenScores,
         weights: Tensor,
-        mask: Tensor,
-        active: Tensor,
+        sampler_logp: Tensor | None = None,
         *,
         num_tokens: float,
         num_seqs: float,
-        ref_logp: Tensor | None = None,
-        entropy: Tensor | None = None,
-        sampler_logp: Tensor | None = None,
     ) -> PolicyLossOutput:
-        """Shapes as in :func:`policy_loss`: [B, T] token tensors, [B] advantages.  ``entropy`` is used only
-        with an entropy bonus (a detached one passed for metrics is ignored otherwise)."""
-        return policy_loss(
-            logp,
-            old_logp,
-            advantages,
-            weights,
-            mask,
-            active,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
-            max_len=self.max_len,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
-            placement=self.placement,
-            aggregation=self.aggregation,
-            ref_logp=ref_logp,
-            beta=self.beta,
-            kl_estimator=self.kl_estimator,
-            weight_kl=self.weight_kl,
-            entropy=entropy if self.entropy_coef > 0 else None,
-            entropy_coef=self.entropy_coef,
-            sampler_logp=sampler_logp,
-            sampler_is_cap=self.sampler_is_cap,
-            ratio_level=self.ratio_level,
+        """The loss of ``batch`` from the policy's ``scores`` (``logp`` with grad), the [b, T] token weights
+        and, when the engine reports them, the [b, T] sampler log-probs.  ``num_tokens`` / ``num_seqs`` are
+        the response tokens and sequences of the whole optimisation batch (all micro-batches and ranks).
+        ``batch.active`` selects the trained tokens; the normalisers still count all of ``batch.mask``."""
+        old_logp = old_logprobs(batch, scores)  # [b, T]
+        weights = weights.detach()  # [b, T]
+        ratio = self.ratio(scores.logp, old_logp, batch.mask)  # [b, T]
+        adv = batch.advantages.unsqueeze(1)  # [b, 1]
+        surrogate = self.place_weights(self.surrogate, ratio, adv, weights)  # [b, T] loss, clip masks
+        correction = self.correction(old_logp, sampler_logp)  # [b, T] or None
+        per_token = surrogate.loss if correction is None else correction * surrogate.loss  # [b, T]
+        per_token, kl = self.add_kl(per_token, scores.logp, batch, weights)  # [b, T], scalar
+        per_token = self.add_entropy_bonus(per_token, scores.entropy)  # [b, T]
+        per_token = per_token * batch.active  # tokens outside this pass add nothing
+        norm = token_normaliser(batch.mask, self.config.aggregation, num_tokens, num_seqs, self.max_len)
+        return PolicyLossOutput(
+            loss=(per_token * batch.mask * norm).sum(),  # = aggregate(per_token, batch.mask, ...)
+            kl=kl,
+            sampler_kl=sampler_kl(old_logp, sampler_logp, batch.mask) if sampler_logp is not None else None,
+            ratio=ratio.detach(),
+            weights=weights,
+            clipped_low=surrogate.clipped_low,
+            clipped_high=surrogate.clipped_high,
+            dual_clipped=surrogate.dual_clipped,
+            correction=correction,
+            normaliser=norm,
         )
+
+    def correction(self, old_logp: Tensor, sampler_logp: Tensor | None) -> Tensor | None:
+        """[b, T] truncated importance weights against the sampler; None without a cap or sampler logp."""
+        if self.config.sampler_is_cap is None or sampler_logp is None:
+            return None
+        return sampler_correction(old_logp, sampler_logp, self.config.sampler_is_cap)
+
+    def add_kl(
+        self, per_token: Tensor, logp: Tensor, batch: UpdateBatch, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``per_token + beta * KL(pi_theta || pi_ref)`` per token (times the weights with ``weight_kl``),
+        and the scalar KL summed over response tokens; unchanged and 0 without a KL term (beta = 0)."""
+        beta = self.config.beta
+        if beta <= 0.0:
+            return per_token, logp.new_zeros(())
+        if batch.ref_logp is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        kl = kl_penalty(logp, batch.ref_logp, self.config.kl_estimator)  # [b, T]
+        per_token = per_token + beta * (weights * kl if self.weight_kl else kl)
+        return per_token, (kl.detach() * batch.mask).sum()
+
+    def add_entropy_bonus(self, per_token: Tensor, entropy: Tensor | None) -> Tensor:
+        """``per_token - entropy_coef * H_t`` with the differentiable entropy; unchanged without a bonus."""
+        coef = self.config.entropy_coef
+        if coef <= 0.0:
+            return per_token
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the token entropy")
+        return per_token - coef * entropy

@@ -2,7 +2,7 @@
 
 ``training_step`` reads top to bottom, each phase a named piece with its own home:
 
-    rollout     G completions per prompt              trgrpo.rollout   (engines: fast, hf)
+    rollout     G completions per prompt              trgrpo.rollout.engines (fast, hf), .vllm (vllm)
     rewards     the configured reward terms            trgrpo.rewards
     advantages  group-relative advantages              trgrpo.advantages
     prepare     old / reference log-probs, passes      trgrpo.scoring, the weighting's ``passes``
@@ -11,9 +11,13 @@
 
 Normalisers (response tokens, sequences) are counted over the whole optimiser batch and all processes
 before any micro-batch runs, so the gradient does not depend on how the batch is split.  Lightning's
-``global_step`` counts optimiser updates (one per RL step with the defaults).  DeepSpeed lives behind
+``global_step`` counts optimiser updates (one per RL step with the defaults); RL steps are counted by
+``trgrpo.progress.rl_steps_done`` and bounded by the ``trgrpo.callbacks.RLStepLimit`` callback.  The
+rollout's data types are in ``trgrpo.rollout.base``, and the engine (``model.sampling.engine``: fast, hf or
+vllm) is chosen in ``trgrpo.rollout.engines``.  DeepSpeed lives behind
 ``trgrpo.backend``; held-out evaluation in ``trgrpo.evaluation`` (``HeldoutEvaluator``) and the
-``HeldoutAccuracy`` callback; checkpoint state in ``trgrpo.checkpointing``.
+``HeldoutAccuracy`` callback; checkpoint checks in ``trgrpo.checkpointing``; the random streams a resumed
+run continues in ``trgrpo.random_streams`` (one ``RandomStreams``, owned here).
 """
 
 from __future__ import annotations
@@ -28,24 +32,29 @@ from torch import Tensor
 
 from trgrpo.advantages import compute_advantages
 from trgrpo.backend import PlainBackend, all_gather_objects, all_reduce_sum, training_backend
-from trgrpo.callbacks import HeldoutAccuracy
-from trgrpo.checkpointing import check_checkpoint_fits, gather_rng_states, pick_rng_state, restore_rng_states
+from trgrpo.callbacks import HeldoutAccuracy, HeldoutResult
+from trgrpo.checkpointing import check_checkpoint_fits
 from trgrpo.config import LossConfig, OptimConfig
 from trgrpo.diagnostics import GradBuckets, check_edges
-from trgrpo.dynamic_sampling import apply_dynamic_sampling
+from trgrpo.dynamic_sampling import GroupFilter, apply_dynamic_sampling
 from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, write_sample_table
-from trgrpo.losses import GRPOLoss
+from trgrpo.losses import GRPOLoss, old_logprobs
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
 from trgrpo.progress import rl_steps_done
+from trgrpo.random_streams import RandomStreams
 from trgrpo.rewards import RewardResult, RewardSpec, batch_rows, compute_rewards, exact_match, reward_columns
 from trgrpo.rollout import Rollout, SamplingConfig
-from trgrpo.rollout.engines import generate_rollout
+from trgrpo.rollout.engines import generate_rollout, make_engine
 from trgrpo.scoring import TokenScorer
 from trgrpo.stats import StepStats, StepTimings, UpdateStats
 from trgrpo.update import UpdateBatch, UpdateInputs, UpdatePlan
 from trgrpo.weighting import TokenWeighting, UniformWeighting
+from trgrpo.world import trainer_world_size
 
 log = logging.getLogger(__name__)
+
+# counts of events in one RL step: summed over processes when logged (every other metric is their mean)
+SUMMED_METRICS = ("train/reward_errors", "train/tool_errors")
 
 
 class GRPOModule(L.LightningModule):
@@ -62,7 +71,8 @@ class GRPOModule(L.LightningModule):
         eval: held-out evaluation: sampled mean@k / pass@k and the sample table (greedy accuracy always).
         batch_size: prompts per RL step per process; the CLI links it to ``data.batch_size`` (empty = taken
             from the first batch).
-        grad_buckets: probability edges of the ``train/grad_share/*`` diagnostics (``trgrpo.diagnostics``); () = off.
+        grad_buckets: probability edges of the ``train/grad_share/*`` diagnostics
+            (``trgrpo.diagnostics``); () = off.
     """
 
     def __init__(
@@ -80,22 +90,32 @@ class GRPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.policy_cfg, self.sampling, self.loss_cfg, self.optim_cfg = policy, sampling, loss, optim
+        self.policy_cfg = policy
+        self.sampling = sampling
+        self.loss_cfg = loss
+        self.optim_cfg = optim
         self.weighting = weighting if weighting is not None else UniformWeighting()
-        self.rewards, self.log_entropy = rewards if rewards else [RewardSpec(fn=exact_match)], log_entropy
-        self.eval_cfg, self.grad_buckets = eval, check_edges(grad_buckets) if grad_buckets else None
+        self.rewards = rewards if rewards else [RewardSpec(fn=exact_match)]
+        self.log_entropy = log_entropy
+        self.eval_cfg = eval
+        self.grad_buckets = check_edges(grad_buckets) if grad_buckets else None
         self.save_hyperparameters(ignore=["weighting", "rewards"])
-        self.loss_fn = GRPOLoss.from_config(loss, self.weighting, sampling.max_new_tokens)
+        self.loss_fn = GRPOLoss(
+            loss, self.weighting.placement, self.weighting.weight_kl, max_len=sampling.max_new_tokens
+        )
         self.scorer = TokenScorer(sampling.temperature)
         self.evaluator = HeldoutEvaluator(eval, sampling, self.rewards)
         self.plan: UpdatePlan | None = self._plan(batch_size) if batch_size else None  # layout errors: now
-        self.backend: PlainBackend = PlainBackend()
+        self.backend: PlainBackend = PlainBackend(optim.grad_clip)  # the strategy's, from configure_model
         self._tokenizer = None  # loaded on first use (the data module's setup), the model in configure_model
         self.policy_model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
-        self.eval_history, self.reward_history = [], []  # (step, held-out accuracy), (step, mean reward)
+        self.eval_history: list[tuple[int, float]] = []  # (step, held-out accuracy)
+        self.reward_history: list[tuple[int, float]] = []  # (step, mean reward)
         self.last_stats: StepStats | None = None
-        self.shuffle_generator = torch.Generator().manual_seed(0)
+        self.shuffle_generator = torch.Generator().manual_seed(0)  # the mini-batch order
+        self.random_streams = RandomStreams(shuffle=self.shuffle_generator)  # checkpointed with the rest
+        self.group_filter: GroupFilter | None = None  # dynamic sampling's, handed over by connect
 
     # ------------------------------------------------------------------ set-up
 
@@ -106,12 +126,14 @@ class GRPOModule(L.LightningModule):
             self._tokenizer = load_tokenizer(self.policy_cfg)
         return self._tokenizer
 
-    def connect(self, task) -> None:
-        """Hand over the task whose verifier scores held-out completions (the CLI does this once)."""
+    def connect(self, task, group_filter: GroupFilter | None = None) -> None:
+        """Hand over the task whose verifier scores held-out completions and, with dynamic sampling, which
+        groups each RL step keeps (the data module's ``group_filter``); the CLI does this once."""
         self.evaluator.connect(task)
+        self.group_filter = group_filter
 
     def _plan(self, prompts_per_step: int) -> UpdatePlan:
-        world = self._trainer.world_size if self._trainer is not None else 1
+        world = trainer_world_size(self._trainer)
         return UpdatePlan.build(
             prompts_per_step, self.sampling.group_size, self.optim_cfg, self.loss_cfg, self.weighting, world
         )
@@ -119,18 +141,22 @@ class GRPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is not None and self.evaluator.task is None:  # used without the CLI: connect here, once
-            self.connect(dm.task)
+            self.connect(dm.task, getattr(dm, "group_filter", None))
         if self.sampling.agent is not None:  # the tools' files (a corpus): fail before the model loads
             self.sampling.agent.check()
         if stage == "fit" and self.plan is not None:
-            self.plan = self._plan(self.plan.rollout // self.plan.group_size)  # now with the world size
+            self.plan = self._plan(self.plan.sequences // self.plan.group_size)  # now with the world size
 
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference) here, so ZeRO-3 shards them while they are created."""
         if self.policy_model is not None:
             return
-        self.backend = training_backend(self._trainer.strategy if self._trainer is not None else None)
-        self.backend.configure(self._trainer.strategy if self._trainer is not None else None, self.optim_cfg)
+        self.backend = training_backend(
+            self._trainer.strategy if self._trainer is not None else None,
+            self.optim_cfg,
+            self.manual_backward,
+            self.tokenizer.eos_token_id,
+        )
         self.policy_model = load_model(self.policy_cfg, self.tokenizer)
         self.backend.attach(
             self.policy_model, lambda: getattr(self.trainer.strategy.model, "optimizer", None)
@@ -139,6 +165,8 @@ class GRPOModule(L.LightningModule):
             self.loss_cfg.beta > 0 and self.policy_cfg.lora is None
         ):  # LoRA: the reference is the adapter-free base
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
+        self.engine = make_engine(self.sampling)  # the run's one sampler (vLLM starts on the first rollout)
+        self.evaluator.use_engine(self.engine)
 
     def configure_optimizers(self):
         params = [p for p in self.policy_model.parameters() if p.requires_grad]
@@ -161,8 +189,9 @@ class GRPOModule(L.LightningModule):
         self.backend.note_backward()
 
     def generation_weights(self):
-        """Whole policy weights for sampling (ZeRO-3 gathers them); a no-op otherwise and for vLLM (its sync gathers)."""
-        return self.backend.generation_weights(None if self.sampling.engine == "vllm" else self.policy_model)
+        """Whole policy weights for sampling (ZeRO-3 gathers them); a no-op otherwise and for an engine that
+        gathers them itself (vLLM's sync, one parameter at a time)."""
+        return self.backend.generation_weights(None if self.engine.gathers_own_weights else self.policy_model)
 
     # ------------------------------------------------------------------ the RL step
 
@@ -177,7 +206,7 @@ class GRPOModule(L.LightningModule):
             rollout.completions,
             reward_columns(batch, rollout.trainable_mask, rollout.truncated, g),
         )
-        rollout, kept, groups = apply_dynamic_sampling(self.trainer.datamodule, rollout, rewards, g)
+        rollout, kept, groups = apply_dynamic_sampling(self.group_filter, rollout, rewards, g)
         t2 = time.perf_counter()
         adv = compute_advantages(kept.total, g, self.loss_cfg.advantage_scale, self.loss_cfg.advantage_eps)
         inputs = self.prepare(rollout, adv.to(self.device))
@@ -187,14 +216,17 @@ class GRPOModule(L.LightningModule):
         self.log_step(rollout, rewards, update, StepTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3), groups)
 
     def rollout(self, prompts: list[str], batch: dict[str, list] | None = None) -> Rollout:
-        """G sampled completions per prompt (multi-turn episodes with ``sampling.agent``), from whole weights."""
+        """G sampled completions per prompt (multi-turn episodes with ``sampling.agent``) from the run's
+        engine, with whole weights."""
         rows = batch_rows(batch) if batch else None
         with self.generation_weights():
-            return generate_rollout(self.policy_model, self.tokenizer, prompts, self.sampling, rows=rows)
+            return generate_rollout(
+                self.policy_model, self.tokenizer, prompts, self.sampling, rows=rows, engine=self.engine
+            )
 
     def prepare(self, rollout: Rollout, adv: Tensor) -> UpdateInputs:
         """The update's inputs: trained-token mask, old / reference log-probs, the weighting's passes."""
-        if self.plan is None or self.plan.rollout != len(adv):
+        if self.plan is None or self.plan.sequences != len(adv):
             self.plan = self._plan(len(adv) // self.sampling.group_size)
         mask = rollout.trainable_mask
         if self.loss_cfg.mask_truncated:
@@ -220,7 +252,8 @@ class GRPOModule(L.LightningModule):
     def update(self, rollout: Rollout, inputs: UpdateInputs) -> UpdateStats:
         """Every optimiser update of one rollout batch; returns the summed statistics of this process."""
         stats = UpdateStats(buckets=GradBuckets(self.grad_buckets) if self.grad_buckets else None)
-        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
         for step in self.plan.steps(inputs, self.shuffle_generator, all_reduce_sum):
             for batch in step.micro_batches:
                 self.train_micro_batch(rollout, batch, step.num_tokens, step.num_seqs, stats)
@@ -235,86 +268,59 @@ class GRPOModule(L.LightningModule):
         scores = self.scorer.score(
             self.policy_model, rollout, batch.idx, entropy, prob_sq=stats.buckets is not None
         )
-        logp = scores.logp.detach()
-        old_logp = batch.old_logp if batch.old_logp is not None else logp  # single pass: ratio exactly 1
-        w = self.weighting.weights(logp, old_logp, batch.advantages, batch.mask)
+        old_logp = old_logprobs(batch, scores)  # [b, T]; a single pass: the current ones, ratio exactly 1
+        w = self.weighting.weights(scores.logp.detach(), old_logp, batch.advantages, batch.mask)  # [b, T]
         sampler = rollout.sampler_logp[batch.idx] if rollout.sampler_logp is not None else None  # [b, T]
-        out = self.loss_fn(
-            scores.logp,
-            old_logp,
-            batch.advantages,
-            w,
-            batch.mask,
-            batch.active,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
-            ref_logp=batch.ref_logp,
-            entropy=scores.entropy,
-            sampler_logp=sampler,
-        )
+        out = self.loss_fn(batch, scores, w, sampler, num_tokens=num_tokens, num_seqs=num_seqs)
         # DDP averages gradients over processes; the normalisers are already global, so undo the mean
         self.manual_backward(out.loss * self.plan.world)
-        stats.add_micro_batch(
-            out.loss,
-            out.clipped_low,
-            out.clipped_high,
-            out.kl,
-            w,
-            batch.mask,
-            batch.active,
-            scores.entropy,
-            self.weighting.bounds,
-            out.sampler_kl,
-        )
-        stats.add_grad_buckets(out.pg_coef, logp, scores.prob_sq, old_logp, w, batch.active)
+        stats.add_micro_batch(out, batch, scores, self.weighting.bounds)
+        stats.add_grad_buckets(out, batch, scores)
 
     def optimiser_step(self, opt, sched) -> float:
         """Clip, step and schedule (the backend's way); returns the pre-clip gradient norm."""
-        return self.backend.step(
-            self.policy_model,
-            opt,
-            sched,
-            self.optim_cfg.grad_clip,
-            self.manual_backward,
-            self.tokenizer.eos_token_id,
-        )
+        return self.backend.step(self.policy_model, opt, sched)
 
     def log_step(
         self, rollout: Rollout, rewards: RewardResult, update: UpdateStats, timings: StepTimings, groups=None
     ) -> None:
         stats = StepStats.collect(
-            rewards=rewards.total,
-            per_term=rewards.per_term,
-            reward_errors=rewards.errors,
+            rewards,
+            rollout,
+            update.reduced(self.device),
+            timings,
             group_size=self.sampling.group_size,
-            completion_mask=rollout.trainable_mask,
-            truncated=rollout.truncated,
-            update=update.reduced(self.device),
             lr=self.optimizers().param_groups[0]["lr"],
             bounded_weights=self.weighting.bounds is not None,
             kl=self.loss_cfg.beta > 0,
-            timings=timings,
-            episodes=rollout.episodes,
             groups=groups,
             rl_step=rl_steps_done(self.trainer) + 1,
             previous=self.last_stats,
         )
         self.last_stats = stats
         n = len(rewards.total)
-        self.log_dict(stats.metrics(), on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        metrics = stats.metrics()
+        counts = {name: metrics.pop(name) for name in SUMMED_METRICS if name in metrics}
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        self.log_dict(counts, on_step=True, on_epoch=False, batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("reward", stats.reward, prog_bar=True, logger=False, batch_size=n)
         self.reward_history.append((self.global_step, stats.reward))
 
     # ------------------------------------------------------------------ evaluation
 
     def on_validation_epoch_start(self) -> None:
+        # validation samples too: keep it off the training streams, so that a resumed run (whose checkpoint
+        # was written before the validation that followed it) and the value of val_check_interval do not
+        # change what training draws (put back at the end of on_validation_epoch_end)
+        self.random_streams.set_aside()
         self.evaluator.start()
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.evaluator.add_batch(
-            self.policy_model, self.tokenizer, batch, keep_table=self.trainer.is_global_zero
-        )
+        with self.generation_weights():  # every process runs as many batches (Lightning's sampler pads)
+            self.evaluator.add_batch(
+                self.policy_model, self.tokenizer, batch, keep_table=self.trainer.is_global_zero
+            )
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.evaluator.finish(all_gather_objects)
@@ -323,16 +329,30 @@ class GRPOModule(L.LightningModule):
         self.log_dict({**metrics, "val/rl_step": float(rl_steps_done(self.trainer))})
         if self.trainer.state.fn == "fit":
             self.eval_history.append((self.global_step, acc))
+        # Trainer.log_dir broadcasts rank 0's folder, a collective: every process asks, then rank 0 writes
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "val_samples"
         if self.evaluator.table and self.trainer.is_global_zero:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "val_samples"
             log.info(
                 "held-out samples written to %s",
                 write_sample_table(folder, self.global_step, self.evaluator.table),
             )
+        self.random_streams.put_back()  # before any on_validation_end: a checkpoint saved there has them
 
-    def heldout_accuracy(self, loader) -> tuple[float, int]:
-        """(greedy accuracy, prompts) on a held-out loader, shared out over processes."""
-        mine = (b for i, b in enumerate(loader) if i % self.trainer.world_size == self.global_rank)
+    def evaluate_heldout(self, loader) -> HeldoutResult:
+        """Greedy accuracy on a held-out loader, its prompts dealt out over processes and sampled from whole
+        weights (gathered and released within this call); kept for the plot (``eval_history``)."""
+        accuracy, prompts = self._greedy_accuracy(loader)
+        self.eval_history.append((self.global_step, accuracy))
+        return HeldoutResult(accuracy, prompts, self.evaluator.tool_calls)
+
+    def _greedy_accuracy(self, loader) -> tuple[float, int]:
+        """(accuracy, prompts) over every process, with whole weights inside this call only."""
+        world = self.trainer.world_size
+        rank = self.global_rank
+        # every world-th prompt of each batch, not every world-th batch: with fewer batches than processes
+        # a process would get none and skip the generation (vLLM's start, ZeRO-3's gathers) the others run
+        shares = ({column: values[rank::world] for column, values in b.items()} for b in loader)
+        mine = (share for share in shares if share["prompt"])
         with self.generation_weights():
             return self.evaluator.accuracy(
                 self.policy_model,
@@ -345,9 +365,9 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add every process's random state; leave out the frozen reference (rebuilt from the config)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = trainer_world_size(self._trainer)
         checkpoint["trgrpo"] = {
-            "rng": gather_rng_states(world, shuffle=self.shuffle_generator),
+            "rng": self.random_streams.gather(world),
             "reward_history": self.reward_history,
             "eval_history": self.eval_history,
             "grad_norm": self.last_stats.grad_norm if self.last_stats else None,
@@ -368,14 +388,9 @@ class GRPOModule(L.LightningModule):
             StepStats(grad_norm=extra["grad_norm"]) if extra.get("grad_norm") is not None else None
         )
         if extra.get("rng"):
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self._pending_rng = pick_rng_state(
-                extra["rng"], self.global_rank if self._trainer is not None else 0, world
-            )
+            self.random_streams.resume_from(extra["rng"], self.global_rank, trainer_world_size(self._trainer))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # restored here, right before the first step after resume, so that nothing run in between (held-out
         # evaluation, loader start-up) shifts the streams relative to the uninterrupted run
-        pending, self._pending_rng = getattr(self, "_pending_rng", None), None
-        if pending is not None:
-            restore_rng_states(pending, shuffle=self.shuffle_generator)
+        self.random_streams.restore_pending()

@@ -1,4 +1,6 @@
-"""A progress bar that counts RL steps: ``RL step 57/200 |██▊       | [00:08<00:20,  7.10step/s, reward=0.41]``.
+"""A progress bar that counts RL steps::
+
+    RL step 57/200 |██▊       | [00:08<00:20,  7.10step/s, reward=0.41]
 
 One training batch is one RL step (rollout, rewards, updates).  Lightning's own bars count batches per
 epoch and label them with the epoch ("Epoch 2/-2" under ``max_epochs: -1``), which says nothing about a

@@ -68,8 +68,6 @@ if TYPE_CHECKING:  # torch is imported where rewards are combined, so verifier w
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[..., Sequence[float | None]]
-
 DEFAULT_REWARD_TIMEOUT = 60.0
 """Seconds one reward call may take unless ``model.rewards[].timeout`` says otherwise (0 = no limit)."""
 TRAINER_COLUMNS = ("completion_length", "truncated")
@@ -209,7 +207,7 @@ def _checked(spec: RewardSpec, out, n: int) -> list[float | None]:
 def _call_arguments(
     fn: Callable, prompts, completions, columns: dict[str, list], kwargs: dict
 ) -> tuple[tuple, dict]:
-    """The arguments ``fn`` is called with, by keyword as TRL calls rewards (``prompts=..., completions=...``).
+    """The arguments ``fn`` is called with, by keyword as in TRL (``prompts=..., completions=...``).
 
     A function with ``**kwargs`` gets every column; otherwise only the names it declares.  A function whose
     first parameters are positional-only gets prompts and completions by position.
@@ -241,8 +239,8 @@ def check_reward_columns(spec: RewardSpec, columns: Sequence[str]) -> None:
         )
         if required and p.name not in available:
             raise ValueError(
-                f"reward {spec.label!r} (model.rewards[].fn) needs the column {p.name!r}, which the task does "
-                f"not provide; columns present: {sorted(columns)}"
+                f"reward {spec.label!r} (model.rewards[].fn) needs the column {p.name!r}, "
+                f"which the task does not provide; columns present: {sorted(columns)}"
             )
 
 
@@ -336,8 +334,14 @@ def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[flo
     return scores, errors
 
 
+def collate_rows(rows: list[dict]) -> dict[str, list]:
+    """One dict per row -> column lists, the layout of a batch and of what rewards receive (keys of the first
+    row; a key another row lacks reads None).  The data loaders' ``collate_fn``."""
+    return {key: [r.get(key) for r in rows] for key in rows[0]}
+
+
 def batch_rows(batch: dict[str, list]) -> list[dict]:
-    """Column lists -> one dict per row (the inverse of the layout rewards receive)."""
+    """Column lists -> one dict per row: the inverse of ``collate_rows``."""
     return [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
 
 
@@ -356,7 +360,9 @@ def reward_columns(
 def compute_rewards(
     specs: Sequence[RewardSpec], prompts: list[str], completions: list[str], columns: dict[str, list]
 ) -> RewardResult:
-    """Evaluate every reward term on N completions and combine them with their weights."""
+    """Evaluate every reward term on N completions and combine them with their weights.
+
+    The rewards are not checked against ``columns`` here: ``check_rewards`` did that once, at start-up."""
     import torch
 
     n = len(completions)
@@ -364,7 +370,6 @@ def compute_rewards(
     per_term: dict[str, Tensor] = {}
     errors = 0
     for spec in specs:
-        check_reward_columns(spec, list(columns))
         scores, errs = _call_one(spec, prompts, completions, columns)
         errors += errs
         values = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)

@@ -56,7 +56,8 @@ class TokenScorer:
         prob_sq: bool = False,
     ) -> TokenScores:
         """Scores of the completion tokens of rows ``idx`` [b]; differentiable when grad is enabled.
-        ``prob_sq`` adds the detached sum of squared probabilities per token (for the gradient diagnostics)."""
+        ``prob_sq`` adds the detached sum of squared probabilities per token
+        (for the gradient diagnostics)."""
         ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]  # [b, P + T]
         p = rollout.prompt_len
         logits = completion_logits(model, ids, attn, p)  # [b, T, V]

@@ -1,10 +1,12 @@
 """Statistics of one RL step, as typed values whose fields are the logged metrics.
 
-``UpdateStats`` sums what the micro-batches of a step report (loss, clipped tokens, KL, weights, ...);
+``UpdateStats`` sums what the micro-batches of a step report (loss, clipped tokens, KL, weights, ...), each
+added from the loss's ``PolicyLossOutput``, its ``UpdateBatch`` and the policy's ``TokenScores``;
 ``reduced()`` sums it over processes (min / max for the weight range), so every ratio logged is the global
 one.  ``StepStats`` is what is logged: each field declares its metric name (``train/clip_ratio/low``) and
-``metrics()`` returns ``{name: value}`` for the fields that apply (None = not logged).  ``StepTimings``
-holds the wall time of each phase of the step (``train/time/*``).  No Lightning import.
+``metrics()`` returns ``{name: value}`` for the fields that apply (None = not logged); ``collect`` builds
+it from the step's ``RewardResult``, ``Rollout``, reduced ``UpdateStats`` and ``StepTimings`` (the wall
+time of each phase of the step, ``train/time/*``).  No Lightning import.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trgrpo.advantages import group_reward_spread
-from trgrpo.diagnostics import GradBuckets, logit_grad_norm_sq
+from trgrpo.advantages import group_reward_spread, zero_spread_fraction
+from trgrpo.diagnostics import GradBuckets, logit_grad_norm_sq, surrogate_grad_coef
+from trgrpo.losses import old_logprobs
+from trgrpo.world import is_distributed
+
+if TYPE_CHECKING:
+    from trgrpo.agent.episodes import EpisodeStats
+    from trgrpo.dynamic_sampling import GroupSelection
+    from trgrpo.losses import PolicyLossOutput
+    from trgrpo.rewards import RewardResult
+    from trgrpo.rollout import Rollout
+    from trgrpo.scoring import TokenScores
+    from trgrpo.update import UpdateBatch
 
 
 def _metric(name: str):
@@ -60,49 +73,44 @@ class UpdateStats:
 
     def add_micro_batch(
         self,
-        loss: Tensor,
-        clipped_low: Tensor,
-        clipped_high: Tensor,
-        kl: Tensor,
-        weights: Tensor,
-        mask: Tensor,
-        active: Tensor,
-        entropy: Tensor | None,
+        out: PolicyLossOutput,
+        batch: UpdateBatch,
+        scores: TokenScores,
         bounds: tuple[float, float] | None,
-        sampler_kl: Tensor | None = None,
     ) -> None:
-        """Add one micro-batch: scalar loss outputs, [b, T] weights / masks / entropy."""
-        self.loss += loss.item()
-        self.clipped_low += clipped_low.item()
-        self.clipped_high += clipped_high.item()
-        self.kl += kl.item()
-        self.active_tokens += active.sum().item()
-        self.tokens += mask.sum().item()
-        if sampler_kl is not None:
-            self.sampler_kl = (self.sampler_kl or 0.0) + sampler_kl.item()
-        if entropy is not None:
-            self.entropy = (self.entropy or 0.0) + (entropy.detach() * mask).sum().item()
-        sel = weights[active.bool()]
-        if sel.numel():
-            self.weight_sum += sel.sum().item()
-            self.weight_min = min(self.weight_min, sel.min().item())
-            self.weight_max = max(self.weight_max, sel.max().item())
-            if bounds is not None:
-                self.weight_at_lower += (sel <= bounds[0]).sum().item()
-                self.weight_at_upper += (sel >= bounds[1]).sum().item()
+        """Add one micro-batch: the loss's output, its batch, the policy's scores and the weighting's bounds
+        (``TokenWeighting.bounds``; None: no at-bound counts)."""
+        active = batch.active.bool()  # [b, T]
+        self.loss += out.loss.item()
+        self.clipped_low += (out.clipped_low & active).sum().item()
+        self.clipped_high += (out.clipped_high & active).sum().item()
+        self.kl += out.kl.item()
+        self.active_tokens += batch.active.sum().item()
+        self.tokens += batch.mask.sum().item()
+        if out.sampler_kl is not None:
+            self.sampler_kl = (self.sampler_kl or 0.0) + out.sampler_kl.item()
+        if scores.entropy is not None:
+            self.entropy = (self.entropy or 0.0) + (scores.entropy.detach() * batch.mask).sum().item()
+        self.add_weights(out.weights[active], bounds)
 
-    def add_grad_buckets(
-        self,
-        pg_coef: Tensor,
-        logp: Tensor,
-        prob_sq: Tensor,
-        rollout_logp: Tensor,
-        weights: Tensor,
-        active: Tensor,
-    ) -> None:
-        """Add one micro-batch to the bucket diagnostics ([b, T] tensors; see ``trgrpo.diagnostics``)."""
-        if self.buckets is not None:
-            self.buckets.add(logit_grad_norm_sq(pg_coef, logp, prob_sq), rollout_logp, weights, active)
+    def add_weights(self, trained: Tensor, bounds: tuple[float, float] | None) -> None:
+        """Add the [n] weights of the trained tokens to the sum, the range and the at-bound counts."""
+        if not trained.numel():
+            return
+        self.weight_sum += trained.sum().item()
+        self.weight_min = min(self.weight_min, trained.min().item())
+        self.weight_max = max(self.weight_max, trained.max().item())
+        if bounds is not None:
+            self.weight_at_lower += (trained <= bounds[0]).sum().item()
+            self.weight_at_upper += (trained >= bounds[1]).sum().item()
+
+    def add_grad_buckets(self, out: PolicyLossOutput, batch: UpdateBatch, scores: TokenScores) -> None:
+        """Add one micro-batch to the bucket diagnostics (``trgrpo.diagnostics``): each token's surrogate
+        gradient at its logits, by the probability it had under the policy before the update."""
+        if self.buckets is None:
+            return
+        grad_sq = logit_grad_norm_sq(surrogate_grad_coef(out, batch), scores.logp, scores.prob_sq)  # [b, T]
+        self.buckets.add(grad_sq, old_logprobs(batch, scores), out.weights, batch.active)
 
     def add_optimiser_step(self, grad_norm: float) -> None:
         self.grad_norm += grad_norm
@@ -110,7 +118,7 @@ class UpdateStats:
 
     def reduced(self, device: torch.device | str = "cpu") -> UpdateStats:
         """These sums over every process (a copy; unchanged with one process or no process group)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not is_distributed():
             return dataclasses.replace(self)  # the buckets object is shared: nothing is added after reducing
         same = {"grad_norm", "updates", "weight_min", "weight_max", "buckets"}
         keys = [f.name for f in dataclasses.fields(self) if f.name not in same]
@@ -190,82 +198,102 @@ class StepStats:
     @classmethod
     def collect(
         cls,
-        *,
-        rewards: Tensor,
-        per_term: dict[str, Tensor],
-        reward_errors: int,
-        group_size: int,
-        completion_mask: Tensor,
-        truncated: Tensor,
+        rewards: RewardResult,
+        rollout: Rollout,
         update: UpdateStats,
+        timings: StepTimings,
+        *,
+        group_size: int,
         lr: float,
         bounded_weights: bool,
         kl: bool,
-        timings: StepTimings,
-        episodes=None,
-        groups=None,
+        groups: GroupSelection | None = None,
         rl_step: int | None = None,
         previous: StepStats | None = None,
     ) -> StepStats:
-        """From [N] total rewards, per-term [N] scores (NaN = not applicable), the [N, T] trained-token mask
-        (tool output excluded), [N] truncation flags, the step's (already reduced) ``UpdateStats`` and, for a
-        multi-turn rollout, its ``trgrpo.agent.episodes.EpisodeStats`` ([N] calls, errors, turns); with dynamic
-        sampling ``rewards`` are every drawn completion's and ``groups`` the ``GroupSelection`` counts.
-        ``rl_step`` is this step's number (1-based); ``previous`` the last step's stats of this run, for
-        ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the checkpoint)."""
-        spread = group_reward_spread(rewards, group_size)
-        tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
-        grad_norm = update.grad_norm / max(update.updates, 1.0)  # mean pre-clip norm over the step's updates
-        any_active = update.active_tokens > 0
-        terms: dict[str, float] = {}
-        for name, values in per_term.items():
-            valid = values[~torch.isnan(values)]
-            terms[f"train/rewards/{name}"] = valid.mean().item() if valid.numel() else 0.0
-            terms[f"train/rewards/{name}_std"] = valid.std().item() if valid.numel() > 1 else 0.0
-        return cls(
-            reward=rewards.mean().item(),
-            reward_std=spread.mean().item(),
-            frac_reward_zero_std=(spread < 1e-8).float().mean().item(),
-            reward_errors=float(reward_errors),
-            completion_length=completion_mask.sum(1).float().mean().item(),
-            truncated_ratio=truncated.float().mean().item(),
-            loss=update.loss / max(update.updates, 1.0),
-            clip_ratio_low=update.clipped_low / active,
-            clip_ratio_high=update.clipped_high / active,
-            grad_norm=grad_norm,
-            grad_norm_delta=abs(grad_norm - previous.grad_norm)
-            if previous is not None and previous.grad_norm is not None
-            else None,
+        """The step's metrics from its rewards (with dynamic sampling: every drawn completion's, and
+        ``groups`` the ``GroupSelection`` counts), the rollout trained on (its trained-token mask leaves tool
+        output out; a multi-turn rollout's ``episodes`` give the tool metrics), the (already reduced)
+        ``UpdateStats`` and the phase timings.  ``bounded_weights`` / ``kl``: whether the weighting has bounds
+        and the loss a KL term.  ``rl_step`` is this step's number (1-based); ``previous`` the last step's
+        stats of this run, for ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the
+        checkpoint)."""
+        stats = cls(
+            **reward_fields(rewards, group_size),
+            **rollout_fields(rollout),
+            **update_fields(update, bounded_weights, kl),
+            **(group_fields(groups) if groups is not None else {}),
             rl_step=float(rl_step) if rl_step is not None else None,
             lr=lr,
-            weight_mean=update.weight_sum / active,
-            weight_min=update.weight_min if any_active else 0.0,
-            weight_max=update.weight_max if any_active else 0.0,
-            weight_at_lower=update.weight_at_lower / active if bounded_weights else None,
-            weight_at_upper=update.weight_at_upper / active if bounded_weights else None,
-            kl=update.kl / tokens if kl else None,
-            entropy=update.entropy / tokens if update.entropy is not None else None,
-            sampler_kl=update.sampler_kl / tokens if update.sampler_kl is not None else None,
             time_generation=timings.generation,
             time_reward=timings.reward,
             time_old_logprobs=timings.old_logprobs,
             time_update=timings.update,
-            reward_terms=terms,
-            buckets=update.buckets.metrics() if update.buckets is not None else {},
-            **(tool_metrics(episodes) if episodes is not None else {}),
-            **(
-                {}
-                if groups is None
-                else {
-                    "groups_drawn": float(groups.drawn),
-                    "groups_dropped": float(groups.dropped),
-                    "groups_filled": float(groups.filled),
-                }
-            ),
         )
+        if previous is not None and previous.grad_norm is not None:
+            stats.grad_norm_delta = abs(stats.grad_norm - previous.grad_norm)
+        return stats
 
 
-def tool_metrics(episodes) -> dict[str, float]:
+def reward_fields(rewards: RewardResult, group_size: int) -> dict:
+    """The reward fields of ``StepStats``: [N] totals, within-group spread, errors, and each term's mean and
+    std over the samples it applies to (NaN = not applicable)."""
+    total = rewards.total  # [N]
+    terms: dict[str, float] = {}
+    for name, values in rewards.per_term.items():
+        valid = values[~torch.isnan(values)]
+        terms[f"train/rewards/{name}"] = valid.mean().item() if valid.numel() else 0.0
+        terms[f"train/rewards/{name}_std"] = valid.std().item() if valid.numel() > 1 else 0.0
+    return {
+        "reward": total.mean().item(),
+        "reward_std": group_reward_spread(total, group_size).mean().item(),
+        "frac_reward_zero_std": zero_spread_fraction(total, group_size),
+        "reward_errors": float(rewards.errors),
+        "reward_terms": terms,
+    }
+
+
+def rollout_fields(rollout: Rollout) -> dict:
+    """Completion length over the [N, T] trained tokens, the truncated share, and the tool metrics."""
+    out = {
+        "completion_length": rollout.trainable_mask.sum(1).float().mean().item(),
+        "truncated_ratio": rollout.truncated.float().mean().item(),
+    }
+    return {**out, **tool_metrics(rollout.episodes)} if rollout.episodes is not None else out
+
+
+def update_fields(update: UpdateStats, bounded_weights: bool, kl: bool) -> dict:
+    """Loss, clipping, gradient norm, weights, KL and entropy, per trained or response token of the step."""
+    tokens, active = max(update.tokens, 1.0), max(update.active_tokens, 1.0)
+    updates = max(update.updates, 1.0)
+    any_active = update.active_tokens > 0
+    return {
+        "loss": update.loss / updates,
+        "clip_ratio_low": update.clipped_low / active,
+        "clip_ratio_high": update.clipped_high / active,
+        "grad_norm": update.grad_norm / updates,  # mean pre-clip norm over the step's updates
+        "weight_mean": update.weight_sum / active,
+        "weight_min": update.weight_min if any_active else 0.0,
+        "weight_max": update.weight_max if any_active else 0.0,
+        "weight_at_lower": update.weight_at_lower / active if bounded_weights else None,
+        "weight_at_upper": update.weight_at_upper / active if bounded_weights else None,
+        "kl": update.kl / tokens if kl else None,
+        "entropy": update.entropy / tokens if update.entropy is not None else None,
+        "sampler_kl": update.sampler_kl / tokens if update.sampler_kl is not None else None,
+        "buckets": update.buckets.metrics() if update.buckets is not None else {},
+    }
+
+
+def group_fields(groups: GroupSelection) -> dict[str, float]:
+    """The dynamic-sampling fields of ``StepStats``: groups drawn, dropped and filled."""
+    return {
+        "groups_drawn": float(groups.drawn),
+        "groups_dropped": float(groups.dropped),
+        "groups_filled": float(groups.filled),
+    }
+
+
+def tool_metrics(episodes: EpisodeStats) -> dict[str, float]:
     """The tool fields of ``StepStats`` from [N] per-completion calls, errors and turns."""
     calls = episodes.tool_calls.float()
     return {

@@ -14,9 +14,9 @@ The runtime reads the variables once, when torch is imported, so ``trgrpo/__init
 before anything imports torch, and only then: a program that imported torch before trgrpo keeps its
 environment untouched.  A value you set wins (either variable)::
 
-    OMP_WAIT_POLICY=PASSIVE python -m trgrpo fit --config configs/demo.yaml   # a machine shared with busy jobs
-    OMP_WAIT_POLICY=ACTIVE python -m trgrpo fit ...                           # always spin (dedicated cores)
-    GOMP_SPINCOUNT=300000 python -m trgrpo fit ...                            # libgomp's own default spin
+    OMP_WAIT_POLICY=PASSIVE python -m trgrpo fit --config configs/demo.yaml  # a machine shared with busy jobs
+    OMP_WAIT_POLICY=ACTIVE python -m trgrpo fit ...                          # always spin (dedicated cores)
+    GOMP_SPINCOUNT=300000 python -m trgrpo fit ...                           # libgomp's own default spin
 
 Other OpenMP runtimes (macOS's libomp) ignore ``GOMP_SPINCOUNT``.
 """

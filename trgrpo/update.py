@@ -80,12 +80,12 @@ class UpdatePlan:
     """
 
     group_size: int  # G
-    rollout: int  # N = prompts per step * G
+    sequences: int  # N = prompts per step * G, the sequences of one RL step
     mini: int  # sequences per optimiser step
     micro: int  # sequences per forward/backward
     epochs: int  # mu
     world: int  # processes
-    multi_pass: bool  # the weighting splits the tokens into sequential passes (Lopti, top-entropy)
+    multi_pass: bool  # the weighting trains its own token sets (``TokenWeighting.multi_pass``)
     needs_entropy: bool  # the weighting's passes read rollout-time entropies
     skip_zero_advantage: bool  # leave zero-advantage sequences out of forward/backward
 
@@ -106,12 +106,12 @@ class UpdatePlan:
         skip = optim.skip_zero_advantage and loss.beta == 0 and loss.entropy_coef == 0 and world == 1
         return cls(
             group_size=group_size,
-            rollout=prompts_per_step * group_size,
+            sequences=prompts_per_step * group_size,
             mini=mini,
             micro=micro,
             epochs=optim.epochs,
             world=world,
-            multi_pass=type(weighting).passes is not TokenWeighting.passes,
+            multi_pass=weighting.multi_pass,
             needs_entropy=weighting.needs_entropy,
             skip_zero_advantage=skip,
         )
@@ -119,7 +119,7 @@ class UpdatePlan:
     @property
     def shuffle(self) -> bool:
         """Several mini-batches per epoch: their order (whole groups) is shuffled every epoch."""
-        return self.mini < self.rollout
+        return self.mini < self.sequences
 
     @property
     def needs_old_logp(self) -> bool:
@@ -127,14 +127,10 @@ class UpdatePlan:
         or the strategy reads them before the first update.  Otherwise old = current detached, ratio 1."""
         return self.epochs > 1 or self.shuffle or self.multi_pass or self.needs_entropy
 
-    @property
-    def updates_per_rollout(self) -> int:
-        """Optimiser steps per pass (Lopti makes two passes)."""
-        return self.epochs * (self.rollout // self.mini)
-
     def order(self, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
         """[N] sequence indices for one epoch: whole groups, shuffled when there are several mini-batches."""
-        g, groups = self.group_size, self.rollout // self.group_size
+        g = self.group_size
+        groups = self.sequences // g
         perm = torch.randperm(groups, generator=generator) if self.shuffle else torch.arange(groups)
         return (perm.unsqueeze(1) * g + torch.arange(g)).reshape(-1).to(device)
 
@@ -146,8 +142,8 @@ class UpdatePlan:
     ) -> Iterator[OptimiserStep]:
         """Every optimiser step of the rollout batch, in order (see the module docstring)."""
         n = inputs.advantages.shape[0]
-        if n != self.rollout:
-            raise ValueError(f"rollout of {n} sequences, the plan expects {self.rollout}")
+        if n != self.sequences:
+            raise ValueError(f"rollout of {n} sequences, the plan expects {self.sequences}")
         for active in inputs.passes:
             for _ in range(self.epochs):
                 order = self.order(generator, inputs.advantages.device)

@@ -1,7 +1,7 @@
 """Token weighting strategies: plain GRPO, TR-GRPO, Advantage Reweighting, Lopti, top-entropy tokens.
 
 A strategy turns token probabilities into detached per-token weights ``w`` of shape [B, T] (0 on
-padding) that scale each token's share of the clipped surrogate (see ``trgrpo.losses.policy_loss``).
+padding) that scale each token's share of the clipped surrogate (see ``trgrpo.losses.GRPOLoss``).
 It may also split the response tokens into sequential update passes (Lopti) or select a subset of
 them (top-entropy training) through :meth:`TokenWeighting.passes`, which sees the whole rollout batch.
 
@@ -18,12 +18,15 @@ top-entropy "80/20" token training (arXiv 2506.01939).  No Lightning import.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from trgrpo.losses import Placement
+
+WeightSource = Literal["rollout", "current"]
+"""Which probabilities a weight is computed from: the rollout's, or the current policy's."""
 
 
 class TokenWeighting:
@@ -38,6 +41,10 @@ class TokenWeighting:
     weight_kl: bool = False
     #: the strategy reads rollout-time token entropies in :meth:`passes`
     needs_entropy: bool = False
+    #: the strategy overrides :meth:`passes`: the update trains the token sets it returns, in turn (Lopti's
+    #: two sequential passes, the top-entropy subset), and the trainer computes the rollout-time log-probs
+    #: they are chosen by before the first update
+    multi_pass: bool = False
     #: clip bounds of the weight, for the share-at-bound statistics (None when unbounded)
     bounds: tuple[float, float] | None = None
 
@@ -101,7 +108,7 @@ class TokenRegulatedWeighting(TokenWeighting):
         lower: float = 1.0,
         upper: float = 1.4,
         placement: Placement = "surrogate",
-        source: Literal["rollout", "current"] = "rollout",
+        source: WeightSource = "rollout",
         weight_kl: bool = False,
         reverse: bool = False,
     ) -> None:
@@ -109,20 +116,17 @@ class TokenRegulatedWeighting(TokenWeighting):
             raise ValueError(f"model.weighting.init_args.tau must be > 0, got {tau}")
         if lower > upper:
             raise ValueError(
-                f"model.weighting.init_args.lower ({lower}) must not exceed model.weighting.init_args.upper ({upper})"
+                f"model.weighting.init_args.lower ({lower}) must not exceed "
+                f"model.weighting.init_args.upper ({upper})"
             )
         if lower < 0:
             raise ValueError(
                 f"model.weighting.init_args.lower must be >= 0 (weights are non-negative), got {lower}"
             )
-        if placement not in ("surrogate", "ratio"):
-            raise ValueError(
-                f"model.weighting.init_args.placement must be 'surrogate' or 'ratio', got {placement!r}"
-            )
-        if source not in ("rollout", "current"):
-            raise ValueError(
-                f"model.weighting.init_args.source must be 'rollout' or 'current', got {source!r}"
-            )
+        for key, value, choices in (("placement", placement, Placement), ("source", source, WeightSource)):
+            if value not in get_args(choices):
+                names = " or ".join(map(repr, get_args(choices)))
+                raise ValueError(f"model.weighting.init_args.{key} must be {names}, got {value!r}")
         self.alpha, self.tau, self.mu = alpha, tau, mu
         self.lower, self.upper = lower, upper
         self.bounds = (lower, upper)
@@ -158,7 +162,7 @@ class AdvantageReweighting(TokenWeighting):
         return (self.alpha * p + 1.0 - self.alpha) * mask
 
 
-class Lopti(TokenWeighting):
+class LoptiWeighting(TokenWeighting):
     """Lopti: two sequential updates per batch, tokens with rollout probability below ``eta`` first.
 
     Each pass is a full update (all epochs and mini-batches) restricted to its tokens, normalised by
@@ -171,6 +175,8 @@ class Lopti(TokenWeighting):
             training there, kept as an ablation).
         ar_alpha: when > 0, also apply Advantage Reweighting with this alpha (the paper's "both").
     """
+
+    multi_pass = True
 
     def __init__(self, eta: float = 0.5, low_first: bool = True, ar_alpha: float = 0.0) -> None:
         if not 0.0 < eta < 1.0:
@@ -189,7 +195,7 @@ class Lopti(TokenWeighting):
         return (self.ar_alpha * p + 1.0 - self.ar_alpha) * mask
 
 
-class HighEntropyTokens(TokenWeighting):
+class HighEntropyWeighting(TokenWeighting):
     """Train only on the top-``q`` fraction of response tokens by rollout-time entropy.
 
     The threshold is the (1 - q) quantile of the entropies of all response tokens in the rollout
@@ -200,6 +206,7 @@ class HighEntropyTokens(TokenWeighting):
     """
 
     needs_entropy = True
+    multi_pass = True
 
     def __init__(self, q: float = 0.2) -> None:
         if not 0.0 < q <= 1.0:
@@ -208,7 +215,7 @@ class HighEntropyTokens(TokenWeighting):
 
     def passes(self, old_logp: Tensor, mask: Tensor, entropy: Tensor | None) -> list[Tensor]:
         if entropy is None:
-            raise ValueError("HighEntropyTokens needs rollout entropies")
+            raise ValueError("HighEntropyWeighting needs rollout entropies")
         values = entropy[mask.bool()].float()
         if values.numel() == 0:
             return [mask]
@@ -219,10 +226,25 @@ class HighEntropyTokens(TokenWeighting):
         return mask.to(torch.float32)
 
 
+# The names the two strategies had before they took the ``...Weighting`` suffix of their siblings, kept so
+# that configs naming them (``class_path: trgrpo.weighting.Lopti``, ``--model.weighting=Lopti``) still load.
+# Subclasses rather than plain aliases: the command line resolves a short name by the class's own name.
+
+
+class Lopti(LoptiWeighting):
+    """The former name of ``LoptiWeighting`` (same arguments, same behaviour)."""
+
+
+class HighEntropyTokens(HighEntropyWeighting):
+    """The former name of ``HighEntropyWeighting`` (same arguments, same behaviour)."""
+
+
 __all__ = [
     "AdvantageReweighting",
     "HighEntropyTokens",
+    "HighEntropyWeighting",
     "Lopti",
+    "LoptiWeighting",
     "TokenRegulatedWeighting",
     "TokenWeighting",
     "UniformWeighting",

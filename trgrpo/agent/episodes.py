@@ -71,7 +71,8 @@ class Episode:
 
 
 def fit_result(tokenizer, before: str, text: str, after: str, marker: str, room: int) -> list[int] | None:
-    """Token ids of ``before + text + after``, ``text`` cut (with ``marker``) to fit ``room``; None if nothing fits."""
+    """Token ids of ``before + text + after``, ``text`` cut (with ``marker``) to fit ``room``;
+    None if nothing fits."""
     enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
     head, body, tail = enc(before), enc(text), enc(after)
     if len(head) + len(body) + len(tail) <= room:

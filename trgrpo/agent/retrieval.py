@@ -63,8 +63,8 @@ CORPUS_KEY = "model.sampling.agent.environment.init_args.corpus"
 
 
 def check_corpus(path: str | Path, key: str = CORPUS_KEY) -> None:
-    """Cheap start-up check of a corpus file: it exists and has a ``contents`` or ``text`` column (read from the
-    parquet schema or the first jsonl row only); a ``ValueError`` naming ``key`` otherwise."""
+    """Cheap start-up check of a corpus file: it exists and has a ``contents`` or ``text`` column (read from
+    the parquet schema or the first jsonl row only); a ``ValueError`` naming ``key`` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{key}: corpus file {str(path)!r} does not exist")
@@ -90,7 +90,8 @@ def check_corpus(path: str | Path, key: str = CORPUS_KEY) -> None:
 
 
 def read_passages(path: str | Path, key: str = CORPUS_KEY) -> list[str]:
-    """Passages of a jsonl / parquet corpus as ``"Title"\\ntext`` strings (``contents``, or ``title`` + ``text``)."""
+    """Passages of a jsonl / parquet corpus as ``"Title"\\ntext`` strings
+    (``contents``, or ``title`` + ``text``)."""
     check_corpus(path, key)
     path = Path(path)
     if path.suffix == ".parquet":
@@ -116,7 +117,8 @@ def build_index(passages: list[str]):
 
 
 def format_passages(passages: list[str]) -> str:
-    """Search-R1's layout: ``Doc i(Title: t) text`` per passage, the title from a ``"Title"\\n`` first line."""
+    """Search-R1's layout: ``Doc i(Title: t) text`` per passage,
+    the title from a ``"Title"\\n`` first line."""
     out = []
     for i, p in enumerate(passages, 1):
         title, _, text = p.partition("\n")

@@ -1,4 +1,4 @@
-"""Tools a policy may call during a multi-turn rollout, and the settings of that loop (``model.sampling.agent``).
+"""Tools a policy may call in a multi-turn rollout, and the settings of that loop (``model.sampling.agent``).
 
 Two kinds of tool, both given in YAML:
 
@@ -15,7 +15,8 @@ Two kinds of tool, both given in YAML:
   task row and a seed shared by the G completions of that prompt (so they see the same task instance),
   then ``step(call)`` per tool call.  ``trgrpo.agent.retrieval.SearchEnvironment`` is one.
 
-``ToolBox`` puts both behind one ``run(calls)``: each call runs in a worker thread with a per-call timeout;
+``ToolBox`` puts both behind one dispatch, and ``run_calls(calls, timeout)`` runs a turn's calls (one per
+completion, each with its own ``ToolBox``) at once, each in a worker thread bounded by ``timeout``;
 a tool that raises, times out, is unknown or gets malformed arguments returns an error text to the model
 and is counted (a timed-out thread cannot be killed: it is abandoned, as timed-out rewards are).
 """
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 
 class ToolCall(NamedTuple):
@@ -57,7 +58,8 @@ class ToolEnvironment:
 
     def check(self) -> None:
         """Start-up checks of what the constructor names but does not read (a file): run when fit / validate
-        starts, before the model loads; raise ``ValueError`` naming the key.  Parsing a recipe does not run it."""
+        starts, before the model loads; raise ``ValueError`` naming the key.
+        Parsing a recipe does not run it."""
 
     def episode(self) -> ToolEnvironment:
         """A fresh copy for one completion (shallow: read-only state is shared)."""
@@ -103,6 +105,10 @@ class FunctionTools(ToolEnvironment):
         return str(self.functions[call.name](**call.arguments))
 
 
+CallFormat = Literal["tags", "chat"]
+"""How tool calls are written: Search-R1 tags or the chat template's tool-call block."""
+
+
 @dataclass
 class AgentConfig:
     """Multi-turn rollouts with tool calls (empty ``model.sampling.agent`` = single-turn).
@@ -112,17 +118,19 @@ class AgentConfig:
     truncated, when a budget runs out or the model calls a tool more than ``max_turns`` times.
     """
 
-    format: Literal["tags", "chat"] = "tags"
+    format: CallFormat = "tags"
     """Call format: "tags" (Search-R1: ``<search>query</search>`` -> ``<information>...</information>``, final
     ``<answer>...</answer>``) or "chat" (the chat template's tool-call block and ``tool`` messages)."""
     tools: list[Callable] = field(default_factory=list)
     """Plain callables by import path (type hints and docstrings required: their schema is derived)."""
     environment: ToolEnvironment | None = None
-    """A stateful tool environment (class_path / init_args), e.g. ``trgrpo.agent.retrieval.SearchEnvironment``."""
+    """A stateful tool environment (class_path / init_args),
+    e.g. ``trgrpo.agent.retrieval.SearchEnvironment``."""
     max_turns: int = 2
     """Tool calls per completion at most; one more ends the completion, marked truncated."""
     max_tool_tokens: int = 512
-    """Tool-output tokens per completion; a result that would overflow is cut and ends with ``truncation_marker``."""
+    """Tool-output tokens per completion; a result that would overflow is cut and ends with
+    ``truncation_marker``."""
     max_turn_tokens: int | None = None
     """Model tokens per turn (empty = whatever is left of ``model.sampling.max_new_tokens``)."""
     tool_timeout: float = 10.0
@@ -145,8 +153,9 @@ class AgentConfig:
             )
         if self.tool_timeout <= 0:
             raise ValueError(f"model.sampling.agent.tool_timeout must be > 0, got {self.tool_timeout}")
-        if self.format not in ("tags", "chat"):
-            raise ValueError(f"model.sampling.agent.format must be 'tags' or 'chat', got {self.format!r}")
+        if self.format not in get_args(CallFormat):
+            formats = " or ".join(map(repr, get_args(CallFormat)))
+            raise ValueError(f"model.sampling.agent.format must be {formats}, got {self.format!r}")
         if not self.tools and self.environment is None:
             raise ValueError("model.sampling.agent needs tools (import paths) or an environment (class_path)")
         ToolBox(self)  # schemas now: a tool without type hints or docstring fails at start-up

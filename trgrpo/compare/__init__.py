@@ -5,9 +5,9 @@
         --rl_steps 200 --out results/demo [-- extra fit arguments for every run]
 
 Each run is ``python -m trgrpo fit --config BASE --config FRAGMENT --seed_everything S --data.seed S`` with a
-CSV logger writing into ``OUT/runs/<strategy>/seed<S>/`` (the strategy is the fragment's file stem), its stdout
-and stderr streamed to ``stdout.log`` and ``stderr.log`` there.  With ``--rl_steps N`` every run gets the
-``trgrpo.callbacks.RLStepLimit`` callback (N RL steps, whatever the optimiser updates per step) and a
+CSV logger writing into ``OUT/runs/<strategy>/seed<S>/`` (the strategy is the fragment's file stem), its
+stdout and stderr streamed to ``stdout.log`` and ``stderr.log`` there.  With ``--rl_steps N`` every run gets
+the ``trgrpo.callbacks.RLStepLimit`` callback (N RL steps, whatever the optimiser updates per step) and a
 ``trainer.max_steps`` far above what N steps need.  A run that exits 0 gets ``done.json``; a rerun skips it
 (unless its settings changed) and deletes and redoes any other run folder.  A failed run gets ``failed.json``
 with the tail of its stderr; the sweep goes on.  The report (``OUT/report.md`` and PNG plots, see
@@ -46,9 +46,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m trgrpo compare",
-        description="Run every weighting strategy with every seed (paired: the same seed gives every strategy "
-        "the same initialisation, warm-start and data order), then write OUT/report.md and plots. "
-        "Arguments after '--' go to every 'fit' run unchanged.",
+        description="Run every weighting strategy with every seed (paired: the same seed gives "
+        "every strategy the same initialisation, warm-start and data order), then write OUT/report.md "
+        "and plots. Arguments after '--' go to every 'fit' run unchanged.",
     )
     parser.add_argument("--base", default="configs/demo.yaml", help="base config (default: %(default)s)")
     parser.add_argument(
@@ -291,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except (KeyboardInterrupt, SystemExit):
             print(
-                "compare: interrupted; the run that was going has no done.json and starts again on the next call"
+                "compare: interrupted; the run that was going has no done.json "
+                "and starts again on the next call"
             )
             raise
         finally:

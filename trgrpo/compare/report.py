@@ -201,9 +201,9 @@ def write_report(out: Path, runs: Sequence[Run], args, session_s: float = 0.0) -
         lines += [
             "## Extra diagnostics: mean over steps, then mean over seeds ± 95% t half-width",
             "",
-            "`grad_share`: share of the squared logit-gradient norm of the surrogate from tokens whose rollout "
-            "probability is in the bucket; `token_share`: share of the trained tokens; `weight`: their mean "
-            "token weight (README, 'Where the gradient comes from').",
+            "`grad_share`: share of the squared logit-gradient norm of the surrogate from tokens whose "
+            "rollout probability is in the bucket; `token_share`: share of the trained tokens; `weight`: "
+            "their mean token weight (README, 'Where the gradient comes from').",
             "",
         ]
         for family in dict.fromkeys(bucket_order(k)[0] for k in extras):

@@ -212,7 +212,8 @@ class RunCurves:
 
 
 EXTRA_PREFIXES = ("train/grad_share/", "train/token_share/", "train/weight/p", "train/weight/0")
-"""Per-step diagnostics averaged over a run: the probability-bucket shares and mean weights (trgrpo.diagnostics)."""
+"""Per-step diagnostics averaged over a run: the probability-bucket shares and mean weights
+(trgrpo.diagnostics)."""
 
 
 def bucket_order(column: str) -> tuple[str, float]:

@@ -290,8 +290,8 @@ def sample_completions(
         model: a causal LM for which :func:`fast_generation_supported` is True (in eval mode).
         prompt_ids: [num_prompts, P] left-padded prompt ids; prompt_mask: [num_prompts, P].
         ignore_eos: EOS is never sampled (its logit is -inf), so every completion is ``max_new_tokens`` long.
-        stop: ``[N, t]`` ids generated so far -> ``[N]`` bool, True where a sequence ends after its last
-            token (a stop string of a multi-turn rollout); such a sequence is padded from then on, as after EOS.
+        stop: ``[N, t]`` ids generated so far -> ``[N]`` bool, True where a sequence ends after its last token
+            (a stop string of a multi-turn rollout); such a sequence is padded from then on, as after EOS.
     Returns:
         [num_prompts * group_size, T] generated ids, completions of one prompt contiguous, ``pad_token_id``
         after a sequence's EOS; T <= max_new_tokens (the loop stops once every sequence has ended).

@@ -7,7 +7,7 @@ per-layer keys and values are indexed out to the rows that share it (an ``index_
 so the prompt's gradient is the sum over its completions), and the completions run on top of that cache::
 
     prompt pass      [U, P]      -> logits of the last prompt position, cache [U, heads, P, hd] per layer
-    completion pass  [B, T - 1]  -> logits of completion positions 0 .. T-2   (cache rows = prompt of each row)
+    completion pass  [B, T - 1]  -> logits of completion positions 0 .. T-2  (cache rows = prompt of each row)
     logits           [B, T, V]   =  [last prompt logit of the row's prompt ; completion logits]
 
 The numbers equal the plain ``model(input_ids=[prompt; completion])`` forward up to float rounding (tested in
@@ -32,7 +32,8 @@ def model_cache(out):
 
 
 def cache_layers(cache) -> list | None:
-    """Per-layer objects with ``keys`` / ``values`` tensors [rows, heads, len, hd], or None if not that kind."""
+    """Per-layer objects with ``keys`` / ``values`` tensors [rows, heads, len, hd],
+    or None if not that kind."""
     layers = getattr(cache, "layers", None)
     if not layers or not all(
         isinstance(getattr(layer, "keys", None), Tensor)

@@ -1,10 +1,10 @@
 """Loading the policy model and its tokenizer: any Hugging Face causal LM, or the embedded tiny one.
 
-``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``, a GGUF
-file (a ``.gguf`` path, or a folder / hub id plus ``gguf_file``) converted once to a cached float folder, or
-``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.policy.sources``); left empty,
-a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired with
-the embedded character tokenizer (``trgrpo.policy.chartokenizer``), so nothing is downloaded.
+``PolicyConfig.name_or_path`` is a hub id or a local folder loaded with ``AutoModelForCausalLM``, a GGUF file
+(a ``.gguf`` path, or a folder / hub id plus ``gguf_file``) converted once to a cached float folder, or
+``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.policy.sources``); left
+empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired
+with the embedded character tokenizer (``trgrpo.policy.chartokenizer``), so nothing is downloaded.
 ``PolicyConfig.lora`` wraps the model in peft LoRA adapters (only the adapters train).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -107,7 +107,8 @@ class PolicyConfig:
         check_local_source(self.tokenizer, "model.policy.tokenizer")
 
     def model_source(self) -> str:
-        """What ``from_pretrained`` loads the model from (a GGUF file's converted folder, converted on first use)."""
+        """What ``from_pretrained`` loads the model from
+        (a GGUF file's converted folder, converted on first use)."""
         return local_folder(self.name_or_path, self.gguf_file, "model.policy.name_or_path")
 
     def tokenizer_source(self) -> str | None:
@@ -229,8 +230,3 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
                 else:
                     p.zero_()
     return model
-
-
-def describe(cfg: PolicyConfig) -> dict:
-    """Plain-dict form of the config (for model cards and cache keys)."""
-    return asdict(cfg)

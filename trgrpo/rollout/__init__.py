@@ -1,7 +1,8 @@
 """Rollouts: G sampled completions per prompt, laid out for the loss.
 
-    base.py      the data types (``Rollout``, ``SamplingConfig``, ``VLLMConfig``) and the ``RolloutEngine`` protocol
-    engines.py   the ``fast`` and ``hf`` engines and the chooser, ``generate_rollout``
+    base.py      the data types (``Rollout``, ``SamplingConfig``, ``VLLMConfig``), the ``RolloutEngine``
+                 protocol
+    engines.py   the ``fast`` and ``hf`` engines, ``make_engine`` (one per run) and ``generate_rollout``
     vllm.py      the ``vllm`` engine (optional extra)
 
 The package's face is the data types only, so that the engines and the multi-turn loop

@@ -59,7 +59,8 @@ class VLLMConfig:
     the policy trains, and brought back before the next rollout (GPU only)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations inside vLLM; auto = the policy's parameter dtype (float32 master weights under
-    ``precision: bf16-mixed``: set bfloat16 there). The sampler's log-probs then differ more from the trainer's."""
+    ``precision: bf16-mixed``: set bfloat16 there). The sampler's log-probs then differ more from the
+    trainer's."""
     enforce_eager: bool = False
     """No CUDA graphs (start-up faster, decoding slower); always on for CPU."""
     max_model_len: int | None = None
@@ -70,7 +71,8 @@ class VLLMConfig:
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
-                f"model.sampling.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+                "model.sampling.vllm.gpu_memory_utilization must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
             )
 
 
@@ -103,7 +105,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(
-                f"model.sampling.group_size must be >= 2 (group advantages compare samples), got {self.group_size}"
+                "model.sampling.group_size must be >= 2 (group advantages compare samples), "
+                f"got {self.group_size}"
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"model.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -270,8 +273,14 @@ class RolloutEngine(Protocol):
 
     Called by :func:`generate_rollout` under ``torch.no_grad()`` with ``model`` in eval mode; returns
     the prompts' ``group_size`` completions contiguous, in prompt order.  ``continue_contexts`` is the
-    single-turn primitive the multi-turn loop (``trgrpo.agent.episodes``) is built on.
+    single-turn primitive the multi-turn loop (``trgrpo.agent.episodes``) is built on.  A run builds one
+    engine and keeps it (``make_engine``): an engine may hold state across rollouts (vLLM's).
     """
+
+    gathers_own_weights: bool
+    """True when the engine reads the policy's weights one parameter at a time by itself (vLLM's sync), so
+    the caller must not gather the whole sharded policy around its rollouts (ZeRO-3); False when it runs the
+    policy's own forward, which needs whole weights."""
 
     def generate(
         self,

@@ -6,6 +6,10 @@ G-times-repeated prompts; any causal LM) give the same tokens for the same rando
 to ``hf`` for a model it does not support.  ``vllm`` lives in ``trgrpo.rollout.vllm``.  With
 ``model.sampling.agent`` :func:`generate_rollout` runs multi-turn episodes (``trgrpo.agent.episodes``) on
 the chosen engine's ``continue_contexts``.
+
+A run builds its engine once (``make_engine``; ``GRPOModule.configure_model`` does) and hands it to every
+rollout and held-out evaluation, so an engine with state (vLLM's, started on the first rollout) keeps it
+for the whole run.  Called without an engine, ``generate_rollout`` makes one for that call alone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from trgrpo.rollout.vllm import VLLMEngine
 
 class HFEngine:
     """``model.generate`` on the G-times-repeated prompts: any causal LM."""
+
+    gathers_own_weights = False  # generates with the policy itself: whole weights needed (ZeRO-3)
 
     @staticmethod
     def generation_config(
@@ -96,6 +102,8 @@ class FastEngine:
     """``trgrpo.fastpath.sampler``: one prefill per prompt and a lean decode loop (Qwen2/Qwen3/Llama); the
     same tokens as :class:`HFEngine`, to which it falls back for other models."""
 
+    gathers_own_weights = False  # generates with the policy itself: whole weights needed (ZeRO-3)
+
     def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
         if not fast_generation_supported(model):
             return HFEngine().generate(model, tokenizer, prompts, sampling, group_size, greedy)
@@ -150,7 +158,7 @@ ENGINES: dict[str, type[RolloutEngine]] = {"fast": FastEngine, "hf": HFEngine, "
 
 
 def make_engine(sampling: SamplingConfig) -> RolloutEngine:
-    """The engine ``sampling.engine`` names."""
+    """A new engine of the kind ``sampling.engine`` names (built once per run; vLLM starts on first use)."""
     return ENGINES[sampling.engine]()
 
 
@@ -163,18 +171,23 @@ def generate_rollout(
     group_size: int | None = None,
     greedy: bool = False,
     rows: list[dict] | None = None,
+    engine: RolloutEngine | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt (or one greedy completion with ``greedy``).
 
-    With ``sampling.agent`` the completions are multi-turn episodes with tool calls (``trgrpo.agent.episodes``);
-    ``rows`` are then the prompts' task rows, handed to the tool environment (empty: ``{"prompt": p}``).
+    With ``sampling.agent`` the completions are multi-turn episodes with tool calls
+    (``trgrpo.agent.episodes``); ``rows`` are then the prompts' task rows, handed to the tool environment
+    (empty: ``{"prompt": p}``).
+    ``engine`` is the run's engine; empty: a new one of ``sampling.engine`` for this call alone (a ``vllm``
+    one then starts vLLM anew: pass the run's).
     """
     g = 1 if greedy else (group_size or sampling.group_size)
+    engine = engine if engine is not None else make_engine(sampling)
     was_training = model.training
     model.eval()
     try:
         if sampling.agent is not None:
-            return run_episodes(make_engine(sampling), model, tokenizer, prompts, sampling, g, greedy, rows)
-        return make_engine(sampling).generate(model, tokenizer, prompts, sampling, g, greedy)
+            return run_episodes(engine, model, tokenizer, prompts, sampling, g, greedy, rows)
+        return engine.generate(model, tokenizer, prompts, sampling, g, greedy)
     finally:
         model.train(was_training)

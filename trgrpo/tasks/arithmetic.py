@@ -13,11 +13,15 @@ accuracy is measured on prompts never trained on.
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import Literal, get_args
 
-# last_number_match is the reward of answer_from="last_number"; importable from here, where the recipes name it
+# last_number_match is the reward of answer_from="last_number"; importable from here, where the recipes
+# name it
 from trgrpo.rewards import last_number, last_number_match  # noqa: F401
 from trgrpo.tasks.base import Split, Task
+
+AnswerSource = Literal["whole", "last_number"]
+"""What the verifier compares with the answer: the whole completion, or the last integer in it."""
 
 
 class ArithmeticTask(Task):
@@ -45,7 +49,7 @@ class ArithmeticTask(Task):
         operators: list[str] | None = None,
         seed: int = 0,
         prompt_template: str | None = None,
-        answer_from: Literal["whole", "last_number"] = "whole",
+        answer_from: AnswerSource = "whole",
     ) -> None:
         ops = operators if operators is not None else ["+"]
         bad = [o for o in ops if o not in "+-*" or len(o) != 1]
@@ -66,10 +70,9 @@ class ArithmeticTask(Task):
             raise ValueError(
                 f"data.task.init_args.prompt_template must contain {{a}} and {{b}}, got {template!r}"
             )
-        if answer_from not in ("whole", "last_number"):
-            raise ValueError(
-                f"data.task.init_args.answer_from must be 'whole' or 'last_number', got {answer_from!r}"
-            )
+        if answer_from not in get_args(AnswerSource):
+            choices = " or ".join(map(repr, get_args(AnswerSource)))
+            raise ValueError(f"data.task.init_args.answer_from must be {choices}, got {answer_from!r}")
         self.prompt_template, self.answer_from = template, answer_from
         self.train_size, self.val_size = train_size, val_size
         self.min_value, self.max_value, self.operators, self.seed = min_value, max_value, ops, seed

@@ -21,7 +21,7 @@ graded when the format is broken (the term is None there and counts 0 in the tot
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from trgrpo.rewards import THINK_TAGS, has_think_answer_format, with_prefilled_think
 from trgrpo.tasks.base import Split, Task
@@ -151,6 +151,10 @@ def kk_reward(
     return [f + (a or 0.0) for f, a in zip(fmt, ans, strict=True)]
 
 
+RoleNames = Literal["knight_knave", "mixed"]
+"""``knight_knave``: every puzzle names its roles knight and knave; ``mixed``: varied role names."""
+
+
 class KnightsKnavesTask(Task):
     """Knights and Knaves puzzles, one difficulty level per number of people.
 
@@ -178,7 +182,7 @@ class KnightsKnavesTask(Task):
         val_size: int = 100,
         depth_constraint: int = 2,
         width_constraint: int = 2,
-        roles: Literal["knight_knave", "mixed"] = "knight_knave",
+        roles: RoleNames = "knight_knave",
         prompt_template: str = "{question}",
         short_names: bool = False,
         seed: int = 0,
@@ -197,8 +201,9 @@ class KnightsKnavesTask(Task):
                 "data.task.init_args.depth_constraint and width_constraint must be >= 1, "
                 f"got {depth_constraint}, {width_constraint}"
             )
-        if roles not in ("knight_knave", "mixed"):
-            raise ValueError(f"data.task.init_args.roles must be knight_knave or mixed, got {roles!r}")
+        if roles not in get_args(RoleNames):
+            choices = " or ".join(get_args(RoleNames))
+            raise ValueError(f"data.task.init_args.roles must be {choices}, got {roles!r}")
         check_prompt_template(prompt_template)
         self.n_people, self.train_size, self.val_size = sorted(set(levels)), train_size, val_size
         self.depth_constraint, self.width_constraint = depth_constraint, width_constraint

@@ -7,7 +7,8 @@ or a local file or folder.  Column names and splits are configurable::
     data:
       task:
         class_path: trgrpo.tasks.MathTask
-        init_args: {path: openai/gsm8k, name: main, val_split: test, question_key: question, answer_key: answer}
+        init_args: {path: openai/gsm8k, name: main, val_split: test,
+                    question_key: question, answer_key: answer}
     model:
       rewards:
         - {fn: trgrpo.tasks.math_data.math_verify_reward, kwargs: {timeout: 5.0}}
@@ -43,8 +44,8 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or brace-less ``\\boxed 5``); None when there is
-    none or its braces never close."""
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or brace-less ``\\boxed 5``); None when there
+    is none or its braces never close."""
     matches = list(re.finditer(r"\\(?:boxed|fbox)(\s*\{)?", text))
     if not matches:
         return None
@@ -71,7 +72,8 @@ def extract_reference(solution: str) -> str:
 
 
 def extract_model_answer(completion: str, pattern: str | None = None) -> str | None:
-    """The model's answer: the last ``\\boxed{}``, or with ``pattern`` its last match (group 1 if it has one)."""
+    """The model's answer: the last ``\\boxed{}``, or with ``pattern`` its last match
+    (group 1 if it has one)."""
     if pattern is None:
         return last_boxed(completion)
     matches = list(re.finditer(pattern, completion, flags=re.DOTALL))
@@ -168,7 +170,8 @@ class MathTask(Task):
         train_size: keep this many training rows, drawn at random (empty = all).
         val_size: keep the first this many held-out rows (empty = all; required when ``val_split`` is empty).
         prompt_template: the prompt, with ``{question}`` replaced by the question.
-        answer_pattern: regex whose last match (group 1 if any) is the model's answer; empty = last ``\\boxed{}``.
+        answer_pattern: regex whose last match (group 1 if any) is the model's answer;
+            empty = last ``\\boxed{}``.
         timeout: seconds math-verify may spend on one answer during evaluation.
         workers: verifier processes used during evaluation.
         memory_mb: memory limit of each verifier process in MiB (0 = none).
@@ -188,7 +191,9 @@ class MathTask(Task):
         level_key: str | None = None,
         train_size: int | None = None,
         val_size: int | None = None,
-        prompt_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        prompt_template: str = (
+            "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+        ),
         answer_pattern: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         workers: int = 1,

@@ -44,13 +44,6 @@ VAL_SEED_OFFSET = 2**30
 """Held-out items use ``seed + VAL_SEED_OFFSET``: far from the training seeds ``seed + i``."""
 
 
-def registered_names() -> list[str]:
-    """Names of the installed reasoning-gym datasets."""
-    from reasoning_gym.factory import DATASETS
-
-    return sorted(DATASETS)
-
-
 def make_dataset(name: str, options: dict[str, Any], seed: int, size: int, key: str = "data.task.init_args"):
     """``reasoning_gym.create_dataset`` with errors that name the config key and the accepted values."""
     import reasoning_gym
@@ -85,8 +78,8 @@ def draw_split(
     while len(items) < size:
         if i >= budget:
             raise ValueError(
-                f"data.task: found only {len(items)} {what} items whose question is not in the training split "
-                f"after {budget} draws; lower val_size or choose options with more distinct items"
+                f"data.task: found only {len(items)} {what} items whose question is not in the training "
+                f"split after {budget} draws; lower val_size or choose options with more distinct items"
             )
         item = dataset[i]
         i += 1
@@ -244,9 +237,10 @@ class ReasoningGymTask(Task):
             ``gsm_symbolic`` (an unknown name lists the valid ones).
         options: the dataset's own options (fields of its config dataclass, e.g. ``{n_people: 3}`` for
             ``knights_knaves``); ``seed`` and ``size`` are set from ``seed`` / ``train_size`` / ``val_size``.
-        levels: difficulty levels as label -> options overriding ``options`` (e.g. ``{"easy": {min_numbers: 3},
-            "hard": {min_numbers: 5}}``); every level gets ``train_size`` and ``val_size`` items and its label
-            in the ``level`` column, so evaluation is reported per level.  Empty = one level.
+        levels: difficulty levels as label -> options overriding ``options``
+            (e.g. ``{"easy": {min_numbers: 3}, "hard": {min_numbers: 5}}``); every level gets ``train_size``
+            and ``val_size`` items and its label in the ``level`` column, so evaluation is reported per
+            level.  Empty = one level.
         train_size: training items (per level).
         val_size: held-out items (per level).
         seed: seed of the training items; held-out items use ``seed + 2**30`` and skip training questions.
@@ -303,7 +297,8 @@ class ReasoningGymTask(Task):
         return self._cache[split]
 
     def verify_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
-        """1.0 where reasoning-gym scores the answer 1.0 (exactly right), else 0.0; scored in sandbox workers."""
+        """1.0 where reasoning-gym scores the answer 1.0 (exactly right), else 0.0;
+        scored in sandbox workers."""
         scores, _, _ = score_answers(
             completions, rows, self.answer_tag, self.timeout, self.workers, self.memory_mb
         )

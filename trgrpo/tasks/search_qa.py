@@ -81,8 +81,8 @@ def search_qa_reward(
     format_score: float = 0.0,
     **_: object,
 ) -> list[float]:
-    """1.0 when the last ``<answer>`` matches a gold answer exactly (normalised); ``format_score`` when it does
-    not but an ``<answer>`` block is there; 0.0 without one."""
+    """1.0 when the last ``<answer>`` matches a gold answer exactly (normalised); ``format_score`` when it
+    does not but an ``<answer>`` block is there; 0.0 without one."""
     out = []
     for c, golds in zip(completions, golden_answers, strict=True):
         pred = final_answer(c)
