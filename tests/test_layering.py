@@ -93,23 +93,24 @@ def _type_checking(node: ast.AST) -> bool:
     )
 
 
-def _import_nodes(node: ast.AST):
-    """Import statements anywhere in the file (functions too), except under ``if TYPE_CHECKING:``."""
+def _import_nodes(node: ast.AST, type_only: bool = False):
+    """Import statements anywhere in the file (functions too); those under ``if TYPE_CHECKING:`` only with
+    ``type_only`` (they load nothing at run time, but a reader still follows them)."""
     for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
             yield child
-        elif _type_checking(child):
+        elif _type_checking(child) and not type_only:
             for other in child.orelse:
                 yield from _import_nodes(other)
         else:
-            yield from _import_nodes(child)
+            yield from _import_nodes(child, type_only)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, type_only: bool = False) -> list[tuple[int, str]]:
     """(line, absolute dotted module) of every import in a file; ``from pkg import mod`` names ``pkg.mod``."""
     package = ["trgrpo", *path.relative_to(PACKAGE).parent.parts]
     out = []
-    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+    for node in _import_nodes(ast.parse(path.read_text(), str(path)), type_only):
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
             continue
@@ -173,7 +174,7 @@ def test_imports_point_down_the_layers():
 def test_the_import_reader():
     assert module_name(PACKAGE / "tasks" / "base.py") == "tasks.base" and layer_of("tasks.base") == COMPONENTS
     assert module_name(PACKAGE / "__init__.py") == "__init__" and layer_of("fastpath.sampler") == PURE_MATH
-    assert (34, "trgrpo.fastpath.shared_prefix") in imports(PACKAGE / "fastpath" / "sampler.py")
+    assert any(t == "trgrpo.fastpath.shared_prefix" for _, t in imports(PACKAGE / "fastpath" / "sampler.py"))
     assert layer_of("compare.stats") == PURE_MATH and layer_of("compare.report") == CLI
     assert any(target == "trgrpo.tasks.base" for _, target in imports(PACKAGE / "tasks" / "arithmetic.py"))
 
@@ -188,3 +189,107 @@ def test_files_stay_short():
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     ]
     assert not long, f"files over {MAX_LINES} lines (split them by concern): " + "; ".join(long)
+
+
+# inside a wing, what may not be imported ("x.*": anything of package x; else that one module): the data
+# types of a wing never import what builds on them
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "rollout": ("rollout.engines", "rollout.vllm", "agent.*"),  # the package face: data types only
+    "rollout.base": ("rollout.engines", "rollout.vllm", "agent.episodes"),
+    "rollout.vllm": ("rollout.engines", "agent.*"),
+    "agent.episodes": ("rollout.engines", "rollout.vllm"),  # the loop drives whichever engine it is handed
+    "agent.tools": ("rollout.*",),
+    "compare.runs": ("compare", "compare.report"),  # shared by the sweep and the report
+    "compare.report": ("compare",),
+    "policy.sources": ("policy",),
+    "policy.chartokenizer": ("policy",),
+}
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _forbidden(name: str, rule: str) -> bool:
+    return _inside(name, rule[:-2]) if rule.endswith(".*") else name == rule
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the modules it imports, lazy and type-only ones included.
+
+    Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b`` first, unless the importer lives inside
+    them (they are already running)."""
+    graph: dict[str, set[str]] = {}
+    for path in _files():
+        me = module_name(path)
+        edges = graph.setdefault(me, set())
+        for _, target in imports(path, type_only=True):
+            if not target.startswith("trgrpo."):
+                continue
+            parts = target.removeprefix("trgrpo.").split(".")
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                if name != me and (i == len(parts) or not _inside(me, name)):
+                    edges.add(name)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_anywhere():
+    cycles = import_cycles(import_graph())
+    assert not cycles, (
+        "import cycles (lazy and type-only imports count; move what both sides need into a third module): "
+        + "; ".join(" <-> ".join(c) for c in cycles)
+    )
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    graph = import_graph()
+    assert "rollout" in graph["agent.episodes"]  # importing rollout.base runs the package face first
+    assert "rollout" not in graph["rollout.engines"]  # ... but not for a module inside the package
+
+
+def test_wings_point_one_way():
+    bad = [
+        f"{me} imports {other}"
+        for me, edges in import_graph().items()
+        for other in edges
+        if me in FORBIDDEN and any(_forbidden(other, f) for f in FORBIDDEN[me])
+    ]
+    assert not bad, "imports against the direction of a wing: " + "; ".join(bad)

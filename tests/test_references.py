@@ -95,3 +95,37 @@ def test_the_scanner_finds_what_it_should_and_nothing_else():
 def test_no_dangling_reference(path):
     missing = missing_references(path.read_text(), path.parent)
     assert not missing, f"{path.relative_to(ROOT)} cites files that do not exist: {', '.join(missing)}"
+
+
+def layout_block(readme: str) -> dict[str, set[str]]:
+    """The README's layout block as folder -> the file names it lists ("" is ``trgrpo/`` itself)."""
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed: dict[str, set[str]] = {}
+    folder = None
+    for line in block.splitlines():
+        if line.startswith("trgrpo/"):
+            folder = ""
+        elif re.match(r"\S", line):  # configs/, scripts/, ...: the package's part is over
+            folder = None
+        elif (sub := re.match(r"  (\w+)/", line)) and folder is not None:
+            folder = sub.group(1)
+        if folder is not None:
+            listed.setdefault(folder, set()).update(re.findall(r"[\w]+\.py", line))
+    return listed
+
+
+def test_the_readme_layout_names_every_module_where_it_lives():
+    listed = layout_block((ROOT / "README.md").read_text())
+    package = ROOT / "trgrpo"
+    actual: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        folder = path.parent.relative_to(package).as_posix()
+        actual.setdefault("" if folder == "." else folder, set()).add(path.name)
+    assert listed == actual, (
+        f"README layout block and trgrpo/ differ: only in the README {_diff(listed, actual)}; "
+        f"only in the tree {_diff(actual, listed)}"
+    )
+
+
+def _diff(a: dict[str, set[str]], b: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{k}/{name}".lstrip("/") for k in a for name in a[k] - b.get(k, set()))

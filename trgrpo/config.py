@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 from trgrpo.advantages import AdvantageScale
-from trgrpo.losses import Aggregation, KLEstimator, RatioLevel
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"]
+"""How per-token losses become one number (``trgrpo.losses.token_normaliser``)."""
+KLEstimator = Literal["k1", "k2", "k3"]
+"""Schulman's estimators of KL(pi_theta || pi_ref) (``trgrpo.losses.kl_penalty``)."""
+Placement = Literal["surrogate", "ratio"]
+"""Where a token weight enters the loss (``trgrpo.losses``, ``trgrpo.weighting``)."""
+RatioLevel = Literal["token", "sequence"]
+"""Token ratios (PPO / GRPO) or GSPO's sequence ratio."""
 
 
 @dataclass

@@ -45,20 +45,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
+from trgrpo.config import Aggregation, KLEstimator, LossConfig, Placement, RatioLevel
+
 if TYPE_CHECKING:
-    from trgrpo.config import LossConfig
     from trgrpo.scoring import TokenScores
     from trgrpo.update import UpdateBatch
-
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"]
-KLEstimator = Literal["k1", "k2", "k3"]
-Placement = Literal["surrogate", "ratio"]
-RatioLevel = Literal["token", "sequence"]
 
 
 class SurrogateOutput(NamedTuple):

@@ -26,11 +26,11 @@ from trgrpo.losses import old_logprobs
 from trgrpo.world import is_distributed
 
 if TYPE_CHECKING:
-    from trgrpo.agent.episodes import EpisodeStats
     from trgrpo.dynamic_sampling import GroupSelection
     from trgrpo.losses import PolicyLossOutput
     from trgrpo.rewards import RewardResult
     from trgrpo.rollout import Rollout
+    from trgrpo.rollout.base import EpisodeStats
     from trgrpo.scoring import TokenScores
     from trgrpo.update import UpdateBatch
 

@@ -23,7 +23,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from trgrpo.losses import Placement
+from trgrpo.config import Placement
 
 WeightSource = Literal["rollout", "current"]
 """Which probabilities a weight is computed from: the rollout's, or the current policy's."""

@@ -31,22 +31,13 @@ contexts are G copies of each prompt, shares one prompt prefill per group in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from trgrpo.agent.formats import make_format
 from trgrpo.agent.tools import ToolBox, run_calls
-from trgrpo.rollout.base import Rollout, RolloutEngine, SamplingConfig, encode_prompts
-
-
-class EpisodeStats(NamedTuple):
-    """Per-completion counts of a multi-turn rollout ([N] long tensors)."""
-
-    tool_calls: Tensor  # calls made (parsed or not)
-    tool_errors: Tensor  # calls that returned an error text
-    turns: Tensor  # model turns (generation calls)
+from trgrpo.rollout.base import EpisodeStats, Rollout, RolloutEngine, SamplingConfig, encode_prompts
 
 
 @dataclass

@@ -26,17 +26,15 @@ shared context) plugs into the same loop.  Multi-turn rollouts report no sampler
 from __future__ import annotations
 
 import importlib.util
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from trgrpo.agent.tools import AgentConfig
-
-if TYPE_CHECKING:
-    from trgrpo.agent.episodes import EpisodeStats
 
 VLLM_MISSING = (
     "model.sampling.engine=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or "
@@ -55,12 +53,12 @@ class VLLMConfig:
     """Share of the GPU's memory vLLM may take for its weights and KV cache (the policy, its gradients and
     optimiser states share the GPU); on CPU the KV cache is ``cpu_kv_cache_gib`` instead."""
     sleep: bool = False
-    """Sleep mode level 1 between rollouts: the KV cache is freed and the weights moved to CPU memory while
-    the policy trains, and brought back before the next rollout (GPU only)."""
+    """Sleep between rollouts (GPU only): vLLM drops its weights and KV cache while the policy trains
+    (level 2: nothing is copied to CPU memory), and each rollout wakes the weights, pushes the policy's,
+    wakes the cache, then sleeps again once at its end (every turn of a tool rollout in between)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and activations inside vLLM; auto = the policy's parameter dtype (float32 master weights under
-    ``precision: bf16-mixed``: set bfloat16 there). The sampler's log-probs then differ more from the
-    trainer's."""
+    """Weights and activations inside vLLM; auto = the dtype the trainer computes in (``trainer.precision``
+    bf16-mixed / bf16-true: bfloat16, 16-mixed: float16, otherwise the policy's parameter dtype)."""
     enforce_eager: bool = False
     """No CUDA graphs (start-up faster, decoding slower); always on for CPU."""
     max_model_len: int | None = None
@@ -96,6 +94,9 @@ class SamplingConfig:
     the same seed; or "vllm" (an in-process vLLM engine synced with the policy; settings in ``vllm``)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """Settings of the "vllm" engine (ignored by the others)."""
+    fast_cache_gib: float = 4.0
+    """Bound on the "fast" engine's KV cache: the prompts are decoded in chunks of whole groups whose cache
+    fits it (the same tokens for any bound); a group that alone exceeds it is refused."""
     ignore_eos: bool = False
     """Never sample EOS, so every completion is max_new_tokens long (fixed-length benchmarks; marks every
     completion truncated). Equivalent to ``generate(min_new_tokens=max_new_tokens)``."""
@@ -116,12 +117,22 @@ class SamplingConfig:
             raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"model.sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.fast_cache_gib <= 0:
+            raise ValueError(f"model.sampling.fast_cache_gib must be > 0, got {self.fast_cache_gib}")
         if self.engine not in get_args(EngineName):
             raise ValueError(
                 f"model.sampling.engine must be one of {sorted(get_args(EngineName))}, got {self.engine!r}"
             )
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError(VLLM_MISSING)
+
+
+class EpisodeStats(NamedTuple):
+    """Per-completion counts of a multi-turn rollout ([N] long tensors)."""
+
+    tool_calls: Tensor  # calls made (parsed or not)
+    tool_errors: Tensor  # calls that returned an error text
+    turns: Tensor  # model turns (generation calls)
 
 
 class _RolloutFields(NamedTuple):
@@ -281,6 +292,18 @@ class RolloutEngine(Protocol):
     """True when the engine reads the policy's weights one parameter at a time by itself (vLLM's sync), so
     the caller must not gather the whole sharded policy around its rollouts (ZeRO-3); False when it runs the
     policy's own forward, which needs whole weights."""
+
+    def start(
+        self, model, tokenizer, sampling: SamplingConfig, precision: str | None, local_rank: int
+    ) -> None:
+        """Bring the engine up for ``model``; every process calls it at the same point (vLLM's start and
+        first weight sync are collectives); ``precision`` is the trainer's (Lightning's setting)."""
+        ...
+
+    def serving(self, model, tokenizer, sampling: SamplingConfig) -> AbstractContextManager:
+        """One rollout's scope, entered by every process at the same points: the engine awake and holding
+        the policy's weights inside (a no-op for engines that sample with the policy itself)."""
+        ...
 
     def generate(
         self,
