@@ -1,6 +1,7 @@
 """Plot the TR-GRPO token weight against the token probability for the default parameters.
 
-    python scripts/plot_weights.py            # writes docs/tr_grpo_weight.png
+    python scripts/plot_weights.py                    # writes docs/tr_grpo_weight.png
+    python scripts/plot_weights.py --out weights.png  # elsewhere
 
 Also draws the literal transcription tau = 9 (a constant weight of 1) and Advantage Reweighting
 (alpha = 0.3) for comparison.
@@ -8,7 +9,7 @@ Also draws the literal transcription tau = 9 (a constant weight of 1) and Advant
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -43,5 +44,14 @@ def main(out: str = "docs/tr_grpo_weight.png") -> None:
     print(f"wrote {out}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options through argparse, so ``--help`` prints help instead of becoming an output file name."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", default="docs/tr_grpo_weight.png", help="PNG to write (default: %(default)s)"
+    )
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(parse_args().out)

@@ -41,6 +41,30 @@ def test_export_refuses_a_crafted_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+def test_weights_only_false_loads_a_trusted_checkpoint_file(tmp_path):
+    # the opt-out reaches the loader for a file path too: a real checkpoint plus a pickled object resumes
+    args = [
+        *arithmetic_args(),
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+    ]
+    run_cli(tmp_path, *args, "--trainer.max_steps=1")
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    marker = tmp_path / "code_ran"
+    checkpoint["payload"] = MarkerPayload(marker)
+    torch.save(checkpoint, tmp_path / "trusted.ckpt")
+    cli = run_cli(
+        tmp_path,
+        *args,
+        "--trainer.max_steps=2",
+        f"--ckpt_path={tmp_path / 'trusted.ckpt'}",
+        "--weights_only=false",
+    )
+    assert cli.trainer.global_step == 2 and marker.exists()  # resumed, the pickled object unpickled
+
+
 def test_resume_refuses_a_crafted_checkpoint_whatever_the_environment(tmp_path, monkeypatch):
     path, marker = _crafted(tmp_path)
     monkeypatch.setenv(

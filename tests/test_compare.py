@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -243,6 +245,46 @@ def test_sweep_resumes_redoes_unfinished_runs_and_survives_failures(tmp_path):
         runs[:1], _stand_in, lambda r: {"seed": r.seed, "rl_steps": 7}, heartbeat=0, say=lines.append
     )
     assert status[runs[0]] == "done"
+
+
+SWEEP_OF_SLEEPERS = """
+import sys, pathlib
+from trgrpo.compare import plan, sweep
+out = pathlib.Path(sys.argv[1])
+sleeper = (
+    "import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()));"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(120)"
+)
+command = lambda r: [sys.executable, "-c", sleeper, str(out / "child.pid")]
+sweep(plan(out, ["grpo.yaml"], [0]), command, lambda r: {}, 0, print)
+"""
+
+
+def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie (an exited child its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+def test_a_sweep_killed_with_sigkill_takes_its_run_along(tmp_path):
+    sweep_proc = subprocess.Popen([sys.executable, "-c", SWEEP_OF_SLEEPERS, str(tmp_path)], cwd=ROOT)
+    pid_file, deadline = tmp_path / "child.pid", time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert _running(child)
+    sweep_proc.kill()  # SIGKILL: no handler, no finally block runs in the sweep
+    sweep_proc.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    still = _running(child)
+    if still:
+        os.kill(child, signal.SIGKILL)
+    assert not still, "the run outlived the sweep that started it"
 
 
 def test_fit_command_pairs_seeds_and_counts_rl_steps(tmp_path):

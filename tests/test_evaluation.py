@@ -5,11 +5,17 @@ python -m pytest tests/test_evaluation.py -q
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
+from helpers import arithmetic_args, run_cli
 
+from trgrpo.checkpointing import CheckpointWriteError
 from trgrpo.evaluation import (
     EvalConfig,
     SampleRow,
@@ -132,3 +138,65 @@ def test_sample_table_markdown_and_jsonl(tmp_path):
 def test_level_sums_dtype_survives_all_reduce_shape():
     sums = level_sums({1: 0, 2: 1}, [2], [1.0], None, k=0)
     assert sums.dtype == torch.float64 and sums.shape == (2, 4)
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _fit_with_checkpoints(tmp_path: Path, steps: int) -> Path:
+    """A tiny fit validating and saving ``last.ckpt`` after every step, with the reward plot on; returns
+    the checkpoint folder."""
+    ckpt = tmp_path / "ckpt"
+    run_cli(
+        tmp_path,
+        *arithmetic_args(),
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=1",
+        "--trainer.callbacks+=trgrpo.callbacks.RewardPlot",
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=trgrpo.checkpointing.AtomicModelCheckpoint",
+        f"--trainer.callbacks.dirpath={ckpt}",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+    )
+    return ckpt
+
+
+def test_optional_artefacts_that_cannot_be_written_only_warn(tmp_path, monkeypatch, caplog):
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # the disk is full where the sample tables go
+        if self.name == "val_samples":
+            _full_disk()
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _full_disk)
+    with caplog.at_level(logging.WARNING):
+        ckpt = _fit_with_checkpoints(tmp_path, steps=2)
+    assert torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"] == 2  # training went on
+    assert "held-out sample table of step 1 not written" in caplog.text
+    assert "reward plot not written" in caplog.text
+    assert not list(tmp_path.rglob("val_samples"))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_previous(tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the first checkpoint fits on the disk, the second does not
+        if isinstance(obj, dict) and "global_step" in obj:
+            saves.append(obj["global_step"])
+            if len(saves) > 1:
+                Path(f).write_bytes(b"half a checkpoint")
+                _full_disk()
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint .*last\.ckpt.*No space"):
+        _fit_with_checkpoints(tmp_path / "run", steps=3)
+    monkeypatch.undo()
+    ckpt = tmp_path / "run" / "ckpt"
+    assert torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert not list(ckpt.glob(".*.partial"))  # the half-written file does not keep the space

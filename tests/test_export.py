@@ -7,6 +7,7 @@ computes.  Export from DeepSpeed ZeRO shards is covered in ``test_strategy_confi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,12 @@ def test_export_refuses_a_checkpoint_that_is_not_a_trgrpo_run(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a trgrpo GRPOModule checkpoint"):
         export_main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "x")])
+
+
+def test_the_readme_names_no_weights_only_switch_the_export_lacks(tmp_path, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    claim = readme[readme.index("**Checkpoints never run code.**") :].split("\n- ", 1)[0]
+    assert "fit --weights_only=false" in claim and "the export has no opt-out" in claim
+    with pytest.raises(SystemExit):  # and indeed it has none: the option is refused, not ignored
+        export_main(["--ckpt", "x.ckpt", "--out", str(tmp_path), "--weights_only=false"])
+    assert "unrecognized arguments: --weights_only=false" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from trgrpo.fastpath.sampler import fast_generation_supported
+from trgrpo.fastpath import sampler
+from trgrpo.fastpath.sampler import fast_generation_supported, kv_cache_bytes, prompts_per_chunk
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 from trgrpo.rollout import EngineName, Rollout, SamplingConfig
 from trgrpo.rollout.engines import ENGINES, FastEngine, HFEngine, generate_rollout
@@ -106,6 +107,77 @@ def test_sampled_tokens_are_identical_for_the_same_seed(tokenizer, name, samplin
     model = MODELS[name](tokenizer)
     for seed in (1, 2):
         _assert_same(*_rollouts(model, tokenizer, greedy=False, seed=seed, **sampling))
+
+
+def _group_cache_gib(model, tokenizer, group_size=3, budget=12):
+    """The fast engine's cache of one prompt group of PROMPTS (left-padded width), in GiB."""
+    width = tokenizer(PROMPTS, padding=True, return_tensors="pt").input_ids.shape[1]
+    return kv_cache_bytes(model.config, group_size, budget, 4, 1, width) / 2**30  # float32 weights
+
+
+def _fast(model, tokenizer, seed, cache_gib, greedy=False, **sampling):
+    cfg = SamplingConfig(group_size=3, max_new_tokens=12, engine="fast", fast_cache_gib=cache_gib, **sampling)
+    torch.manual_seed(seed)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, cfg, greedy=greedy)
+    return rollout, torch.rand(4)  # the next draws show where the generator was left
+
+
+@pytest.mark.parametrize(
+    "name,sampling", [("qwen2", {"temperature": 5.0}), ("qwen2_gqa", {"ignore_eos": True})], ids=str
+)
+def test_chunked_fast_cache_gives_the_same_tokens_and_leaves_the_same_random_state(tokenizer, name, sampling):
+    # 1 and 3 prompts per chunk (4 prompts: chunks of unequal size too) against one chunk of all 4; a hot
+    # temperature ends rows at different steps, so chunks stop at different steps
+    model = MODELS[name](tokenizer)
+    group = _group_cache_gib(model, tokenizer)
+    for seed in (1,):
+        whole, after = _fast(model, tokenizer, seed, 100.0, **sampling)
+        for per_chunk in (1, 3):
+            chunked, chunked_after = _fast(model, tokenizer, seed, group * (per_chunk + 0.5), **sampling)
+            _assert_same(whole, chunked)
+            assert torch.equal(after, chunked_after)
+
+
+def test_one_chunk_is_generate_and_chunks_equal_it(tokenizer):
+    # one chunk is today's draw (generate's tokens); chunked draws equal it, so chunks equal generate
+    model = _qwen2(tokenizer)
+    hf, fast = _rollouts(model, tokenizer, greedy=False, seed=3, temperature=2.0)
+    _assert_same(hf, fast)
+    _assert_same(hf, _fast(model, tokenizer, 3, _group_cache_gib(model, tokenizer) * 1.5, temperature=2.0)[0])
+
+
+def test_the_allocated_cache_stays_within_the_bound(tokenizer, monkeypatch):
+    # the completions' keys and values actually allocated per chunk, measured on the tensors _prefill makes
+    model = _qwen2(tokenizer)
+    allocated = []
+    real = sampler._prefill
+
+    def spy(*args, **kwargs):
+        logits, state = real(*args, **kwargs)
+        allocated.append(
+            sum(t.nbytes for t in state.keys + state.values + state.prefix_keys + state.prefix_values)
+        )
+        return logits, state
+
+    monkeypatch.setattr(sampler, "_prefill", spy)
+    bound = _group_cache_gib(model, tokenizer) * 2.5  # two groups fit, three do not
+    _fast(model, tokenizer, 1, bound, ignore_eos=True)
+    assert len(allocated) == 2 and max(allocated) <= bound * 2**30
+    allocated.clear()
+    _fast(model, tokenizer, 1, 100.0, ignore_eos=True)
+    assert len(allocated) == 1 and allocated[0] > bound * 2**30  # unbounded, the same rollout needs more
+
+
+def test_a_group_larger_than_the_bound_is_refused_naming_the_keys(tokenizer):
+    model = _qwen2(tokenizer)
+    ids = tokenizer(PROMPTS, padding=True, return_tensors="pt").input_ids
+    assert prompts_per_chunk(model, ids, 3, 12, None) == 4
+    with pytest.raises(ValueError) as err:
+        _fast(model, tokenizer, 1, _group_cache_gib(model, tokenizer) / 2)
+    for key in ("model.sampling.fast_cache_gib", "model.sampling.max_new_tokens", "model.sampling.engine"):
+        assert key in str(err.value)
+    with pytest.raises(ValueError, match="model.sampling.fast_cache_gib must be > 0"):
+        SamplingConfig(fast_cache_gib=0)
 
 
 def test_eos_stops_sequences_and_ignore_eos_fills_the_budget(tokenizer):

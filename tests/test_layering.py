@@ -43,11 +43,15 @@ LAYERS: dict[str, int] = {
     "evaluation": COMPONENTS,
     "checkpointing": COMPONENTS,
     "random_streams": COMPONENTS,  # the random streams a resumed run continues (the module owns them)
+    "resume": COMPONENTS,  # what a resumed run takes from its config (layout check, optimiser settings)
+    "log_folder": COMPONENTS,  # one run per log folder (a lock file with the owner's pid)
     "data": COMPONENTS,
     "callbacks": COMPONENTS,
     "progress": COMPONENTS,
     "export": COMPONENTS,  # also ``python -m trgrpo.export``, but the HFExport callback calls it
     "strategies": COMPONENTS,  # CPUDeepSpeedStrategy: ZeRO on CPU processes, for debugging and CI
+    "model_shape": COMPONENTS,  # a causal LM's shape and parameter count from its config, no weights
+    "plan": COMPONENTS,  # the run's batch and memory estimate from the parsed config (the CLI prints it)
     "module": MODULE,
     "backend": MODULE,  # the DeepSpeed glue the module delegates to (imports Lightning's strategies)
     "cli": CLI,
@@ -217,8 +221,8 @@ def _forbidden(name: str, rule: str) -> bool:
 def import_graph() -> dict[str, set[str]]:
     """module -> the modules it imports, lazy and type-only ones included.
 
-    Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b`` first, unless the importer lives inside
-    them (they are already running)."""
+    Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b`` first, unless the importer lives
+    inside them (they are already running)."""
     graph: dict[str, set[str]] = {}
     for path in _files():
         me = module_name(path)

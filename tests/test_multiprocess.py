@@ -98,9 +98,9 @@ class EngineFacts(L.Callback):
 # --------------------------------------------------------------------------- running and reading
 
 
-def launch(args: list[str], cwd: Path) -> str:
-    """``python -m trgrpo`` with ``args`` in its own process group; its output. A run that exceeds
-    ``TIMEOUT`` is killed with every process it started, and the test fails with the end of its log."""
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python -m trgrpo`` with ``args`` in its own process group (Lightning's launcher starts the other
+    processes in it), output in ``proc.stdout``."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}",
@@ -109,7 +109,7 @@ def launch(args: list[str], cwd: Path) -> str:
         "TORCH_EXTENSIONS_DIR": str(cwd / "no-jit-builds"),
     }
     cmd = [sys.executable, "-m", "trgrpo", *args]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         cwd=cwd,
         env=env,
@@ -118,13 +118,19 @@ def launch(args: list[str], cwd: Path) -> str:
         text=True,
         start_new_session=True,
     )
+
+
+def launch(args: list[str], cwd: Path, returncode: int = 0) -> str:
+    """``start`` and wait; its output. A run that exceeds ``TIMEOUT`` is killed with every process it
+    started, and the test fails with the end of its log; so does another exit status than ``returncode``."""
+    proc = start(args, cwd)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # Lightning's launcher started the other process in this group
         out, _ = proc.communicate()
         pytest.fail(f"no end after {TIMEOUT}s (a process waits in a collective?):\n{out[-6000:]}")
-    assert proc.returncode == 0, out[-8000:]
+    assert proc.returncode == returncode, out[-8000:]
     return out
 
 

@@ -9,14 +9,17 @@ also the proof that the loop needs nothing of an engine but that primitive.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 import time
 
 import pytest
 import torch
 
 import trgrpo.scoring as scoring_mod
-from trgrpo.agent.episodes import run_episodes
+from trgrpo.agent.episodes import MAX_CHARS_PER_TOKEN, fit_result, run_episodes
 from trgrpo.agent.tools import AgentConfig, ToolEnvironment
 from trgrpo.config import LossConfig
 from trgrpo.losses import GRPOLoss
@@ -67,6 +70,15 @@ def long_text(query: str) -> str:
         query: ignored.
     """
     return "x" * 200
+
+
+def huge(query: str) -> str:
+    """Two megabytes of output.
+
+    Args:
+        query: ignored.
+    """
+    return "y" * 2_000_000
 
 
 class SecretEnv(ToolEnvironment):
@@ -187,6 +199,61 @@ def test_a_tool_result_over_the_budget_is_cut_with_a_marker_then_the_episode_end
     assert _tool_spans(tokenizer, r, 0).endswith("x [truncated]</information>\n\n")
     # the second call finds no room left, not even for the wrapper: the episode ends there, truncated
     assert r.truncated.tolist() == [True] and r.episodes.tool_calls.tolist() == [2]
+
+
+class RecordingTokenizer:
+    """A tokenizer that notes the length of every text it is asked to encode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_huge_tool_result_is_cut_by_characters_before_it_is_tokenized(tokenizer):
+    recorder = RecordingTokenizer(tokenizer)
+    start = time.perf_counter()
+    ids = fit_result(recorder, "<i>", "z" * 10_000_000, "</i>", " [truncated]", room=100)
+    assert time.perf_counter() - start < 2  # the whole 10 MB would take this tokenizer over a minute
+    assert max(recorder.lengths) == MAX_CHARS_PER_TOKEN * 100  # never the 10 MB
+    assert len(ids) == 100 and tokenizer.decode(ids).endswith("zzz [truncated]</i>")
+    # a result within its budget is untouched, and one just over it is cut as before
+    assert tokenizer.decode(fit_result(tokenizer, "<i>", "abc", "</i>", " [t]", room=100)) == "<i>abc</i>"
+    cut = fit_result(tokenizer, "<i>", "z" * 200, "</i>", " [t]", room=20)
+    assert tokenizer.decode(cut) == "<i>" + "z" * 9 + " [t]</i>"  # 3 + 9 + 4 + 4 = 20 tokens
+
+
+class Stopped(Exception):
+    """Raised by the test's SIGTERM handler, with the time it ran."""
+
+
+def test_sigterm_is_acted_on_while_a_tool_returns_megabytes(model, tokenizer):
+    """The trainer's SIGTERM handler raises in the main thread, which it can only do between Python
+    instructions: a 2 MB result tokenized whole would hold it off for seconds."""
+    sent: list[float] = []
+
+    def send() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise Stopped(time.monotonic())
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    timer = threading.Timer(0.5, send)
+    try:
+        timer.start()
+        with pytest.raises(Stopped) as stopped:
+            r = _run(model, tokenizer, ["<huge>q</huge>", "<answer>x</answer>"], g=2, tools=[huge])
+            assert int(((r.completion_mask == 1) & (r.trainable_mask == 0)).sum(1).max()) <= 512
+            time.sleep(10)  # the rollout ended before the signal: it lands here
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert sent and stopped.value.args[0] - sent[0] < 2.0
 
 
 def test_calls_past_max_turns_and_a_spent_budget_end_the_episode_truncated(model, tokenizer):

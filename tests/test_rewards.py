@@ -6,6 +6,7 @@ python -m pytest tests/test_rewards.py -q
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import pytest
@@ -19,9 +20,11 @@ from trgrpo.rewards import (
     has_think_answer_format,
     integer_match,
     regex_format,
+    sandbox_call_limit,
     soft_overlong_punishment,
     think_answer_format,
 )
+from trgrpo.stats import reward_fields
 from trgrpo.tasks.knights_knaves import kk_answer_reward, kk_reward, parse_kk_answer
 from trgrpo.tasks.math_data import extract_model_answer, extract_reference, last_boxed, math_verify_reward
 
@@ -176,6 +179,34 @@ def test_math_verify_hanging_expression_is_bounded(caplog):
     assert "took longer than 1.0s" in caplog.text
 
 
+def test_slow_answers_cost_no_correct_answer_its_check(caplog):
+    """Two answers that each use their whole 1 s check (and a worker restart) ahead of a correct one, one
+    worker, and a call limit of 1.5 s: the correct answer still gets checked and scores 1, because the call's
+    limit is raised to what every answer's own 1 s needs."""
+    spec = RewardSpec(
+        fn=math_verify_reward, name="math_slow", timeout=1.5, kwargs={"timeout": 1.0, "workers": 1}
+    )
+    hang = "\\boxed{10^{10^{10}}}"
+    with caplog.at_level(logging.WARNING):
+        res = compute_rewards([spec], ["Q"] * 3, [hang, hang, "\\boxed{42}"], {"answer": ["42"] * 3})
+    assert res.total.tolist() == [0.0, 0.0, 1.0]
+    assert res.errors == 2  # the two slow answers, blamed on their own 1 s check
+    assert "took longer than 1.0s" in caplog.text and "not checked" not in caplog.text
+
+
+def test_the_call_limit_of_a_sandboxed_verifier_follows_its_per_answer_limit():
+    # 64 answers, 4 workers by default: 16 rounds of (5 s + 10 s to replace a killed worker) = 240 s
+    assert sandbox_call_limit(RewardSpec(fn=math_verify_reward), 64) == 16 * (5.0 + 10.0)
+    # a small batch keeps the configured 60 s; 0 turns the limit off; answers without a bound of their own
+    # leave the configured limit as it is
+    assert sandbox_call_limit(RewardSpec(fn=math_verify_reward), 4) == 60.0
+    assert sandbox_call_limit(RewardSpec(fn=math_verify_reward, timeout=0), 64) is None
+    unbounded = RewardSpec(fn=math_verify_reward, timeout=30, kwargs={"timeout": 0})
+    assert sandbox_call_limit(unbounded, 64) == 30
+    one = RewardSpec(fn=math_verify_reward, kwargs={"timeout": 2.0, "workers": 1})
+    assert sandbox_call_limit(one, 8) == 8 * (2.0 + 10.0)
+
+
 # --------------------------------------------------------------------------- the calling machinery
 
 
@@ -188,6 +219,22 @@ def test_none_is_left_out_of_the_mean_and_weights_apply():
     assert res.total.tolist() == [2.5, 0.0, 2.0]
     values = res.per_term["half"]
     assert values[~values.isnan()].tolist() == [1.0, 1.0]
+
+
+def test_a_term_that_applies_to_no_sample_is_logged_as_nan_not_zero():
+    def never(prompts, completions, **_):
+        return [None] * len(completions)
+
+    def half(prompts, completions, **_):
+        return [None if c == "skip" else 1.0 for c in completions]
+
+    specs = [RewardSpec(fn=never), RewardSpec(fn=half), RewardSpec(fn=exact_match)]
+    res = compute_rewards(specs, ["p"] * 4, ["a", "skip", "b", "skip"], {"answer": ["a", "a", "b", "x"]})
+    terms = reward_fields(res, group_size=2)["reward_terms"]
+    assert math.isnan(terms["train/rewards/never"]) and math.isnan(terms["train/rewards/never_std"])
+    assert terms["train/rewards/half"] == 1.0 and terms["train/rewards/half_std"] == 0.0  # mean of 2 scores
+    assert terms["train/rewards/exact_match"] == 0.5  # (1 + 0 + 1 + 0) / 4
+    assert res.total.tolist() == [2.0, 0.0, 2.0, 0.0]  # None counts 0 in the total
 
 
 def test_failing_reward_scores_failed_counts_and_logs_once(caplog):

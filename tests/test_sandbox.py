@@ -21,7 +21,7 @@ import pytest
 import sandbox_jobs
 
 from trgrpo.rewards import RewardSpec, compute_rewards
-from trgrpo.sandbox import SandboxPool
+from trgrpo.sandbox import SandboxPool, failures, time_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -146,6 +146,21 @@ def test_pool_limits_memory_kills_on_timeout_and_starts_again():
         (spun,) = pool.map("sandbox_jobs:spin", [((), {})])
         assert spun.status == "timeout" and time.perf_counter() - start < 5
         assert pool.map("sandbox_jobs:add", [((1, 2), {}), ((3, 4), {})]) == [("ok", 3, ()), ("ok", 7, ())]
+    finally:
+        pool.close()
+
+
+def test_jobs_the_call_limit_stops_are_not_blamed_on_their_own_limit():
+    pool = SandboxPool(workers=1, timeout=5.0)
+    try:
+        start = time.perf_counter()
+        with time_limit(1.0):  # the whole call's limit, shorter than one job's 5 s
+            results = pool.map("sandbox_jobs:spin", [((), {})] * 3)
+        assert time.perf_counter() - start < 4
+        assert [r.status for r in results] == ["skipped"] * 3  # cut short, then never started
+        failed, message = failures(results, ["a", "b", "c"], "spin")
+        assert failed == [0, 1, 2] and "3 answers were not (fully) checked" in message
+        assert "5.0s" not in message  # no answer is said to have used its own 5 s
     finally:
         pool.close()
 

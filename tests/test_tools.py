@@ -7,11 +7,13 @@ in the rendered prompt, JSON calls, ``tool`` messages), the Search-R1 tag format
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from test_multiturn import ScriptedEngine, lookup
 
+import trgrpo.agent.tools as tools_mod
 from trgrpo.agent.episodes import run_episodes
 from trgrpo.agent.formats import ChatFormat, TagFormat
 from trgrpo.agent.tools import AgentConfig, FunctionTools, ToolBox, ToolCall, run_calls
@@ -33,6 +35,12 @@ def tokenizer():
     tok = build_char_tokenizer()
     tok.chat_template = TOOL_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    tiny = TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    return load_model(PolicyConfig(tiny=tiny), tokenizer).eval()
 
 
 def test_schema_comes_from_type_hints_and_docstring():
@@ -61,15 +69,7 @@ def test_chat_format_renders_tools_parses_calls_and_returns_tool_messages(tokeni
     assert fmt.wrap(tokenizer) == ("\n<|tool|>", "\n<|assistant|>")
 
 
-def test_chat_format_episode_end_to_end(tokenizer):
-    model = load_model(
-        PolicyConfig(
-            tiny=TinyModelConfig(
-                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-            )
-        ),
-        tokenizer,
-    ).eval()
+def test_chat_format_episode_end_to_end(tokenizer, model):
     call = "<tool_call>" + json.dumps({"name": "lookup", "arguments": {"query": "cat"}}) + "</tool_call>"
     sampling = SamplingConfig(
         group_size=2, max_new_tokens=100, agent=AgentConfig(format="chat", tools=[lookup])
@@ -85,6 +85,29 @@ def test_chat_format_episode_end_to_end(tokenizer):
     assert r.episodes.tool_calls.tolist() == [1, 1] and not r.truncated.any()
     assert r.input_ids[0, r.prompt_len :][r.completion_mask[0].bool()][-1] == tokenizer.eos_token_id
     assert torch.equal(r.trainable_mask[0, -1:], torch.ones(1))  # the model's EOS is trained
+
+
+DEEP = '<tool_call>{"name": "lookup", "arguments": {"query": ' + "[" * 1000 + "]" * 1000 + "}}</tool_call>"
+
+
+def test_a_deeply_nested_call_is_a_malformed_call_counted_and_logged_once(
+    tokenizer, model, monkeypatch, caplog
+):
+    """A 1000-deep JSON call makes the JSON parser raise RecursionError: an error text for the model, like
+    any call that cannot be parsed, and the rollout goes on."""
+    call = ChatFormat(FunctionTools([lookup]).tools()).parse(DEEP)
+    assert call.name == "" and call.error.startswith("malformed tool call") and "recursion" in call.error
+    monkeypatch.setattr(tools_mod, "_said", set())  # as in a fresh process
+    good = "<tool_call>" + json.dumps({"name": "lookup", "arguments": {"query": "cat"}}) + "</tool_call>"
+    agent = AgentConfig(format="chat", tools=[lookup], max_turns=3, max_tool_tokens=2000)
+    sampling = SamplingConfig(group_size=2, max_new_tokens=5000, agent=agent)
+    engine = ScriptedEngine([DEEP, DEEP, good, "a pet<eos>"])
+    with caplog.at_level(logging.WARNING, logger="trgrpo.agent.tools"):
+        r = run_episodes(engine, model, tokenizer, ["What is a cat?"], sampling, 2, False)
+    assert r.episodes.tool_calls.tolist() == [3, 3] and r.episodes.tool_errors.tolist() == [2, 2]
+    assert r.completions[0].endswith("def:cat\n<|assistant|>a pet") and not r.truncated.any()
+    said = [m for m in caplog.messages if "could not be parsed" in m]
+    assert len(said) == 1 and "malformed tool call" in said[0]  # four unparsable calls, said once
 
 
 def test_tag_format_parses_search_r1_calls_and_answers():

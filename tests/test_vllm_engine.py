@@ -10,6 +10,8 @@ supports head sizes 32, 64, 80, ...: the tiny model here has hidden_size 64 and 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -222,7 +224,9 @@ def test_the_module_never_gathers_the_whole_policy_for_the_vllm_engine():
     for name in ("fast", "vllm"):
         module = GRPOModule(sampling=SamplingConfig(engine=name))
         module.backend, module.policy_model = RecordingBackend(), torch.nn.Linear(1, 1)
+        module._tokenizer = object()
         module.engine = make_engine(module.sampling)  # what configure_model builds
+        module.engine.serving = lambda *args: contextlib.nullcontext()  # no vLLM for a Linear policy
         with module.generation_weights():
             pass
     assert handed[0] is not None and handed[1] is None
@@ -244,7 +248,6 @@ def test_ignore_eos_never_samples_or_stops_at_eos():
 def test_the_engine_starts_once_and_owns_its_optimiser_hook(monkeypatch):
     """vLLM starts on the first use only; one optimiser hook per started engine marks it stale, and goes with
     ``close`` (or with the engine, when a dropped engine is collected).  vLLM itself is stood in for."""
-    import contextlib
     import gc
 
     import vllm.distributed.parallel_state as parallel_state
@@ -255,16 +258,19 @@ def test_the_engine_starts_once_and_owns_its_optimiser_hook(monkeypatch):
     started, synced, cleaned = [], [], []
 
     class StandIn:
-        def __init__(self, model, tokenizer, cfg):
+        sleeps = asleep = False
+
+        def __init__(self, model, tokenizer, cfg, dtype, local_rank):
             started.append(model)
             self.llm = object()
 
         def sync(self, model):
             synced.append(model)
 
-        @contextlib.contextmanager
-        def awake(self):
-            yield self.llm
+        def wake_weights(self):
+            pass
+
+        wake_cache = wake_weights
 
     monkeypatch.setattr(vllm_engine, "SharedEngine", StandIn)
     monkeypatch.setattr(parallel_state, "cleanup_dist_env_and_memory", lambda: cleaned.append(True))
@@ -292,3 +298,85 @@ def test_the_engine_starts_once_and_owns_its_optimiser_hook(monkeypatch):
     assert len(hooks) == before + 1
     engine.close()
     assert len(hooks) == before and engine.shared is None and engine.stale and cleaned == [True]
+
+
+def test_auto_dtype_is_the_trainers_compute_dtype():
+    """bf16-mixed trains float32 master weights but computes in bfloat16: so does vLLM (not float32)."""
+    from trgrpo.rollout.vllm import serving_dtype
+
+    f32 = torch.float32
+    assert serving_dtype("auto", "bf16-mixed", f32) == torch.bfloat16
+    assert serving_dtype("auto", "16-mixed", f32) == torch.float16
+    assert serving_dtype("auto", "32-true", f32) == f32 and serving_dtype("auto", None, f32) == f32
+    assert serving_dtype("auto", "bf16-true", torch.bfloat16) == torch.bfloat16
+    assert serving_dtype("float32", "bf16-mixed", f32) == f32  # an explicit setting wins
+
+
+class RecordingLLM:
+    """Stands in for ``vllm.LLM`` with sleep mode: records the calls, completes every request with EOS."""
+
+    calls: list = []
+
+    def __init__(self, **kwargs) -> None:
+        self.calls.append(("LLM", kwargs["dtype"], kwargs["enable_sleep_mode"]))
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.calls.append(("wake_up", *tags))
+
+    def collective_rpc(self, method: str, kwargs: dict) -> None:
+        self.calls.append((method, sum(1 for _ in kwargs["weights_iterator"]) > 0))
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, requests, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls.append(("generate", len(requests)))
+        eos = params[0].stop_token_ids
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=eos, logprobs=None)]) for _ in requests]
+
+
+def test_sleep_mode_wakes_in_order_and_sleeps_once_per_rollout(policy, monkeypatch):
+    """Free the trainer's cache, wake the weights, push them, wake the KV cache, generate every turn, then
+    sleep once at level 2; vLLM starts in the trainer's compute dtype and sleeps until the first rollout."""
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # sleep mode is for GPUs
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: RecordingLLM.calls.append(("empty_cache",)))
+    monkeypatch.setattr(RecordingLLM, "calls", [])
+    model, tok = policy
+    sampling = SamplingConfig(engine="vllm", group_size=2, vllm=VLLMConfig(sleep=True))
+    engine = VLLMEngine()
+    engine.start(model, tok, sampling, precision="bf16-mixed", local_rank=0)
+    rollout = [("empty_cache",), ("wake_up", "weights"), ("reload_weights", True), ("wake_up", "kv_cache")]
+    assert RecordingLLM.calls == [("LLM", "bfloat16", True), ("sleep", 2), *rollout, ("sleep", 2)]
+    RecordingLLM.calls.clear()
+    ctx = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    with engine.serving(model, tok, sampling):  # one multi-turn rollout: two turns
+        for _ in range(2):
+            engine.continue_contexts(model, tok, ctx, sampling, [4, 4, 4], [], False)
+    # level 2 dropped the weights: pushed again, though no optimiser step made them stale
+    assert RecordingLLM.calls == [*rollout, ("generate", 3), ("generate", 3), ("sleep", 2)]
+
+
+def test_launcher_environment_comes_from_the_process_group(tmp_path, monkeypatch):
+    """Lightning's launcher and SLURM leave RANK unset; vLLM's external launcher reads it."""
+    from trgrpo.rollout.vllm import set_launcher_environment
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "7")  # stale: the process group wins
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ours = not torch.distributed.is_initialized()  # an engine of this file may have left vLLM's world of one
+    if ours:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/g", rank=0, world_size=1)
+    try:
+        set_launcher_environment(local_rank=3)
+    finally:
+        if ours:
+            torch.distributed.destroy_process_group()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "3")

@@ -29,6 +29,8 @@ from torch import Tensor
 from trgrpo.config import OptimConfig
 from trgrpo.world import is_distributed
 
+MIN_DEEPSPEED = "0.19.4"  # the first release with managed_gradient_accumulation (caller-owned boundaries)
+
 
 def all_reduce_sum(value: Tensor) -> Tensor:
     """``value`` summed over every process (a copy; the value itself without a process group)."""
@@ -92,13 +94,46 @@ class PlainBackend:
         return norm
 
 
+def check_deepspeed_version() -> None:
+    """Refuse a DeepSpeed older than ``MIN_DEEPSPEED``: it ignores ``managed_gradient_accumulation`` without
+    a word and would reduce and step after every micro-batch."""
+    import deepspeed
+    from packaging.version import Version
+
+    if Version(deepspeed.__version__) < Version(MIN_DEEPSPEED):
+        raise RuntimeError(
+            f"trainer.strategy: DeepSpeed {deepspeed.__version__} is installed, the RL step needs "
+            f">= {MIN_DEEPSPEED} (managed_gradient_accumulation: false): "
+            f"pip install 'deepspeed>={MIN_DEEPSPEED}'"
+        )
+
+
+def check_engine(engine) -> None:
+    """The built engine does what the RL step relies on: caller-owned accumulation boundaries and float32
+    gradient accumulation (a config key it does not know would be ignored silently)."""
+    managed = getattr(engine, "managed_gradient_accumulation", None)
+    if managed is None or managed():
+        raise RuntimeError(
+            "trainer.strategy: the DeepSpeed engine manages gradient accumulation itself "
+            f"(managed_gradient_accumulation is not false); DeepSpeed >= {MIN_DEEPSPEED} is needed"
+        )
+    accum = engine.get_data_types()[1]
+    if accum != torch.float32:
+        raise RuntimeError(
+            f"trainer.strategy: DeepSpeed accumulates gradients in {accum}, not float32 "
+            "(data_types.grad_accum_dtype in the DeepSpeed config)"
+        )
+
+
 class DeepSpeedBackend(PlainBackend):
     """DeepSpeed ZeRO under Lightning's strategy, driven by the RL step's manual optimisation.
 
     Several ``manual_backward`` calls (micro-batches) accumulate locally and one ``opt.step()`` reduces,
     clips and steps (``managed_gradient_accumulation: false``: the caller owns the boundary, and the loss is
-    not divided by gradient_accumulation_steps); clipping is DeepSpeed's, from ``optim.grad_clip``.  Built
-    before the models, it adapts the strategy's config for that.
+    not divided by gradient_accumulation_steps); clipping is DeepSpeed's, from ``optim.grad_clip``; gradients
+    accumulate and are reduced in float32 under bf16, as DDP's are.  Built before the models, it adapts the
+    strategy's config for that (refusing a DeepSpeed older than ``MIN_DEEPSPEED``), and at the policy's first
+    forward it checks that the engine took those settings.
 
     Args:
         strategy: Lightning's DeepSpeed strategy (its config formatted, not yet used).
@@ -119,12 +154,19 @@ class DeepSpeedBackend(PlainBackend):
         self.backward = backward
         self.token_id = token_id
         self._hf_ds_config = None
+        self._engine_checked = False
         self._configure(optim)
 
     def _configure(self, optim: OptimConfig) -> None:
         """Adapt the DeepSpeed config (already formatted by Lightning, not yet used) to the manual RL step."""
+        check_deepspeed_version()
         cfg = self.strategy.config
         cfg["managed_gradient_accumulation"] = False
+        # Under bf16 DeepSpeed would otherwise sum the micro-batches' gradients and reduce them over the
+        # processes in bf16 (8 mantissa bits; a K&K step sums 64 micro-batches).  DDP's bf16-mixed keeps
+        # float32 gradients: accumulate and reduce in float32 here too, unless the config says otherwise.
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        cfg.setdefault("communication_data_type", "fp32")
         cfg["zero_allow_untested_optimizer"] = True
         cfg["gradient_clipping"] = optim.grad_clip or 0.0
         if self.strategy.zero_stage_3:
@@ -143,6 +185,9 @@ class DeepSpeedBackend(PlainBackend):
         """
 
         def start_micro_step(module, args) -> None:
+            if not self._engine_checked:  # the first forward: the engine exists, no gradient does yet
+                check_engine(self.strategy.deepspeed_engine)
+                self._engine_checked = True
             optimizer = optimizer_of()
             if hasattr(optimizer, "clear_backward_seen_flag"):
                 optimizer.clear_backward_seen_flag()
@@ -225,4 +270,13 @@ def training_backend(
     return PlainBackend(optim.grad_clip)
 
 
-__all__ = ["DeepSpeedBackend", "PlainBackend", "all_gather_objects", "all_reduce_sum", "training_backend"]
+__all__ = [
+    "MIN_DEEPSPEED",
+    "DeepSpeedBackend",
+    "PlainBackend",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "check_deepspeed_version",
+    "check_engine",
+    "training_backend",
+]

@@ -170,7 +170,8 @@ class SupervisedWarmStart(L.Callback):
 class RewardPlot(L.Callback):
     """Write ``reward_accuracy.png`` (train reward and held-out accuracy against step) to the log folder.
 
-    Drawn at the end of fit, after the final held-out evaluation, so the last accuracy point is on it.
+    Drawn at the end of fit, after the final held-out evaluation, so the last accuracy point is on it.  The
+    plot is optional: one that cannot be written (a full disk, a read-only folder) is a warning, not an error.
     """
 
     def __init__(self, filename: str = "reward_accuracy.png") -> None:
@@ -199,9 +200,14 @@ class RewardPlot(L.Callback):
             ax2.set_ylim(0, 1)
         ax.set_title(f"{type(pl_module.weighting).__name__}: reward and held-out accuracy")
         fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=120)
+        except OSError as err:  # an optional artefact: a full disk or read-only folder must not fail the fit
+            log.warning("reward plot not written to %s (%s)", out, err)
+            return
+        finally:
+            plt.close(fig)
         print(f"plot written to {out}", flush=True)
 
 

@@ -14,8 +14,9 @@ resumable checkpoint (the CLI adds it to every run and exits with status ``EXIT_
 
 The random streams a resumed run must continue have their own home (``trgrpo.random_streams``, owned by
 ``GRPOModule``).  ``check_policy_matches`` / ``check_state_shapes`` refuse a checkpoint of another model
-before anything is loaded.  The data position is the sampler's job
-(``trgrpo.data.ResumableSampler``).
+before anything is loaded, and when fitting ``trgrpo.resume.check_update_layout`` refuses other optimiser
+updates per RL step; every other changed setting is named in a warning and taken from the run's config.  The
+data position is the sampler's job (``trgrpo.data.ResumableSampler``).
 
     trainer:
       callbacks:
@@ -44,6 +45,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trgrpo.random_streams import RandomStreams
+from trgrpo.resume import check_update_layout, flatten_settings
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,33 @@ def publish(partial: Path, final: Path) -> None:
         _remove(previous)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the previous file under its name is intact."""
+
+
+@contextmanager
+def stop_on_failed_write(final: Path, partial: Path) -> Iterator[None]:
+    """Turn a failed checkpoint write into one clear error naming the file, after removing the half-written
+    partial (it holds the space a full disk lacks); training cannot go on without its checkpoints."""
+    try:
+        yield
+    except Exception as err:
+        _remove(partial)
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {final} ({type(err).__name__}: {err}); the run stops here "
+            f"and the previous {final.name}, if any, is kept intact"
+        ) from err
+
+
 def write_atomically(final: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Single-process form: ``write(partial)`` then publish;
     a crash inside ``write`` leaves ``final`` as it was."""
     final, partial = Path(final), partial_path(final)
     _remove(partial)
     final.parent.mkdir(parents=True, exist_ok=True)
-    write(partial)
-    publish(partial, final)
+    with stop_on_failed_write(final, partial):
+        write(partial)
+        publish(partial, final)
 
 
 def remove_stale_partials(folder: str | os.PathLike) -> None:
@@ -127,10 +148,30 @@ class StagedCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if path.name.startswith(".") and path.name.endswith(".partial"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, path)
+            with stop_on_failed_write(path.with_name(path.name[1 : -len(".partial")]), path):
+                torch.save(checkpoint, path)
             return None
         write_atomically(path, lambda partial: torch.save(checkpoint, partial))
         return None
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        """Lightning's load, with a truncated or foreign file refused by name (torch's message omits the
+        file; a dict without Lightning's version key fails later as a bare ``KeyError``)."""
+        try:
+            checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError) as err:  # not UnpicklingError: weights_only's refusal says enough
+            raise ValueError(
+                f"--ckpt_path {path}: cannot read the checkpoint, truncated or corrupted? "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+            keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            raise ValueError(
+                f"--ckpt_path {path}: not a checkpoint written by a Lightning run (no "
+                f"'pytorch-lightning_version'; it holds {keys}); resume from a .ckpt that fit saved, or load "
+                "plain weights as model.policy.name_or_path"
+            )
+        return checkpoint
 
 
 def use_staged_checkpoint_io(strategy) -> None:
@@ -227,16 +268,26 @@ def check_state_shapes(state: dict | None, current: dict[str, tuple]) -> None:
 
 def check_checkpoint_fits(checkpoint: dict, module) -> None:
     """Both checks above for a ``GRPOModule`` (its policy config, its parameters' shapes; ZeRO-3 shards report
-    their full shape in ``ds_shape``), the frozen reference left out."""
+    their full shape in ``ds_shape``), the frozen reference left out; when fitting, the update layout too
+    (``check_update_layout``).  Every other setting that differs from the checkpoint's is named in a warning:
+    this run's value is the one used."""
     policy = module.policy_cfg
-    check_policy_matches(
-        checkpoint.get("hyper_parameters", {}).get("policy"),
-        dataclasses.asdict(policy),
-        from_hub=bool(policy.name_or_path),
-    )
+    saved = checkpoint.get("hyper_parameters") or {}
+    check_policy_matches(saved.get("policy"), dataclasses.asdict(policy), from_hub=bool(policy.name_or_path))
     current = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("ref_model.")}
     current.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape")})
     check_state_shapes(checkpoint.get("state_dict"), current)
+    old, new = flatten_settings(saved), flatten_settings(dict(module.hparams))
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        check_update_layout(old, new)
+    same = old.keys() & new.keys()
+    changed = [f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(same) if old[k] != new[k]]
+    if changed:
+        log.warning(
+            "--ckpt_path: this run's settings differ from the checkpoint's, and this run's are used: %s",
+            "; ".join(changed),
+        )
 
 
 # --------------------------------------------------------------------------- SIGTERM
@@ -281,7 +332,12 @@ class SigtermHandler(L.Callback):
       samples what the uninterrupted one would have.
     - The run ends with Lightning's ``SIGTERMException``; ``trgrpo.cli.main`` exits with ``EXIT_SIGTERM``.
 
-    With several processes the step is always finished (Lightning stops every process after the same step).
+    With several processes a SIGTERM only notes itself: at the start of the next step every process asks
+    whether any of them got one (a single all-reduce, at the same point on all), and if so all abandon that
+    step together and save as above.  Lightning's own handler is replaced (before the sanity check and at the
+    start of training) because it broadcasts from inside the signal handler: a collective at a different
+    point on every process, which pairs with whatever collective the others run next (a 2-process run hangs
+    there).  A SIGTERM during the last step lets the run end as usual.
     Without the CLI, add the callback and wrap ``trainer.fit`` in ``handler.installed()``.
     """
 
@@ -313,7 +369,7 @@ class SigtermHandler(L.Callback):
     def on_sigterm(self, signum, frame) -> None:
         self.signals += 1
         if self.saving or self._world > 1:
-            return  # already stopping; or Lightning stops every process after this step
+            return  # already stopping; or every process stops before the next step (on_train_batch_start)
         if self.abandonable or self.signals > 1:
             log.warning(
                 "SIGTERM: stopping now (%s)",
@@ -333,12 +389,25 @@ class SigtermHandler(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         self._reset(trainer.world_size)
 
+    def _take_over_sigterm(self) -> None:
+        """With several processes, this handler alone for SIGTERM (in place of Lightning's, registered
+        before the sanity check and restored by Lightning at teardown)."""
+        if self._world > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._take_over_sigterm()
+
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._start_step = trainer.global_step
+        self._take_over_sigterm()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         self._rng = self._streams(pl_module).capture()
         self.abandonable, self.updating = True, False
+        if self._world > 1 and trainer.strategy.reduce_boolean_decision(self.signals > 0, all=False):
+            log.warning("SIGTERM (on process %d or another): stopping before this step", trainer.global_rank)
+            raise Preempted()
 
     def _enter_update(self) -> None:
         self.abandonable, self.updating = False, True
@@ -384,7 +453,9 @@ class SigtermHandler(L.Callback):
             if isinstance(callback, ModelCheckpoint):
                 path = save_for_resume(callback, trainer)
                 log.warning(
-                    "SIGTERM: checkpoint of step %d written to %s (resume with --ckpt_path %s)",
+                    "SIGTERM: process %d saved its part of the checkpoint of step %d to %s "
+                    "(resume with --ckpt_path %s)",
+                    trainer.global_rank,
                     trainer.global_step,
                     path,
                     "last" if callback.save_last else path,

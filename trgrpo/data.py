@@ -130,6 +130,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
         self.dynamic_sampling = dynamic_sampling
         self.splits: dict[str, list[dict]] = {}
+        self.prompt_tokens: dict[str, list[int]] = {}  # split -> tokens of each kept prompt
         self._tokenizer_source: Callable[[], object] | None = None
 
     def connect(self, tokenizer) -> None:
@@ -169,21 +170,21 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_split(self, split: str, tokenizer) -> list[dict]:
         """Rows of a split with ``prompt`` rendered to text; over-long prompts dropped and counted."""
-        rows, dropped = [], 0
+        rows, dropped, lengths = [], 0, []
         for i, row in enumerate(self.task.rows(split)):
             prompt = row.get("prompt")
             if not prompt or not isinstance(prompt, (str, list)):
                 raise ValueError(f"data.task: {split} row {i} has an empty or non-string prompt: {prompt!r}")
             text = self.render(prompt, tokenizer)
-            if (
-                self.max_prompt_tokens
-                and len(tokenizer(text, add_special_tokens=False).input_ids) > self.max_prompt_tokens
-            ):
+            length = len(tokenizer(text, add_special_tokens=False).input_ids)
+            if self.max_prompt_tokens and length > self.max_prompt_tokens:
                 dropped += 1
                 continue
+            lengths.append(length)
             rows.append(
                 {**row, "prompt": text, "raw_prompt": prompt if isinstance(prompt, str) else str(prompt)}
             )
+        self.prompt_tokens[split] = lengths
         if dropped:
             log.warning(
                 "dropped %d of %d %s prompts longer than data.max_prompt_tokens=%d",
@@ -195,6 +196,26 @@ class PromptDataModule(L.LightningDataModule):
         if not rows:
             raise ValueError(f"data.task: the {split} split has no usable rows")
         return rows
+
+    def check_positions(self, max_new_tokens: int, positions: int | None) -> None:
+        """Warn when a prompt plus ``max_new_tokens`` outgrows the policy's ``positions``
+        (``max_position_embeddings``): nothing fails, but those tokens sit at positions it never learned."""
+        if not positions:
+            return
+        for split, lengths in self.prompt_tokens.items():
+            over = sum(1 for n in lengths if n + max_new_tokens > positions)
+            if over:
+                log.warning(
+                    "%d of %d %s prompts (longest %d tokens) plus model.sampling.max_new_tokens=%d exceed "
+                    "the policy's %d positions (max_position_embeddings); lower data.max_prompt_tokens "
+                    "(longer prompts are dropped) or model.sampling.max_new_tokens",
+                    over,
+                    len(lengths),
+                    split,
+                    max(lengths),
+                    max_new_tokens,
+                    positions,
+                )
 
     def setup(self, stage: str) -> None:
         tok = self._tokenizer()

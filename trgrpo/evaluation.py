@@ -15,13 +15,15 @@ with multi-turn rollouts also ``val/tool_calls`` (mean tool calls per greedy com
 scores a task gives through an optional ``eval_scores(completions, rows) -> {name: [score]}`` (the QA tasks:
 ``val/em``, ``val/f1``), the same way.
 A few prompts with their completions and rewards go to ``<log_dir>/val_samples/step_<N>.md`` (and
-``.jsonl``) at every validation.
+``.jsonl``) at every validation; like every optional artefact of a run, a table that cannot be written (a
+full disk, a read-only folder) is a warning and training goes on (``save_sample_table``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from torch import Tensor
 
 from trgrpo.rewards import batch_rows, collate_rows, compute_rewards, reward_columns
 from trgrpo.rollout.engines import generate_rollout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,6 +175,20 @@ def write_sample_table(directory: str | Path, step: int, rows: Sequence[SampleRo
     with jl.open("w") as f:
         for r in rows:
             f.write(json.dumps(r._asdict(), default=str) + "\n")
+    return md
+
+
+def save_sample_table(directory: str | Path, step: int, rows: Sequence[SampleRow]) -> Path | None:
+    """``write_sample_table`` during a run: the table is an optional artefact, so a failed write (a full
+    disk, a read-only folder) is logged as a warning and returns None instead of ending training."""
+    try:
+        md = write_sample_table(directory, step, rows)
+    except OSError as err:
+        log.warning(
+            "held-out sample table of step %d not written to %s (%s); training goes on", step, directory, err
+        )
+        return None
+    log.info("held-out samples written to %s", md)
     return md
 
 

@@ -13,13 +13,14 @@ the CPU with DeepSpeed's ``zero_to_fp32``), needing no GPU::
     python -m trgrpo.export --ckpt logs/run/version_0/checkpoints/last.ckpt --out exported/ [--merge_lora]
         [--dtype bfloat16] [--config logs/run/version_0/config.yaml]
 
-At the end of fit, with the ``trgrpo.callbacks.HFExport`` callback.
+At the end of fit, with the ``trgrpo.callbacks.HFExport`` callback; under ZeRO-3 the processes gather the
+shards module by module into one state dict on rank 0 (no checkpoint is written, no optimizer state read).
 
 A checkpoint file is read with ``torch.load(weights_only=True)``: tensors and plain data only, so a crafted
 ``.ckpt`` cannot run code (it is refused with an error).  A DeepSpeed folder is consolidated by DeepSpeed's
-own reader, which unpickles: export only DeepSpeed folders you wrote.  Scratch files (the consolidated
-checkpoint, the ZeRO-3 shards of ``HFExport``) live in hidden folders next to the output, never in ``/tmp``,
-and one a killed export left is replaced by the next.
+own reader, which unpickles: export only DeepSpeed folders you wrote.  The consolidated checkpoint is
+scratch in a hidden folder next to the output, never in ``/tmp``, and one a killed export left is replaced
+by the next.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import copy
 import dataclasses
 import pickle
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -242,41 +243,83 @@ def export_checkpoint(
     )
 
 
+@contextmanager
+def _without_zero3_construction() -> Iterator[None]:
+    """transformers builds plain models inside, although a ZeRO-3 run registered its config (it would
+    otherwise build a sharded model, a collective, on rank 0 alone)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def gather_zero3_state_dict(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The whole weights of a ZeRO-3 sharded ``model``, gathered one module at a time onto every process
+    and copied to CPU memory where ``keep`` (rank 0); ``{}`` elsewhere.  Every process must call it.
+
+    The peak extra GPU memory is one module's full weights, and no optimizer state is touched (a
+    checkpoint would write all of it first).  Tied weights appear under each of their names, as in
+    ``state_dict()``; persistent buffers (never sharded) are copied as they are.
+    """
+    import deepspeed
+
+    names: dict[int, list[str]] = {}  # id(param) -> every name it has (tied weights have several)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    done: set[int] = set()
+    for module in model.modules():  # the same order on every process: the gathers pair up
+        own = [p for p in module.parameters(recurse=False) if id(p) not in done]
+        if not own:
+            continue
+        done.update(id(p) for p in own)
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            if keep:
+                for param in own:
+                    for name in names[id(param)]:
+                        state[name] = param.detach().to("cpu", copy=True)
+    if keep:
+        state.update({name: buf.detach().cpu() for name, buf in model.named_buffers()})
+    return state
+
+
+def _plain_policy(module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded) CPU copy of the module's policy holding ``state``, built as training built it."""
+    with _without_zero3_construction():
+        model = load_model(module.policy_cfg, module.tokenizer)
+    wanted = model.state_dict()  # persistent buffers only: the gathered non-persistent ones are dropped
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+    return model
+
+
 def export_from_trainer(
     trainer, module, out: str | Path, merge_lora: bool = False, dtype: str | None = None
 ) -> None:
-    """Export the module's current policy; every process must call this (ZeRO-3 writes its shards first)."""
+    """Export the module's current policy; every process must call this.
+
+    Under ZeRO-3 the weights exist only as shards: every process takes part in gathering them module by
+    module into one state dict on rank 0 (no checkpoint, no optimizer state), and rank 0 writes the folder
+    from a plain copy of the policy while the others wait at the closing barrier.
+    """
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     out = Path(out)
-    run_config = Path(trainer.log_dir or "") / "config.yaml" if trainer.log_dir else None
+    log_dir = trainer.log_dir  # a collective: read on every process
+    run_config = Path(log_dir) / "config.yaml" if log_dir else None
+    model = module.policy_model
     if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
-        # the weights exist only as shards: write a checkpoint and consolidate it in a clean process
-        shards = out.with_name(f".{out.name}.zero3")
-        if trainer.is_global_zero:
-            shutil.rmtree(shards, ignore_errors=True)  # left by an export that was killed
-        trainer.strategy.barrier("HFExport.clean")
-        trainer.save_checkpoint(shards, weights_only=True)
-        if trainer.is_global_zero:
-            cmd = [sys.executable, "-m", "trgrpo.export", "--ckpt", str(shards), "--out", str(out)]
-            cmd += ["--merge_lora"] * merge_lora + (["--dtype", dtype] if dtype else [])
-            cmd += ["--config", str(run_config)] if run_config and run_config.is_file() else []
-            subprocess.run(cmd, check=True)
-            shutil.rmtree(shards)
-        trainer.strategy.barrier("HFExport")
-        return
+        state = gather_zero3_state_dict(model, keep=trainer.is_global_zero)
+        model = _plain_policy(module, state) if trainer.is_global_zero else None
     if trainer.is_global_zero:
         config = (
             run_config.read_text() if run_config and run_config.is_file() else {"model": dict(module.hparams)}
         )
         export_policy(
-            module.policy_model,
-            module.tokenizer,
-            out,
-            config,
-            merge_lora=merge_lora,
-            dtype=dtype,
-            step=trainer.global_step,
+            model, module.tokenizer, out, config, merge_lora=merge_lora, dtype=dtype, step=trainer.global_step
         )
     trainer.strategy.barrier("HFExport")
 

@@ -23,7 +23,9 @@ run continues in ``trgrpo.random_streams`` (one ``RandomStreams``, owned here).
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +39,7 @@ from trgrpo.checkpointing import check_checkpoint_fits
 from trgrpo.config import LossConfig, OptimConfig
 from trgrpo.diagnostics import GradBuckets, check_edges
 from trgrpo.dynamic_sampling import GroupFilter, apply_dynamic_sampling
-from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, write_sample_table
+from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, save_sample_table
 from trgrpo.losses import GRPOLoss, old_logprobs
 from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
 from trgrpo.progress import rl_steps_done
@@ -46,7 +48,7 @@ from trgrpo.rewards import RewardResult, RewardSpec, batch_rows, compute_rewards
 from trgrpo.rollout import Rollout, SamplingConfig
 from trgrpo.rollout.engines import generate_rollout, make_engine
 from trgrpo.scoring import TokenScorer
-from trgrpo.stats import StepStats, StepTimings, UpdateStats
+from trgrpo.stats import ProcessReduce, StepStats, StepTimings, UpdateStats
 from trgrpo.update import UpdateBatch, UpdateInputs, UpdatePlan
 from trgrpo.weighting import TokenWeighting, UniformWeighting
 from trgrpo.world import trainer_world_size
@@ -147,6 +149,21 @@ class GRPOModule(L.LightningModule):
         if stage == "fit" and self.plan is not None:
             self.plan = self._plan(self.plan.sequences // self.plan.group_size)  # now with the world size
 
+    def on_fit_start(self) -> None:
+        # every process ran seed_everything with the same seed: give each its own sampling stream, after the
+        # model is built (a tiny model's random init stays the run seed's) and before anything samples
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        self.random_streams.derive_for_process(
+            int(seed) if seed is not None else torch.initial_seed(), self.global_rank
+        )
+        # every process brings its engine up here, together: vLLM's start, its first weight sync and ZeRO-3's
+        # gathers are collectives, which a rollout one process skips (no held-out prompt) leaves unmatched
+        if self.trainer.datamodule is not None and hasattr(self.trainer.datamodule, "check_positions"):
+            positions = getattr(self.policy_model.config, "max_position_embeddings", None)
+            self.trainer.datamodule.check_positions(self.sampling.max_new_tokens, positions)
+        engine_args = (self.policy_model, self.tokenizer, self.sampling)
+        self.engine.start(*engine_args, precision=str(self.trainer.precision), local_rank=self.local_rank)
+
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference) here, so ZeRO-3 shards them while they are created."""
         if self.policy_model is not None:
@@ -165,7 +182,7 @@ class GRPOModule(L.LightningModule):
             self.loss_cfg.beta > 0 and self.policy_cfg.lora is None
         ):  # LoRA: the reference is the adapter-free base
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
-        self.engine = make_engine(self.sampling)  # the run's one sampler (vLLM starts on the first rollout)
+        self.engine = make_engine(self.sampling)  # the run's one sampler (vLLM starts in on_fit_start)
         self.evaluator.use_engine(self.engine)
 
     def configure_optimizers(self):
@@ -188,10 +205,17 @@ class GRPOModule(L.LightningModule):
     def on_before_backward(self, loss: Tensor) -> None:
         self.backend.note_backward()
 
+    @contextmanager
     def generation_weights(self):
-        """Whole policy weights for sampling (ZeRO-3 gathers them); a no-op otherwise and for an engine that
-        gathers them itself (vLLM's sync, one parameter at a time)."""
-        return self.backend.generation_weights(None if self.engine.gathers_own_weights else self.policy_model)
+        """Whole policy weights for sampling (ZeRO-3 gathers them; not for an engine that gathers them itself,
+        vLLM's sync one parameter at a time), and the engine awake and in sync: every process enters it at
+        the same points, since both can be collectives."""
+        gather = None if self.engine.gathers_own_weights else self.policy_model
+        with (
+            self.backend.generation_weights(gather),
+            self.engine.serving(self.policy_model, self.tokenizer, self.sampling),
+        ):
+            yield
 
     # ------------------------------------------------------------------ the RL step
 
@@ -296,6 +320,7 @@ class GRPOModule(L.LightningModule):
             groups=groups,
             rl_step=rl_steps_done(self.trainer) + 1,
             previous=self.last_stats,
+            processes=ProcessReduce.current(self.device),
         )
         self.last_stats = stats
         n = len(rewards.total)
@@ -332,10 +357,7 @@ class GRPOModule(L.LightningModule):
         # Trainer.log_dir broadcasts rank 0's folder, a collective: every process asks, then rank 0 writes
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "val_samples"
         if self.evaluator.table and self.trainer.is_global_zero:
-            log.info(
-                "held-out samples written to %s",
-                write_sample_table(folder, self.global_step, self.evaluator.table),
-            )
+            save_sample_table(folder, self.global_step, self.evaluator.table)  # a failed write only warns
         self.random_streams.put_back()  # before any on_validation_end: a checkpoint saved there has them
 
     def evaluate_heldout(self, loader) -> HeldoutResult:

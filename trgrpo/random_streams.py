@@ -10,6 +10,13 @@ when it abandons the step, and the module sets the streams aside around validati
     checkpoint["trgrpo"]["rng"] = streams.gather(world)   # one entry per process, in rank order
     streams.resume_from(checkpoint["trgrpo"]["rng"], rank, world)
     streams.restore_pending()                              # right before the first step after resume
+    streams.derive_for_process(seed, rank)                 # once, when training starts: one stream a process
+
+Every process runs ``seed_everything`` with the same seed, so without ``derive_for_process`` the sampling
+noise (the ``fast`` / ``hf`` engines' draws, vLLM's per-request seeds) would repeat on every process and
+the global batch would hold copies of one process's samples.  Rank 0 keeps the run seed's stream (a
+one-process run draws what it always drew); rank ``r`` re-seeds torch, NumPy and Python from
+``process_seed(seed, r)``.  The named generators (the mini-batch order) are left alone.
 
 A state is plain tensors and lists, so a checkpoint holding it loads with ``torch.load(weights_only=True)``.
 """
@@ -26,6 +33,15 @@ import torch.distributed as dist
 from trgrpo.world import is_distributed
 
 log = logging.getLogger(__name__)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s streams: ``seed`` itself for rank 0, else a 63-bit mix of both (NumPy's
+    ``SeedSequence``): unlike ``seed + rank``, process 1 of seed 0 does not replay process 0 of seed 1."""
+    if rank == 0:
+        return seed
+    words = np.random.SeedSequence([seed % 2**63, rank]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
 
 
 class RandomStreams:
@@ -66,6 +82,17 @@ class RandomStreams:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
 
+    def derive_for_process(self, seed: int, rank: int) -> None:
+        """Re-seed torch (CPU and CUDA), NumPy and Python from ``process_seed(seed, rank)``: one stream per
+        process; rank 0's stream is left as the run seed made it.  A resumed run then restores each
+        process's own saved state over it (``restore_pending``)."""
+        if rank == 0:
+            return
+        derived = process_seed(seed, rank)
+        torch.manual_seed(derived)  # all CUDA devices too
+        np.random.seed(derived % 2**32)
+        random.seed(derived)
+
     def gather(self, world: int) -> list[dict]:
         """Every process's state, in rank order (one entry without a process group); all processes call it."""
         state = self.capture()
@@ -105,4 +132,4 @@ class RandomStreams:
             self.restore(aside)
 
 
-__all__ = ["RandomStreams"]
+__all__ = ["RandomStreams", "process_seed"]

@@ -28,17 +28,20 @@ run at start-up with an error naming it.
 
 A reward whose batch call raises is logged once with the reason and retried sample by sample; samples that
 still fail score ``failure_score`` and are counted in ``train/reward_errors``; the first traceback is logged
-once and the run goes on.  A reward can also report failures of single samples without losing the others
-by raising ``SampleFailures``.
+once and the run goes on.  A reward can also report failures of single samples by raising ``SampleFailures``.
+One that returns a number of scores other than one per completion breaks its contract, which no retry mends:
+every sample of that call scores ``failure_score`` and is counted, with a warning; a reward that does so on
+``BREACHES_TO_STOP`` (3) calls in a row stops the run with an error naming it.
 
 Every call is bounded by ``timeout`` seconds (default ``DEFAULT_REWARD_TIMEOUT`` = 60; 0 or empty turns it
 off); a call that outlives it fails all the samples it was given, with a warning naming the reward each time.
 An ordinary reward runs in a worker thread for this; a thread cannot be killed, so it is abandoned, and a C
 call that holds the GIL (``9**9**9**9``) is not interrupted: a reward that evaluates model output must not run
 in the trainer.  The built-in verifiers that do (``math_verify_reward``, ``reasoning_gym_reward``) score in
-killable sandbox processes (``trgrpo.sandbox``) with their own per-sample timeout, and ``timeout`` bounds
-their whole call; ``sandbox: true`` runs a reward of your own the same way (its module must be importable
-by name; the columns are sent to the worker process, and ``memory_mb`` bounds its memory)::
+killable sandbox processes (``trgrpo.sandbox``), each answer bounded by their own ``kwargs.timeout``; the
+call's ``timeout`` is raised to what gives every answer that time however slow its neighbours
+(``sandbox_call_limit``).  ``sandbox: true`` runs a reward of your own in a sandbox worker (its module must be
+importable by name; the columns are sent to the worker process, and ``memory_mb`` bounds its memory)::
 
     model:
       rewards:
@@ -61,7 +64,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from trgrpo.sandbox import DEFAULT_MEMORY_MB, function_path, get_pool, time_limit
+from trgrpo.sandbox import DEFAULT_MEMORY_MB, call_seconds, function_path, get_pool, time_limit
 
 if TYPE_CHECKING:  # torch is imported where rewards are combined, so verifier worker processes start light
     from torch import Tensor
@@ -72,6 +75,8 @@ DEFAULT_REWARD_TIMEOUT = 60.0
 """Seconds one reward call may take unless ``model.rewards[].timeout`` says otherwise (0 = no limit)."""
 TRAINER_COLUMNS = ("completion_length", "truncated")
 """Columns the trainer adds to the task's for every completion."""
+BREACHES_TO_STOP = 3
+"""Calls in a row on which a reward returns the wrong number of scores before the run stops."""
 
 
 @dataclass
@@ -89,9 +94,10 @@ class RewardSpec:
     failure_score: float = 0.0
     """Score given to a sample whose reward raised or timed out."""
     timeout: float | None = DEFAULT_REWARD_TIMEOUT
-    """Seconds one call may take (the batch call, then each single-sample retry); a call that takes longer
-    fails every sample it was given, with a warning naming the reward.  0 or empty = no limit, and ``fn``
-    runs in the calling thread (needed by code that uses signals)."""
+    """Seconds one call may take (the batch call, then each single-sample retry; for a verifier that scores in
+    sandbox workers, raised to what each answer's own ``kwargs.timeout`` needs); a slower call fails every
+    sample it was given, with a warning naming the reward.  0 or empty = no limit, and ``fn`` runs in the
+    calling thread (needed by code that uses signals)."""
     sandbox: bool = False
     """Run ``fn`` in a killable sandbox worker process (``trgrpo.sandbox``) instead of the trainer: for a
     reward that runs or evaluates model output.  ``fn`` must be importable by name."""
@@ -128,6 +134,10 @@ class RewardTimeout(Exception):
     """A reward call took longer than its ``RewardSpec.timeout``."""
 
 
+class RewardContractError(ValueError):
+    """A reward returned other than one score per completion: a bug of the function that no retry mends."""
+
+
 class SampleFailures(Exception):
     """Raised by a reward to report that some samples failed while the others were scored.
 
@@ -143,6 +153,7 @@ class SampleFailures(Exception):
 
 
 _warned: set[str] = set()
+_breaches: dict[str, int] = {}  # reward label -> calls in a row that returned the wrong number of scores
 
 
 def _warn_once(key: str, message: str, *args) -> None:
@@ -151,15 +162,17 @@ def _warn_once(key: str, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-def _run(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
-    """``spec.fn(*args, **kwargs)`` bounded by ``spec.timeout``: in a sandbox worker (``spec.sandbox``), in
-    this thread under a pool time limit (a reward that scores in sandbox workers itself), in a daemon worker
-    thread (any other reward), or plainly in this thread (no timeout)."""
+def _run(spec: RewardSpec, n: int, args: tuple, kwargs: dict) -> Sequence:
+    """``spec.fn(*args, **kwargs)`` on ``n`` completions bounded by ``spec.timeout``: in a sandbox worker
+    (``spec.sandbox``), in this thread under a pool time limit (a reward that scores in sandbox workers
+    itself), in a daemon worker thread (any other reward), or plainly in this thread (no timeout)."""
     if spec.sandbox:
         return _run_in_sandbox(spec, args, kwargs)
-    if not spec.timeout or getattr(spec.fn, "runs_in_sandbox", False):
-        with time_limit(spec.timeout):
+    if getattr(spec.fn, "runs_in_sandbox", False):
+        with time_limit(sandbox_call_limit(spec, n)):
             return spec.fn(*args, **kwargs)
+    if not spec.timeout:
+        return spec.fn(*args, **kwargs)
     box: dict = {}
 
     def target() -> None:
@@ -178,14 +191,25 @@ def _run(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
     return box["value"]
 
 
+def sandbox_call_limit(spec: RewardSpec, n: int) -> float | None:
+    """Seconds a call on ``n`` completions of a reward that scores in sandbox workers may take: ``timeout``
+    raised to what gives every answer its own per-answer time (``trgrpo.sandbox.call_seconds`` of the
+    function's ``timeout`` and ``workers``, from ``kwargs`` or its defaults); None when ``timeout`` is off."""
+    if not spec.timeout:
+        return None
+    settings = {**{k: p.default for k, p in inspect.signature(spec.fn).parameters.items()}, **spec.kwargs}
+    per_answer, workers = settings.get("timeout"), settings.get("workers", 1)
+    if not isinstance(per_answer, (int, float)) or not per_answer:
+        return spec.timeout  # answers are not bounded one by one: the call's limit is all there is
+    return max(spec.timeout, call_seconds(n, int(workers or 1), float(per_answer)))
+
+
 def _run_in_sandbox(spec: RewardSpec, args: tuple, kwargs: dict) -> Sequence:
     (result,) = get_pool(1, spec.timeout or 0, spec.memory_mb).map(function_path(spec.fn), [(args, kwargs)])
     if result.status == "timeout":
-        raise RewardTimeout(
-            f"reward {spec.label!r} took longer than its timeout of {spec.timeout}s "
-            "(its sandbox worker was killed)"
-        )
-    if result.status == "error":
+        why = f"took longer than its timeout of {spec.timeout}s (its sandbox worker was killed)"
+        raise RewardTimeout(f"reward {spec.label!r} {why}")
+    if result.status != "ok":
         raise RuntimeError(f"reward {spec.label!r} failed in its sandbox worker: {result.value}")
     return result.value
 
@@ -194,7 +218,7 @@ def _checked(spec: RewardSpec, out, n: int) -> list[float | None]:
     """The reward's output as ``n`` finite floats or None; raises on anything else."""
     scores = list(out)
     if len(scores) != n:
-        raise ValueError(f"reward {spec.label!r} returned {len(scores)} scores for {n} completions")
+        raise RewardContractError(f"reward {spec.label!r} returned {len(scores)} scores for {n} completions")
     clean: list[float | None] = []
     for s in scores:
         value = None if s is None else float(s)
@@ -225,18 +249,11 @@ def _call_arguments(
     return (), given
 
 
-def check_reward_columns(spec: RewardSpec, columns: Sequence[str]) -> None:
+def check_reward_columns(spec: RewardSpec, signature: inspect.Signature, columns: Sequence[str]) -> None:
     """Raise when ``spec.fn`` requires a keyword that neither the task's columns nor ``spec.kwargs`` give."""
-    try:
-        params = list(inspect.signature(spec.fn).parameters.values())
-    except (TypeError, ValueError):
-        return
     available = {"prompts", "completions", *columns, *spec.kwargs}
-    for p in params:
-        required = p.default is inspect.Parameter.empty and p.kind in (
-            p.POSITIONAL_OR_KEYWORD,
-            p.KEYWORD_ONLY,
-        )
+    for p in signature.parameters.values():
+        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         if required and p.name not in available:
             raise ValueError(
                 f"reward {spec.label!r} (model.rewards[].fn) needs the column {p.name!r}, "
@@ -250,11 +267,11 @@ def check_rewards(specs: Sequence[RewardSpec], task_columns: Sequence[str]) -> N
     be given.  Raises ValueError naming the reward."""
     columns = sorted({*task_columns, *TRAINER_COLUMNS})
     for spec in specs:
-        check_reward_columns(spec, columns)
         try:
             signature = inspect.signature(spec.fn)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # some builtins have no signature: nothing to check
             continue
+        check_reward_columns(spec, signature, columns)
         params = signature.parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             unknown = sorted(set(spec.kwargs) - set(params))
@@ -273,64 +290,72 @@ def check_rewards(specs: Sequence[RewardSpec], task_columns: Sequence[str]) -> N
             ) from exc
 
 
-def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
-    """Call a reward on the batch, falling back to sample-by-sample when it raises."""
-    n = len(completions)
+def _call_batch(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
+    """(scores, failed samples) of one call on the whole batch; ``SampleFailures`` scores its failed samples
+    ``failure_score``.  Raises what the call raised, and ``RewardContractError`` on a wrong score count."""
+    n, call = len(completions), _call_arguments(spec.fn, prompts, completions, columns, spec.kwargs)
     try:
-        out = _run(spec, *_call_arguments(spec.fn, prompts, completions, columns, spec.kwargs))
-        return _checked(spec, out, n), 0
-    except RewardTimeout as exc:
-        log.warning(
-            "%s on a batch of %d completions; scoring them %s (model.rewards[].timeout; 0 turns it off)",
-            exc,
-            n,
-            spec.failure_score,
-        )
-        return [spec.failure_score] * n, n
+        return _checked(spec, _run(spec, n, *call), n), 0
     except SampleFailures as exc:
         scores = _checked(spec, exc.scores, n)
         for i in exc.failed:
             scores[i] = spec.failure_score
-        _warn_once(
-            f"{spec.label}:samples",
-            "reward %r failed on %d of %d samples, scoring them %s: %s",
-            spec.label,
-            len(exc.failed),
-            n,
-            spec.failure_score,
-            exc.message,
-        )
+        what = f"reward {spec.label!r} failed on {len(exc.failed)} of {n} samples"
+        _warn_once(f"{spec.label}:samples", "%s, scoring them %s: %s", what, spec.failure_score, exc.message)
         return scores, len(exc.failed)
+
+
+def _contract_broken(spec: RewardSpec, exc: RewardContractError, n: int) -> None:
+    """Count a call that broke the one-score-per-completion contract; stop the run when the reward broke it
+    on each of its last ``BREACHES_TO_STOP`` calls (a bug of the function, not bad luck of a batch)."""
+    _breaches[spec.label] = _breaches.get(spec.label, 0) + 1
+    if _breaches[spec.label] >= BREACHES_TO_STOP:
+        raise RewardContractError(
+            f"{exc} on each of its last {BREACHES_TO_STOP} calls: a reward must return one score (or None) "
+            "per completion, in order; fix the function named by model.rewards[].fn"
+        ) from exc
+    log.warning("%s; scoring all %d of them %s (counted as errors)", exc, n, spec.failure_score)
+
+
+def _call_one(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
+    """(scores, errors) of one reward on the batch: a timeout or a wrong number of scores fails every
+    sample; any other error falls back to calling it sample by sample."""
+    n = len(completions)
+    try:
+        scores, errors = _call_batch(spec, prompts, completions, columns)
+    except RewardTimeout as exc:
+        hint = "(model.rewards[].timeout; 0 turns it off)"
+        log.warning("%s on a batch of %d completions; scoring them %s %s", exc, n, spec.failure_score, hint)
+        return [spec.failure_score] * n, n
+    except RewardContractError as exc:
+        _contract_broken(spec, exc, n)
+        return [spec.failure_score] * n, n
     except Exception as exc:  # noqa: BLE001 - logged, then every sample is tried on its own
-        _warn_once(
-            f"{spec.label}:batch",
-            "reward %r failed on the batch of %d completions (%s: %s); retrying sample by sample",
-            spec.label,
-            n,
-            type(exc).__name__,
-            exc,
-        )
+        what = f"reward {spec.label!r} failed on the batch of {n} completions ({type(exc).__name__}: {exc})"
+        _warn_once(f"{spec.label}:batch", "%s; retrying sample by sample", what)
+        return _call_each(spec, prompts, completions, columns)
+    _breaches.pop(spec.label, None)
+    return scores, errors
+
+
+def _call_each(spec: RewardSpec, prompts, completions, columns) -> tuple[list[float | None], int]:
+    """(scores, errors) of the reward called on one sample at a time; a sample that fails scores
+    ``failure_score`` (the first traceback is logged once)."""
     scores: list[float | None] = []
     errors = 0
-    for i in range(n):
+    for i in range(len(completions)):
         row = {k: [v[i]] for k, v in columns.items()}
         try:
-            out = _run(spec, *_call_arguments(spec.fn, [prompts[i]], [completions[i]], row, spec.kwargs))
+            out = _run(spec, 1, *_call_arguments(spec.fn, [prompts[i]], [completions[i]], row, spec.kwargs))
             scores.append(_checked(spec, out, 1)[0])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - scored as failed and counted
             errors += 1
             scores.append(spec.failure_score)
             if isinstance(exc, RewardTimeout):
                 log.warning("%s on sample %d; scoring it %s", exc, i, spec.failure_score)
                 continue
-            _warn_once(
-                spec.label,
-                "reward %r failed on sample %d; scoring it %s. First traceback:\n%s",
-                spec.label,
-                i,
-                spec.failure_score,
-                traceback.format_exc(),
-            )
+            what = f"reward {spec.label!r} failed on sample {i}; scoring it {spec.failure_score}"
+            _warn_once(spec.label, "%s. First traceback:\n%s", what, traceback.format_exc())
     return scores, errors
 
 

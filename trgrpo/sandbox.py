@@ -58,6 +58,10 @@ DEFAULT_TIMEOUT = 5.0
 """Seconds one job may run before its worker is killed."""
 DEFAULT_MEMORY_MB = 2048
 """Address-space limit of a worker in MiB (a worker with sympy and reasoning-gym loaded uses about 300)."""
+DEFAULT_WORKERS = 4
+"""Worker processes of a verifier: answers are checked side by side, so a slow one holds up no other."""
+START_ALLOWANCE = 10.0
+"""Seconds allowed for (re)starting a worker: one killed for a timeout is replaced before its next job."""
 
 REFUSED_EVENTS = (
     "os.system",
@@ -107,7 +111,7 @@ _BOOT = (
 
 
 class JobResult(NamedTuple):
-    status: str  # "ok", "error" or "timeout"
+    status: str  # "ok", "error", "timeout" (its own time ran out) or "skipped" (the call's limit came first)
     value: Any  # the function's return value, the error's description, or the seconds allowed
     refused: tuple[str, ...]  # audit events the worker refused while running the job
 
@@ -116,13 +120,20 @@ class JobResult(NamedTuple):
 
 
 def failures(results: list[JobResult], completions: list[str], checker: str) -> tuple[list[int], str]:
-    """Indices of the jobs that did not finish, and a one-line message about the first (empty if none)."""
+    """Indices of the jobs that did not finish, and a one-line message about the first that failed on its own
+    and about those the call's limit stopped (empty if none)."""
     failed = [i for i, r in enumerate(results) if r.status != "ok"]
-    if not failed:
-        return failed, ""
-    first = results[failed[0]]
-    what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
-    return failed, f"{checker} {what} on {completions[failed[0]][-200:]!r}"
+    own = [i for i in failed if results[i].status != "skipped"]
+    said = []
+    if own:
+        first = results[own[0]]
+        what = f"took longer than {first.value}s" if first.status == "timeout" else f"raised {first.value}"
+        said.append(f"{checker} {what} on {completions[own[0]][-200:]!r}")
+    if len(failed) > len(own):  # not the answers' fault: say so rather than blame the per-answer limit
+        said.append(
+            f"{len(failed) - len(own)} answers were not (fully) checked: the call's time limit came first"
+        )
+    return failed, "; ".join(said)
 
 
 def resolve(path: str) -> Callable:
@@ -227,19 +238,8 @@ def _spawn(cmd: list[str], env: dict) -> subprocess.Popen:
     global _spawner
     if _spawner is None or _spawner[0] != os.getpid():  # a forked trainer process has no spawner thread
         _spawner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="trgrpo-sandbox-spawn"))
-    return (
-        _spawner[1]
-        .submit(
-            subprocess.Popen,
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            env=env,
-            close_fds=True,
-        )
-        .result()
-    )
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "bufsize": 0, "close_fds": True}
+    return _spawner[1].submit(subprocess.Popen, cmd, env=env, **pipes).result()
 
 
 def worker_env() -> dict[str, str]:
@@ -407,13 +407,10 @@ class SandboxPool:
                 stop_at = getattr(_local, "stop_at", None)
                 if stop_at is not None and time.monotonic() >= stop_at:
                     for i in pending:
-                        results[i] = JobResult("timeout", self.timeout, ())
+                        results[i] = JobResult("skipped", "the call's time limit came first", ())
                     pending.clear()
-        finally:
-            for (
-                worker,
-                _,
-            ) in busy.values():  # abandoned (a signal, Ctrl-C): its reply would answer the next job
+        finally:  # a job abandoned (a signal, Ctrl-C): its reply would answer the next job
+            for worker, _ in busy.values():
                 worker.kill()
         return results
 
@@ -440,6 +437,9 @@ class SandboxPool:
                 return JobResult(reply[0], reply[1], tuple(reply[2]))
         if time.monotonic() >= deadline:
             worker.kill()  # started again when next needed
+            stop_at = getattr(_local, "stop_at", None)
+            if stop_at is not None and deadline >= stop_at:  # the call's limit came before the job's own
+                return JobResult("skipped", "the call's time limit came first", ())
             return JobResult("timeout", self.timeout, ())
         return None
 
@@ -475,9 +475,18 @@ def function_path(fn: Callable) -> str:
     return f"{module}:{name}"
 
 
+def call_seconds(jobs: int, workers: int, timeout: float) -> float:
+    """The longest a ``map`` of ``jobs`` jobs may take when every job uses its whole ``timeout``: one round
+    per ``workers`` jobs, each with time to replace a killed worker (``START_ALLOWANCE``)."""
+    rounds = -(-jobs // max(1, workers))  # ceil
+    return rounds * (timeout + START_ALLOWANCE)
+
+
 def runs_in_sandbox(fn: Callable) -> Callable:
     """Mark a reward that does its work in a ``SandboxPool`` (each sample bounded by the pool's timeout):
-    ``trgrpo.rewards`` then calls it in the calling thread under ``time_limit`` instead of in a thread."""
+    ``trgrpo.rewards`` then calls it in the calling thread under ``time_limit`` instead of in a thread.
+    Its parameters ``timeout`` (seconds per answer) and ``workers`` set how long a whole call may take
+    (``call_seconds``), so that no answer loses its own time to slow neighbours."""
     fn.runs_in_sandbox = True
     return fn
 

@@ -6,13 +6,16 @@ added from the loss's ``PolicyLossOutput``, its ``UpdateBatch`` and the policy's
 one.  ``StepStats`` is what is logged: each field declares its metric name (``train/clip_ratio/low``) and
 ``metrics()`` returns ``{name: value}`` for the fields that apply (None = not logged); ``collect`` builds
 it from the step's ``RewardResult``, ``Rollout``, reduced ``UpdateStats`` and ``StepTimings`` (the wall
-time of each phase of the step, ``train/time/*``).  No Lightning import.
+time of each phase of the step, ``train/time/*``).  With several processes ``collect`` pools each reward
+term's mean and std over all of them (``ProcessReduce``) and adds the slowest process's phase times
+(``train/time_max/*``): a straggler that the averaged ``train/time/*`` hides.  No Lightning import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -46,6 +49,41 @@ class StepTimings(NamedTuple):
     reward: float
     old_logprobs: float  # the no-grad scoring passes: old and reference log-probs
     update: float  # forward/backward and optimiser steps
+
+
+def _all_reduce(op: dist.ReduceOp) -> Callable[[Tensor], Tensor]:
+    def reduce(t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=op)
+        return t
+
+    return reduce
+
+
+class ProcessReduce(NamedTuple):
+    """Reductions of a tensor over every process (a copy), and how many processes there are."""
+
+    sum: Callable[[Tensor], Tensor]
+    max: Callable[[Tensor], Tensor]
+    world: int
+    device: torch.device | str = "cpu"  # where the reduced tensors must live (CUDA for NCCL)
+
+    @classmethod
+    def current(cls, device: torch.device | str = "cpu") -> ProcessReduce:
+        """torch.distributed's all-reduce when a process group holds several processes, else identities."""
+        if not is_distributed():
+            return cls(lambda t: t, lambda t: t, 1, device)
+        return cls(
+            _all_reduce(dist.ReduceOp.SUM), _all_reduce(dist.ReduceOp.MAX), dist.get_world_size(), device
+        )
+
+
+def slowest_timings(timings: StepTimings, processes: ProcessReduce) -> StepTimings | None:
+    """Each phase's longest time over the processes (a straggler the mean hides); None with one process."""
+    if processes.world == 1:
+        return None
+    longest = processes.max(torch.tensor(timings, dtype=torch.float64, device=processes.device))
+    return StepTimings(*longest.tolist())
 
 
 @dataclass
@@ -164,6 +202,11 @@ class StepStats:
     time_reward: float | None = _metric("train/time/reward")
     time_old_logprobs: float | None = _metric("train/time/old_logprobs")
     time_update: float | None = _metric("train/time/update")
+    # the slowest process's time of each phase (several processes only; train/time/* is their mean)
+    time_max_generation: float | None = _metric("train/time_max/generation")
+    time_max_reward: float | None = _metric("train/time_max/reward")
+    time_max_old_logprobs: float | None = _metric("train/time_max/old_logprobs")
+    time_max_update: float | None = _metric("train/time_max/update")
     tool_calls: float | None = _metric("train/tool_calls")  # multi-turn: mean tool calls per completion
     tool_errors: float | None = _metric("train/tool_errors")  # calls that returned an error text, per step
     turns: float | None = _metric("train/turns")  # mean model turns per completion
@@ -210,6 +253,7 @@ class StepStats:
         groups: GroupSelection | None = None,
         rl_step: int | None = None,
         previous: StepStats | None = None,
+        processes: ProcessReduce | None = None,
     ) -> StepStats:
         """The step's metrics from its rewards (with dynamic sampling: every drawn completion's, and
         ``groups`` the ``GroupSelection`` counts), the rollout trained on (its trained-token mask leaves tool
@@ -217,9 +261,13 @@ class StepStats:
         ``UpdateStats`` and the phase timings.  ``bounded_weights`` / ``kl``: whether the weighting has bounds
         and the loss a KL term.  ``rl_step`` is this step's number (1-based); ``previous`` the last step's
         stats of this run, for ``grad_norm_delta`` (none on a run's first step; a resumed run has it from the
-        checkpoint)."""
+        checkpoint).  ``processes``: how the reward terms and the slowest phase times are reduced (default:
+        over torch.distributed's processes, on the CPU)."""
+        processes = processes or ProcessReduce.current()
+        slowest = slowest_timings(timings, processes)
         stats = cls(
-            **reward_fields(rewards, group_size),
+            **reward_fields(rewards, group_size, processes),
+            **(timing_fields(slowest, "time_max_") if slowest is not None else {}),
             **rollout_fields(rollout),
             **update_fields(update, bounded_weights, kl),
             **(group_fields(groups) if groups is not None else {}),
@@ -235,15 +283,43 @@ class StepStats:
         return stats
 
 
-def reward_fields(rewards: RewardResult, group_size: int) -> dict:
+def term_moments(per_term: dict[str, Tensor]) -> Tensor:
+    """[terms, 3] float64 (count, sum, sum of squares) of each term's [N] values, NaN (not applicable) left
+    out: sums that add up over processes, unlike a mean or a std."""
+    rows = []
+    for values in per_term.values():
+        valid = values[~torch.isnan(values)].double()
+        rows.append(torch.stack([valid.new_tensor(float(valid.numel())), valid.sum(), valid.square().sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def pooled_mean_std(n: float, total: float, squares: float) -> tuple[float, float]:
+    """Mean and sample std (n - 1, as ``Tensor.std``) of n values from their sum and sum of squares; NaN for
+    no value, std 0.0 for one."""
+    if n == 0:
+        return math.nan, math.nan
+    mean = total / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1))
+
+
+def reward_fields(rewards: RewardResult, group_size: int, processes: ProcessReduce | None = None) -> dict:
     """The reward fields of ``StepStats``: [N] totals, within-group spread, errors, and each term's mean and
-    std over the samples it applies to (NaN = not applicable)."""
+    std over the samples it applies to on every process (NaN = not applicable anywhere).  The terms are
+    pooled over ``processes`` (a mean of per-process stds is not the std, and processes differ in how many
+    samples a term applies to); the group statistics are per-process means, exact as they are averaged over
+    processes because every process has as many groups."""
+    processes = processes or ProcessReduce.current()
     total = rewards.total  # [N]
     terms: dict[str, float] = {}
-    for name, values in rewards.per_term.items():
-        valid = values[~torch.isnan(values)]
-        terms[f"train/rewards/{name}"] = valid.mean().item() if valid.numel() else 0.0
-        terms[f"train/rewards/{name}_std"] = valid.std().item() if valid.numel() > 1 else 0.0
+    pooled = processes.sum(term_moments(rewards.per_term).to(processes.device)).cpu()  # [terms, 3]
+    for name, moments in zip(rewards.per_term, pooled.tolist(), strict=True):
+        # a term that applied to no sample is NaN, not 0.0 (which would read as a real score); logged all the
+        # same, so that every process logs the same metric names
+        mean, std = pooled_mean_std(*moments)
+        terms[f"train/rewards/{name}"] = mean
+        terms[f"train/rewards/{name}_std"] = std
     return {
         "reward": total.mean().item(),
         "reward_std": group_reward_spread(total, group_size).mean().item(),
@@ -284,6 +360,11 @@ def update_fields(update: UpdateStats, bounded_weights: bool, kl: bool) -> dict:
     }
 
 
+def timing_fields(timings: StepTimings, prefix: str) -> dict[str, float]:
+    """``{prefix + phase: seconds}`` of each phase."""
+    return {prefix + phase: seconds for phase, seconds in timings._asdict().items()}
+
+
 def group_fields(groups: GroupSelection) -> dict[str, float]:
     """The dynamic-sampling fields of ``StepStats``: groups drawn, dropped and filled."""
     return {
@@ -304,4 +385,4 @@ def tool_metrics(episodes: EpisodeStats) -> dict[str, float]:
     }
 
 
-__all__ = ["StepStats", "StepTimings", "UpdateStats"]
+__all__ = ["ProcessReduce", "StepStats", "StepTimings", "UpdateStats"]

@@ -14,7 +14,10 @@ closing stop string, or the turn's token budget), then::
 Budgets are per completion and counted separately: ``model.sampling.max_new_tokens`` for the model's own
 tokens over all turns (``agent.max_turn_tokens`` per turn), ``agent.max_tool_tokens`` for tool output.  A
 result that would overflow is cut and ends with ``agent.truncation_marker`` (tokens of the wrapper and the
-marker included in the budget); when not even those fit, the episode ends, marked truncated.
+marker included in the budget); when not even those fit, the episode ends, marked truncated.  A result is
+cut by characters (``MAX_CHARS_PER_TOKEN`` per token of room) before it is tokenized, so that what a tool
+returns costs the loop no more than its budget: a 10 MB result would otherwise be tokenized whole, for
+minutes during which the step cannot be stopped.
 
 The ``Rollout`` has the single-turn layout (prompt left-padded, completion right-padded): the completion is
 model and tool tokens in order; ``completion_mask`` and ``attention_mask`` are 1 on both (tool output is
@@ -38,6 +41,11 @@ from torch import Tensor
 from trgrpo.agent.formats import make_format
 from trgrpo.agent.tools import ToolBox, run_calls
 from trgrpo.rollout.base import EpisodeStats, Rollout, RolloutEngine, SamplingConfig, encode_prompts
+
+MAX_CHARS_PER_TOKEN = 64
+"""Characters of a tool result read per token of room left; the rest is cut before tokenizing (tokens of
+common vocabularies rarely span more than a few dozen characters, so in practice only a result that
+overflows its budget anyway loses text)."""
 
 
 @dataclass
@@ -63,10 +71,11 @@ class Episode:
 
 def fit_result(tokenizer, before: str, text: str, after: str, marker: str, room: int) -> list[int] | None:
     """Token ids of ``before + text + after``, ``text`` cut (with ``marker``) to fit ``room``;
-    None if nothing fits."""
+    None if nothing fits.  At most ``MAX_CHARS_PER_TOKEN * room`` characters of ``text`` are tokenized."""
     enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-    head, body, tail = enc(before), enc(text), enc(after)
-    if len(head) + len(body) + len(tail) <= room:
+    limit = MAX_CHARS_PER_TOKEN * max(room, 0)
+    head, body, tail = enc(before), enc(text[:limit]), enc(after)
+    if len(text) <= limit and len(head) + len(body) + len(tail) <= room:
         return head + body + tail
     mark = enc(marker)
     keep = room - len(head) - len(tail) - len(mark)

@@ -106,7 +106,7 @@ class ChatFormat:
             args = json.loads(args) if isinstance(args, str) else args
             if not isinstance(call.get("name"), str) or not isinstance(args, dict):
                 raise ValueError('expected {"name": str, "arguments": object}')
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             return ToolCall("", {}, f"malformed tool call {body[:200]!r}: {exc}")
         return ToolCall(call["name"], args)
 

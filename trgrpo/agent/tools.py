@@ -18,18 +18,23 @@ Two kinds of tool, both given in YAML:
 ``ToolBox`` puts both behind one dispatch, and ``run_calls(calls, timeout)`` runs a turn's calls (one per
 completion, each with its own ``ToolBox``) at once, each in a worker thread bounded by ``timeout``;
 a tool that raises, times out, is unknown or gets malformed arguments returns an error text to the model
-and is counted (a timed-out thread cannot be killed: it is abandoned, as timed-out rewards are).
+and is counted (a timed-out thread cannot be killed: it is abandoned, as timed-out rewards are); the first
+call that cannot be parsed is also logged, once per process.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, get_args
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings already given in this process
 
 
 class ToolCall(NamedTuple):
@@ -212,12 +217,21 @@ class ToolBox:
         return None
 
 
+def _warn_unparsed(call: ToolCall) -> None:
+    """Log the first call of the process that could not be parsed; later ones are only counted."""
+    if call.error is not None and "unparsed" not in _said:
+        _said.add("unparsed")
+        what = "it returns an error text to the model and counts in train/tool_errors (said once)"
+        log.warning("a tool call could not be parsed (%s): %s", call.error, what)
+
+
 def run_calls(calls: list[tuple[ToolBox, ToolCall]], timeout: float) -> list[ToolResult]:
     """Run each (toolbox, call) in its own daemon thread; all run at once, each bounded by ``timeout``."""
     boxes: list[dict] = [{} for _ in calls]
     threads = []
     for (box, call), out in zip(calls, boxes, strict=True):
         problem = box.check(call)
+        _warn_unparsed(call)
         if problem is not None:
             out["error"] = problem
             threads.append(None)
@@ -241,7 +255,7 @@ def run_calls(calls: list[tuple[ToolBox, ToolCall]], timeout: float) -> list[Too
         if "error" in out:
             results.append(ToolResult(f"Error: {out['error']}", True))
         else:
-            results.append(ToolResult(out["value"], False))
+            results.append(ToolResult(str(out["value"]), False))
     return results
 
 

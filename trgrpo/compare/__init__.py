@@ -6,7 +6,8 @@
 
 Each run is ``python -m trgrpo fit --config BASE --config FRAGMENT --seed_everything S --data.seed S`` with a
 CSV logger writing into ``OUT/runs/<strategy>/seed<S>/`` (the strategy is the fragment's file stem), its
-stdout and stderr streamed to ``stdout.log`` and ``stderr.log`` there.  With ``--rl_steps N`` every run gets
+stdout and stderr streamed to ``stdout.log`` and ``stderr.log`` there; a run dies with the sweep, even one
+killed with SIGKILL (Linux).  With ``--rl_steps N`` every run gets
 the ``trgrpo.callbacks.RLStepLimit`` callback (N RL steps, whatever the optimiser updates per step) and a
 ``trainer.max_steps`` far above what N steps need.  A run that exits 0 gets ``done.json``; a rerun skips it
 (unless its settings changed) and deletes and redoes any other run folder.  A failed run gets ``failed.json``
@@ -17,6 +18,7 @@ with the tail of its stderr; the sweep goes on.  The report (``OUT/report.md`` a
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -34,8 +36,12 @@ import yaml
 
 from trgrpo.compare.report import write_report
 from trgrpo.compare.runs import DONE, FAILED, SETTINGS, Run, fmt_seconds, read_json, tail, write_json
+from trgrpo.sandbox import die_with_parent
 
 WEIGHTING_DIR = Path("configs/weighting")
+# the checkout this package runs from: bare strategy names and the default base also resolve there, so
+# compare works from any folder (a path that exists where it is run from wins)
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -92,6 +98,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"repeated seeds: {args.seeds}")
     if args.rl_steps is not None and args.rl_steps < 1:
         parser.error("--rl_steps must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a file; give a folder (created if missing)")
+    args.base = resolve_config(args.base)
     if not args.report_only:
         for path in [args.base, *args.fragments]:
             if not Path(path).is_file():
@@ -99,11 +108,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def resolve_config(path: str) -> str:
+    """``path`` as given when it exists here, else the same relative path in the repository, else as given
+    (the caller reports it missing)."""
+    if Path(path).is_file() or Path(path).is_absolute() or not (REPOSITORY / path).is_file():
+        return path
+    return str(REPOSITORY / path)
+
+
 def resolve_fragment(name: str) -> str:
-    """A fragment path as given, or ``configs/weighting/<name>.yaml`` for a bare strategy name."""
-    if not Path(name).is_file() and (WEIGHTING_DIR / f"{name}.yaml").is_file():
-        return str(WEIGHTING_DIR / f"{name}.yaml")
-    return name
+    """A fragment path as given, or ``configs/weighting/<name>.yaml`` (here, else in the repository) for a
+    bare strategy name."""
+    if Path(name).is_file():
+        return name
+    for candidate in (WEIGHTING_DIR / f"{name}.yaml", REPOSITORY / WEIGHTING_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return resolve_config(name)
 
 
 def plan(out: Path, fragments: Sequence[str], seeds: Sequence[int]) -> list[Run]:
@@ -172,7 +193,16 @@ def execute(run: Run, cmd: Sequence[str], heartbeat: float, say: Callable[[str],
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     with open(run.folder / "stdout.log", "wb") as out, open(run.folder / "stderr.log", "wb") as err:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        # tied to this process: a sweep killed outright (SIGKILL, out of memory) takes its run along, where
+        # an orphaned fit would train on to the end unseen (Linux; elsewhere the except below only)
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
+        )
         try:
             while True:
                 try:

@@ -7,16 +7,26 @@ plumbing, and a GRPO batch repeats the prompt G times, so the prompt is prefille
 
 1. each distinct prompt is prefilled once by the model's own forward (any attention kernel, any rope);
 2. its keys and values stay one copy per prompt; the completions' keys and values go to a cache
-   preallocated at the final length;
+   preallocated at the final length (for a chunk of prompts whose cache fits a bound, below);
 3. each decode step runs the decoder layers directly on the model's weights (one q/k/v matmul, rotary
    tables computed once for the whole rollout, cascade attention: the prompt's keys are read once per
-   group, not once per sequence), then the same logits warpers and ``torch.multinomial`` call as
-   ``generate``.
+   group, not once per sequence), then the same logits warpers and the draw ``torch.multinomial`` makes
+   in ``generate``.
 
 For the same random state the tokens match ``generate`` on the G-times-repeated prompts (greedy tokens are
 identical; sampled ones too unless a float rounding difference moves a probability across the uniform draw,
-see ``tests/test_generation.py``).  Architectures the decode loop does not know fall back to
-``generate`` (``fast_generation_supported``).  Pure torch + transformers, no Lightning import.
+see ``tests/test_generation.py``).
+
+The completions' cache is ``N x layers x 2 x kv_heads x head_dim x max_new_tokens`` elements
+(:func:`kv_cache_bytes`), 72 GiB for 512 sequences of 4096 tokens of a 3B Qwen2.5 in bfloat16, so it is never
+allocated whole when it exceeds ``cache_bytes``: the prompts are decoded in chunks of whole groups whose cache
+fits.  The tokens do not change with the chunking: each chunk replays the random stream from the rollout's
+start and draws each step's noise for all N rows, as one chunk would (``torch.multinomial`` with one sample
+is ``argmax(p / Exp(1) noise)``), keeping its own rows; the generator is left where one chunk leaves it.  The
+price is the noise drawn once per chunk instead of once.
+
+Architectures the decode loop does not know fall back to ``generate`` (``fast_generation_supported``).
+Pure torch + transformers, no Lightning import.
 
     python -c "from trgrpo.fastpath.sampler import fast_generation_supported; help(fast_generation_supported)"
 """
@@ -140,9 +150,18 @@ class _Warpers:
     """The logits processing ``generate`` applies for these settings, in its order."""
 
     def __init__(
-        self, temperature: float, top_k: int, top_p: float, eos_token_id: int, ignore_eos: bool, greedy: bool
+        self,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        eos_token_id: int,
+        ignore_eos: bool,
+        greedy: bool,
+        pad_token_id: int = 0,
+        stop: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.greedy, self.eos, self.ignore_eos = greedy, eos_token_id, ignore_eos
+        self.pad, self.stop = pad_token_id, stop  # what a finished row emits; the stop-string check
         self.warpers = []
         if not greedy:
             if temperature != 1.0:
@@ -152,15 +171,21 @@ class _Warpers:
             if top_p < 1.0:
                 self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
 
-    def next_tokens(self, logits: Tensor) -> Tensor:
-        """[N, V] float32 logits -> [N] token ids (sampled or greedy)."""
+    def next_tokens(self, logits: Tensor, rows: slice, total: int) -> Tensor:
+        """[n, V] float32 logits of rows ``rows`` of the ``total`` rollout rows -> [n] token ids.
+
+        The noise is drawn for all ``total`` rows and sliced, so a chunk consumes the random stream exactly
+        as the whole rollout would; for ``rows`` covering everything this is ``torch.multinomial``'s draw.
+        """
         if self.ignore_eos:  # as MinNewTokensLengthLogitsProcessor does, before the warpers
             logits[:, self.eos] = -float("inf")
         if self.greedy:
             return logits.argmax(dim=-1)
         for warp in self.warpers:
             logits = warp(None, logits)
-        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+        probs = torch.softmax(logits, dim=-1)  # [n, V]
+        noise = probs.new_empty(total, probs.shape[1]).exponential_(1)[rows]  # [n, V], Exp(1)
+        return (probs / noise).argmax(dim=-1)
 
 
 class _DecodeState(NamedTuple):
@@ -267,6 +292,88 @@ def _decode_step(
     return F.linear(h, lm_head_w).to(torch.float32)
 
 
+def kv_cache_bytes(
+    config, sequences: int, tokens: int, element_bytes: int, prompts: int = 0, prompt_tokens: int = 0
+) -> int:
+    """Bytes of the keys and values of ``sequences`` x ``tokens`` (plus ``prompts`` x ``prompt_tokens``
+    shared prompt positions) for a model config: layers x 2 (K and V) x kv_heads x head_dim per position."""
+    nh = config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or nh
+    hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+    per_position = config.num_hidden_layers * 2 * nkv * hd * element_bytes
+    return per_position * (sequences * tokens + prompts * prompt_tokens)
+
+
+def _cache_element_bytes(model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes per cached key element: the autocast dtype when autocast is on, else the weights' dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type).itemsize
+    return next(model.parameters()).dtype.itemsize
+
+
+def prompts_per_chunk(
+    model: torch.nn.Module, prompt_ids: Tensor, group_size: int, budget: int, cache_bytes: int | None
+) -> int:
+    """How many prompts (whole groups) to decode together so that their cache fits ``cache_bytes``.
+
+    ValueError naming the keys when one group alone does not fit; None = no bound (one chunk)."""
+    prompts, width = prompt_ids.shape
+    if cache_bytes is None:
+        return prompts
+    elem = _cache_element_bytes(model, prompt_ids.device)
+    per_prompt = kv_cache_bytes(model.config, group_size, budget, elem, 1, width)
+    if per_prompt > cache_bytes:
+        raise ValueError(
+            f"the fast engine's KV cache for one group ({group_size} completions x {budget} tokens, "
+            f"{per_prompt / 2**30:.2f} GiB) exceeds model.sampling.fast_cache_gib="
+            f"{cache_bytes / 2**30:g}: raise model.sampling.fast_cache_gib, lower "
+            "model.sampling.max_new_tokens or model.sampling.group_size, or use model.sampling.engine: vllm"
+        )
+    return max(1, min(prompts, cache_bytes // per_prompt))
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class _Chunk(NamedTuple):
+    """Where a chunk's rows sit in the rollout, and the decode settings every chunk shares."""
+
+    rows: slice  # of the N = num_prompts * G completion rows
+    total: int  # N
+    heads: tuple[int, int, int]  # (query heads, kv heads, head dim)
+
+
+def _decode_chunk(
+    model, warpers: _Warpers, ids: Tensor, mask: Tensor, g: int, budget: int, chunk: _Chunk, ids_out
+):
+    """Prefill and decode one chunk of whole groups; ``ids_out`` [N, budget] receives its rows.
+    Returns the number of steps decoded (= random draws made)."""
+    dec = _decoder(model)
+    logits, state = _prefill(model, dec, ids, mask, g, budget)
+    weights = [_layer_weights(layer) for layer in dec.layers]
+    out = ids_out[chunk.rows]  # [n, budget] a view
+    unfinished = torch.ones(out.shape[0], dtype=torch.bool, device=ids.device)
+    for t in range(budget):
+        tokens = warpers.next_tokens(logits, chunk.rows, chunk.total)
+        tokens = torch.where(unfinished, tokens, warpers.pad)
+        out[:, t] = tokens
+        unfinished &= tokens != warpers.eos
+        if warpers.stop is not None:
+            unfinished &= ~warpers.stop(out[:, : t + 1])
+        if t + 1 == budget or not bool(unfinished.any()):
+            return t + 1
+        logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, chunk.heads)
+    return budget
+
+
 @torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,
@@ -283,6 +390,7 @@ def sample_completions(
     greedy: bool = False,
     ignore_eos: bool = False,
     stop: Callable[[Tensor], Tensor] | None = None,
+    cache_bytes: int | None = None,
 ) -> Tensor:
     """Sample ``group_size`` completions of each left-padded prompt.
 
@@ -292,32 +400,46 @@ def sample_completions(
         ignore_eos: EOS is never sampled (its logit is -inf), so every completion is ``max_new_tokens`` long.
         stop: ``[N, t]`` ids generated so far -> ``[N]`` bool, True where a sequence ends after its last token
             (a stop string of a multi-turn rollout); such a sequence is padded from then on, as after EOS.
+        cache_bytes: bound on the KV cache of one chunk of prompts (None: all prompts in one chunk); the
+            tokens are the same for any bound.
     Returns:
         [num_prompts * group_size, T] generated ids, completions of one prompt contiguous, ``pad_token_id``
         after a sequence's EOS; T <= max_new_tokens (the loop stops once every sequence has ended).
     """
-    dec = _decoder(model)
     cfg = model.config
     nh = cfg.num_attention_heads
     nkv = getattr(cfg, "num_key_value_heads", None) or nh
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy)
-    logits, state = _prefill(model, dec, prompt_ids, prompt_mask, group_size, max_new_tokens)
-    weights = [_layer_weights(layer) for layer in dec.layers]
-    n = logits.shape[0]
-    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
-    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
-    for t in range(max_new_tokens):
-        tokens = warpers.next_tokens(logits)
-        tokens = torch.where(unfinished, tokens, pad_token_id)
-        out[:, t] = tokens
-        unfinished &= tokens != eos_token_id
-        if stop is not None:
-            unfinished &= ~stop(out[:, : t + 1])
-        if t + 1 == max_new_tokens or not bool(unfinished.any()):
-            return out[:, : t + 1]
-        logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, (nh, nkv, hd))
-    return out
+    warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy, pad_token_id, stop)
+    per_chunk = prompts_per_chunk(model, prompt_ids, group_size, max_new_tokens, cache_bytes)
+    n, device = prompt_ids.shape[0] * group_size, prompt_ids.device
+    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    start, end_state, steps = _rng_state(device), None, 0
+    for first in range(0, prompt_ids.shape[0], per_chunk):
+        last = min(first + per_chunk, prompt_ids.shape[0])
+        _set_rng_state(device, start)  # every chunk draws the noise one chunk would draw
+        chunk = _Chunk(slice(first * group_size, last * group_size), n, (nh, nkv, hd))
+        taken = _decode_chunk(
+            model,
+            warpers,
+            prompt_ids[first:last],
+            prompt_mask[first:last],
+            group_size,
+            max_new_tokens,
+            chunk,
+            out,
+        )
+        if taken > steps:  # the longest chunk made as many draws as one chunk would have
+            steps, end_state = taken, _rng_state(device)
+    if end_state is not None:
+        _set_rng_state(device, end_state)
+    return out[:, :steps]
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "fast_generation_supported", "sample_completions"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "fast_generation_supported",
+    "kv_cache_bytes",
+    "prompts_per_chunk",
+    "sample_completions",
+]

@@ -19,10 +19,14 @@ take the plain forward.  No Lightning import.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch import Tensor
+
+from trgrpo.world import is_distributed
 
 
 def model_cache(out):
@@ -73,17 +77,36 @@ def full_completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, pr
     ).logits
 
 
-def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
+def agree_across_processes(ok: bool, device: torch.device | str) -> bool:
+    """``ok`` on every process (one all-reduce; ``ok`` itself without a process group)."""
+    if not is_distributed():
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    ids: Tensor,
+    attn: Tensor,
+    prompt_len: int,
+    agree: Callable[[bool, torch.device], bool] = agree_across_processes,
+) -> Tensor:
     """[B, P + T] left-padded prompts + completions -> [B, T, V] logits, each distinct prompt run once.
 
     Falls back to :func:`full_completion_logits` when no prompt repeats, when the model is gradient
-    checkpointed, or when its cache is not a plain key/value cache.
+    checkpointed, or when its cache is not a plain key/value cache.  Which way is taken is agreed by every
+    process (``agree``): the shared way runs two forwards, the plain way one, and under ZeRO-3 each forward
+    gathers every layer's weights with all processes, so a process whose own batch (a completion budget cut
+    to one token, no repeated prompt) chose the other way would leave its peers waiting in a gather forever.
     """
     p = prompt_len
     t = ids.shape[1] - p
     prompts = torch.cat([ids[:, :p], attn[:, :p]], dim=1)  # the mask too: pad may equal a real token id
     uniq, inverse = torch.unique(prompts, dim=0, return_inverse=True)
-    if uniq.shape[0] == ids.shape[0] or t < 2 or _checkpointed(model):
+    shared = uniq.shape[0] < ids.shape[0] and t >= 2 and not _checkpointed(model)
+    if not agree(shared, ids.device):
         return full_completion_logits(model, ids, attn, p)
     prompt_ids, prompt_attn = uniq[:, :p], uniq[:, p:]
     positions = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
@@ -95,7 +118,7 @@ def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_
         logits_to_keep=1,
     )
     layers = cache_layers(model_cache(first))
-    if layers is None:
+    if layers is None:  # the model's class decides this: the same on every process
         return full_completion_logits(model, ids, attn, p)
     cache = model_cache(first)
     for layer in layers:  # [U, heads, P, hd] -> [B, heads, P, hd]; the backward sums over the G rows
@@ -114,4 +137,10 @@ def completion_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_
     return torch.cat([first.logits[:, -1:].index_select(0, inverse), rest], dim=1)
 
 
-__all__ = ["cache_layers", "completion_logits", "full_completion_logits", "model_cache"]
+__all__ = [
+    "agree_across_processes",
+    "cache_layers",
+    "completion_logits",
+    "full_completion_logits",
+    "model_cache",
+]

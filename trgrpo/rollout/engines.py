@@ -1,11 +1,11 @@
 """The in-process rollout engines, ``fast`` and ``hf``, and the chooser that ``model.sampling.engine`` drives.
 
 ``fast`` (``trgrpo.fastpath.sampler``: one prefill per prompt shared by its G samples, a preallocated KV
-cache, a lean decode loop; Qwen2, Qwen3 and Llama-style models) and ``hf`` (``model.generate`` on the
-G-times-repeated prompts; any causal LM) give the same tokens for the same random state; ``fast`` falls back
-to ``hf`` for a model it does not support.  ``vllm`` lives in ``trgrpo.rollout.vllm``.  With
-``model.sampling.agent`` :func:`generate_rollout` runs multi-turn episodes (``trgrpo.agent.episodes``) on
-the chosen engine's ``continue_contexts``.
+cache bounded by ``model.sampling.fast_cache_gib``, a lean decode loop; Qwen2, Qwen3 and Llama-style
+models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM) give the same tokens
+for the same random state; ``fast`` falls back to ``hf`` for a model it does not support.  ``vllm`` lives in
+``trgrpo.rollout.vllm``.  With ``model.sampling.agent`` :func:`generate_rollout` runs multi-turn episodes
+(``trgrpo.agent.episodes``) on the chosen engine's ``continue_contexts``.
 
 A run builds its engine once (``make_engine``; ``GRPOModule.configure_model`` does) and hands it to every
 rollout and held-out evaluation, so an engine with state (vLLM's, started on the first rollout) keeps it
@@ -13,6 +13,8 @@ for the whole run.  Called without an engine, ``generate_rollout`` makes one for
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -36,6 +38,12 @@ class HFEngine:
     """``model.generate`` on the G-times-repeated prompts: any causal LM."""
 
     gathers_own_weights = False  # generates with the policy itself: whole weights needed (ZeRO-3)
+
+    def start(self, model, tokenizer, sampling, precision, local_rank) -> None:
+        """Nothing to start: the policy samples itself."""
+
+    def serving(self, model, tokenizer, sampling):
+        return nullcontext()
 
     @staticmethod
     def generation_config(
@@ -103,6 +111,7 @@ class FastEngine:
     same tokens as :class:`HFEngine`, to which it falls back for other models."""
 
     gathers_own_weights = False  # generates with the policy itself: whole weights needed (ZeRO-3)
+    start, serving = HFEngine.start, HFEngine.serving  # nothing to start or wake
 
     def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
         if not fast_generation_supported(model):
@@ -121,6 +130,7 @@ class FastEngine:
             top_k=sampling.top_k,
             greedy=greedy,
             ignore_eos=sampling.ignore_eos,
+            cache_bytes=int(sampling.fast_cache_gib * 2**30),
         )  # [N, T]
         return assemble_rollout(tokenizer, enc.input_ids, enc.attention_mask, completion, group_size)
 
@@ -146,6 +156,7 @@ class FastEngine:
             top_k=sampling.top_k,
             greedy=greedy,
             stop=checker if stop else None,
+            cache_bytes=int(sampling.fast_cache_gib * 2**30),
         )  # [N, t]
         return [
             checker.cut(row.tolist(), tokenizer.eos_token_id, budget)

