@@ -133,3 +133,14 @@ def test_the_recorded_sweep_wall_times_are_those_of_its_done_files():
     claim = re.search(r"The ten runs of that sweep took (\d+) s to (\d+) s each", text)
     assert len(walls) == 10 and claim and (int(claim[1]), int(claim[2])) == (walls[0], walls[-1])
     assert f"eight of them {walls[0]} s to {walls[7]} s" in text and f"{walls[8]} s and {walls[9]} s" in text
+
+
+def test_a_bad_weighting_says_what_is_wrong_first():
+    """An optional class's own error, not jsonargparse's union report led by an unrelated NoneType line."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    args = ["--config", demo, "--model.weighting.init_args.lower=2", "--model.weighting.init_args.upper=1"]
+    with pytest.raises(ValueError) as err:
+        main(args, run=False)
+    assert str(err.value) == (
+        "model.weighting.init_args.lower (2.0) must not exceed model.weighting.init_args.upper (1.0)"
+    )

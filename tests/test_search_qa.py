@@ -277,6 +277,7 @@ def test_gpu_recipe_mirrors_search_r1_and_runs_on_cpu_with_the_tiny_model(tmp_pa
             "--config",
             str(CONFIGS / "search_r1_qwen2.5_3b.yaml"),
             *TINY,
+            "--model.sampling.engine=fast",  # vLLM's CPU attention has no kernel for the tiny head size
             f"--data.task.init_args.path={qa}",
             f"--data.task.init_args.val_path={val}",
             f"--data.task.init_args.cache_dir={tmp_path / 'hf'}",

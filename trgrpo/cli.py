@@ -120,7 +120,10 @@ class TRGRPOCLI(LightningCLI):
         return super().instantiate_trainer(**{**default_progress_bar(cfg.trainer), **kwargs})
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise ValueError(union_error(str(err))) from None
         # hand each side what it needs once: the tokenizer (loaded at setup), the held-out verifier and
         # which groups each RL step keeps (dynamic sampling)
         self.datamodule.connect(lambda: self.model.tokenizer)
@@ -177,6 +180,18 @@ def announce_plan(cfg) -> None:
         log.warning(warning)
     if cfg.print_plan:
         raise SystemExit(0)
+
+
+def union_error(message: str) -> str:
+    """An optional class's own error out of jsonargparse's union report: ``weighting: TokenWeighting | None``
+    fails both as the class (the message that names the key) and as None (an unrelated "Expected a
+    <class 'NoneType'>"), and the report leads with neither.  Other messages come back unchanged."""
+    if "Does not validate against any of the Union subtypes" not in message or "Errors:" not in message:
+        return message
+    errors = message.split("Errors:", 1)[1].split("\nGiven value", 1)[0]
+    lines = [line.strip()[2:] for line in errors.splitlines() if line.strip().startswith("- ")]
+    own = [line for line in lines if "NoneType" not in line]
+    return "\n".join(own) if own else message
 
 
 def check_run_length(trainer) -> None:

@@ -156,11 +156,11 @@ class GRPOModule(L.LightningModule):
         self.random_streams.derive_for_process(
             int(seed) if seed is not None else torch.initial_seed(), self.global_rank
         )
-        # every process brings its engine up here, together: vLLM's start, its first weight sync and ZeRO-3's
-        # gathers are collectives, which a rollout one process skips (no held-out prompt) leaves unmatched
         if self.trainer.datamodule is not None and hasattr(self.trainer.datamodule, "check_positions"):
             positions = getattr(self.policy_model.config, "max_position_embeddings", None)
             self.trainer.datamodule.check_positions(self.sampling.max_new_tokens, positions)
+        # every process brings its engine up here, together: vLLM's start, its first weight sync and ZeRO-3's
+        # gathers are collectives, which a rollout one process skips (no held-out prompt) leaves unmatched
         engine_args = (self.policy_model, self.tokenizer, self.sampling)
         self.engine.start(*engine_args, precision=str(self.trainer.precision), local_rank=self.local_rank)
 
@@ -178,9 +178,8 @@ class GRPOModule(L.LightningModule):
         self.backend.attach(
             self.policy_model, lambda: getattr(self.trainer.strategy.model, "optimizer", None)
         )
-        if (
-            self.loss_cfg.beta > 0 and self.policy_cfg.lora is None
-        ):  # LoRA: the reference is the adapter-free base
+        # with LoRA the reference is the adapter-free base, reached by disabling the adapters
+        if self.loss_cfg.beta > 0 and self.policy_cfg.lora is None:
             self.ref_model = load_model(self.policy_cfg, self.tokenizer).eval().requires_grad_(False)
         self.engine = make_engine(self.sampling)  # the run's one sampler (vLLM starts in on_fit_start)
         self.evaluator.use_engine(self.engine)
