@@ -22,3 +22,19 @@ def _torch_threads():
 
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The tiny model (hidden 32, one layer) saved as a Hugging Face folder: runs compared with each other
+    load the same weights with from_pretrained (ZeRO-3 straight into its shards)."""
+    from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+
+    path = tmp_path_factory.mktemp("pretrained")
+    cfg = PolicyConfig(
+        tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    tok = load_tokenizer(cfg)
+    load_model(cfg, tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -253,21 +253,6 @@ COMPARED = [
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """The tiny model as a Hugging Face folder: every run loads the same weights (ZeRO-3 into its shards)."""
-    from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-
-    path = tmp_path_factory.mktemp("pretrained")
-    cfg = PolicyConfig(
-        tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    )
-    tok = load_tokenizer(cfg)
-    load_model(cfg, tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, pretrained):
     """One process without DeepSpeed, 4 prompts a step in 4 micro-batches: (log folder, final weights)."""
     run = tmp_path_factory.mktemp("plain")

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
-import test_multiprocess
 import torch
 from helpers import run_cli
 from test_multiprocess import (
@@ -38,7 +37,6 @@ from test_multiprocess import (
 
 from trgrpo.config import OptimConfig
 
-pretrained = test_multiprocess.pretrained  # the shared fixture: the tiny model as a Hugging Face folder
 LORA = [
     "--model.policy.lora.r=4",
     "--model.policy.lora.alpha=8",

@@ -150,21 +150,6 @@ ZERO_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """The tiny model saved as a Hugging Face folder: both runs load the same weights with from_pretrained."""
-    from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
-
-    path = tmp_path_factory.mktemp("pretrained")
-    cfg = PolicyConfig(
-        tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    )
-    tok = load_tokenizer(cfg)
-    load_model(cfg, tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
     import csv
 
