@@ -309,3 +309,19 @@ if __name__ == "__main__":
             "--trainer.strategy.class_path=trgrpo.strategies.CPUDeepSpeedStrategy",
         ]
     )
+
+
+def test_the_supervised_warm_start_refuses_zero3_before_any_model_is_built():
+    """It steps the policy with its own optimiser, which ZeRO-3's shards cannot take: a clear refusal at
+    set-up, not a tensor-size error from inside the optimiser."""
+    from types import SimpleNamespace
+
+    from trgrpo.callbacks import SupervisedWarmStart
+
+    zero3 = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True))
+    with pytest.raises(ValueError, match=r"SupervisedWarmStart does not run under DeepSpeed ZeRO-3"):
+        SupervisedWarmStart(steps=5).setup(zero3, None, "fit")
+    SupervisedWarmStart(steps=0).setup(zero3, None, "fit")  # switched off: nothing to refuse
+    SupervisedWarmStart(steps=5).setup(
+        SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=False)), None, "fit"
+    )

@@ -88,6 +88,15 @@ class SupervisedWarmStart(L.Callback):
         if self._print:
             print(message, flush=True)
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # it trains the policy with its own optimiser, outside DeepSpeed: ZeRO-3's shards are not whole
+        # weights it can step (the optimiser meets 0-sized tensors), so refuse before any model is built
+        if stage == "fit" and self.steps and getattr(trainer.strategy, "zero_stage_3", False):
+            raise ValueError(
+                "trgrpo.callbacks.SupervisedWarmStart does not run under DeepSpeed ZeRO-3 (sharded weights): "
+                "remove it from trainer.callbacks, set its steps to 0, or train with DDP"
+            )
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.steps == 0 or trainer.ckpt_path:
             return
