@@ -2,7 +2,7 @@
 
 The per-token logit-gradient norms the diagnostics compute without a backward are checked against autograd
 over every loss setting that changes the gradient (placements, clips, aggregations, importance weights,
-sequence ratios).
+sequence ratios, the CISPO and ASPO loss types).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from trgrpo.diagnostics import (
     logit_grad_norm_sq,
     surrogate_grad_coef,
 )
-from trgrpo.logprobs import selective_log_softmax, squared_prob_sum
+from trgrpo.logprobs import selective_log_softmax, squared_prob_sum, token_entropy
 from trgrpo.losses import GRPOLoss, sequence_ratio
 from trgrpo.scoring import TokenScores
 from trgrpo.update import UpdateBatch
@@ -54,6 +54,11 @@ SETTINGS = [
     {"aggregation": "seq_sum_const"},
     {"ratio_level": "sequence", "aggregation": "seq_mean_token_mean", "clip_low": 0.05, "clip_high": 0.05},
     {"sampler": True, "sampler_is_cap": 1.5},
+    {"loss_type": "cispo", "cispo_cap": 1.2},
+    {"loss_type": "cispo", "cispo_cap": 1.2, "placement": "ratio", "aggregation": "seq_mean_token_mean"},
+    {"loss_type": "aspo"},
+    {"loss_type": "aspo", "aspo_dual_clip": 1.3, "aggregation": "seq_mean_token_mean"},
+    {"loss_type": "aspo", "aspo_dual_clip": 1.3, "sampler": True, "sampler_is_cap": 1.5},
 ]
 
 
@@ -74,9 +79,8 @@ def test_logit_gradient_norms_match_autograd(setting):
     )
     batch = UpdateBatch(torch.arange(B), adv, mask, active, old, None)
     loss = GRPOLoss(LossConfig(**setting), placement=placement, max_len=T)
-    out = loss(
-        batch, TokenScores(logp, None), weights, sampler, num_tokens=mask.sum().item(), num_seqs=float(B)
-    )
+    scores = TokenScores(logp, token_entropy(logits))  # ASPO's clip ranges read the entropy
+    out = loss(batch, scores, weights, sampler, num_tokens=mask.sum().item(), num_seqs=float(B))
     out.loss.backward()
     expected = logits.grad.square().sum(-1)  # [B, T] squared norm of each token's logit gradient
     pg_coef = surrogate_grad_coef(out, batch)  # [B, T]
@@ -84,9 +88,16 @@ def test_logit_gradient_norms_match_autograd(setting):
     scale = expected.max().item()
     assert scale > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * scale)
-    # the clip must have stopped some gradients in this draw, or the test would not exercise it
+    # the clip must have stopped some gradients in this draw, or the test would not exercise it (CISPO's cap
+    # stops none: it must have truncated some weights instead; ASPO's soft dual clip must bind with c = 1.3)
     flows = (pg_coef > 0).sum().item()
-    assert flows < (active.bool() & (adv != 0).unsqueeze(1)).sum().item() or setting.get("ratio_level")
+    trained = active.bool() & (adv != 0).unsqueeze(1)
+    if setting.get("loss_type") == "cispo":
+        assert (out.clipped_high & trained).any() and flows == trained.sum().item()
+    else:
+        assert flows < trained.sum().item() or setting.get("ratio_level")
+    if setting.get("aspo_dual_clip"):
+        assert (out.dual_clipped & trained).any()
 
 
 def test_sequence_ratio_is_gspo():

@@ -44,6 +44,7 @@ PUBLISHED = {
     "lopti": ("LoptiWeighting", {"eta": 0.5, "low_first": True, "ar_alpha": 0.0}),
     "ar_lopti": ("LoptiWeighting", {"eta": 0.5, "low_first": True, "ar_alpha": 0.3}),
     "high_entropy": ("HighEntropyWeighting", {"q": 0.2}),
+    "entropy_shaped": ("EntropyShapedWeighting", {"beta": 0.5, "negative_only": False}),
 }
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1"]  # the GPU recipes keep theirs in the file
 

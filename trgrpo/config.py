@@ -15,6 +15,10 @@ Placement = Literal["surrogate", "ratio"]
 """Where a token weight enters the loss (``trgrpo.losses``, ``trgrpo.weighting``)."""
 RatioLevel = Literal["token", "sequence"]
 """Token ratios (PPO / GRPO) or GSPO's sequence ratio."""
+LossType = Literal["grpo", "cispo", "aspo"]
+"""The per-token policy loss: PPO's clipped surrogate, CISPO or ASPO (``trgrpo.losses.OBJECTIVES``)."""
+SamplerCorrection = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop"]
+"""How the loss corrects for a sampler that is not the trainer (``trgrpo.losses.correct_for_sampler``)."""
 
 
 @dataclass
@@ -46,14 +50,49 @@ class LossConfig:
     each token's loss is weighted by min(pi_old / pi_sampler, cap), pi_old the trainer's probability before
     the update; empty = off (``fast`` and ``hf`` sample from the trainer's own distribution)."""
 
+    sampler_correction: SamplerCorrection | None = None
+    """Correction against the sampler's log-probs (``vllm`` engine only), from the ratio pi_old / pi_sampler
+    per token or, for sequence_*, its product over the completion: token_truncate / sequence_truncate weight
+    the loss by the ratio clamped to [sampler_ratio_low, sampler_ratio_high]; token_mask / sequence_mask
+    weight it by the ratio inside the bounds and by 0 outside (no gradient); icepop is the two-sided token
+    mask with IcePop's bounds [0.5, 5] by default.  Empty = off (token_truncate with sampler_is_cap)."""
+    sampler_ratio_low: float | None = None
+    """Lower bound of the sampler ratio (empty = 0, or 0.5 for icepop)."""
+    sampler_ratio_high: float | None = None
+    """Upper bound of the sampler ratio (empty = 3.0, or 5.0 for icepop)."""
+
     ratio_level: RatioLevel = "token"
     """Importance ratio per token (PPO / GRPO) or per sequence (GSPO: exp of the mean token log-ratio, the
     same for every token of a completion; use with seq_mean_token_mean and clip ranges near 3e-4 / 4e-4)."""
+
+    loss_type: LossType = "grpo"
+    """grpo: PPO's clipped surrogate (clip_low, clip_high, dual_clip).  cispo (MiniMax-M1, arXiv 2506.13585):
+    -sg(min(r, cispo_cap)) * A * log pi_theta, every token's gradient kept.  aspo (arXiv 2510.06062): flipped
+    ratio for A > 0, entropy-dependent clip ranges and a soft dual clip (the aspo_* keys).  cispo and aspo
+    ignore clip_low, clip_high and dual_clip; both equal grpo in gradient at ratio 1 (the first update of a
+    rollout), so they differ only with several updates per rollout (configs/optim/four_minibatches.yaml)."""
+    cispo_cap: float = 5.0
+    """CISPO's eps_max: the importance weight is min(r, cispo_cap), detached.  5.0 is the value TRL recommends
+    for its loss_type="cispo" (its epsilon_high, ScaleRL's eps_max, arXiv 2510.13786); TRL is not a
+    dependency, so its fallback (epsilon_high = epsilon = 0.2, which would scale every gradient by <= 0.2) is
+    not copied."""
+    aspo_entropy_quantile: float = 0.8
+    """ASPO: a token whose entropy is above this quantile of its response's token entropies gets the wide clip
+    range (aspo_clip_high_entropy), the others the narrow one (aspo_clip_low_entropy)."""
+    aspo_clip_low_entropy: float = 0.2
+    """ASPO clip range eps of tokens at or below the entropy quantile: ratio kept within 1 - eps (A < 0) and
+    1 + eps (A > 0)."""
+    aspo_clip_high_entropy: float = 0.4
+    """ASPO clip range eps of tokens above the entropy quantile."""
+    aspo_dual_clip: float = 3.0
+    """ASPO's soft dual clip c > 1: where r > c (A < 0) or r < 1 / c (A > 0) the loss is -A * c * log pi_theta
+    (weight c detached): a gradient capped at c * |A| instead of none."""
 
     def __post_init__(self) -> None:
         if self.ratio_level not in get_args(RatioLevel):
             levels = " or ".join(map(repr, get_args(RatioLevel)))
             raise ValueError(f"model.loss.ratio_level must be {levels}, got {self.ratio_level!r}")
+        self.check_loss_type()
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError(
                 f"model.loss.clip_low / clip_high must be >= 0, got {self.clip_low} / {self.clip_high}"
@@ -66,6 +105,7 @@ class LossConfig:
             raise ValueError(f"model.loss.beta must be >= 0, got {self.beta}")
         if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
             raise ValueError(f"model.loss.sampler_is_cap must be > 0 (or empty), got {self.sampler_is_cap}")
+        self.check_sampler_correction()
         for key, choices in (
             ("aggregation", Aggregation),
             ("kl_estimator", KLEstimator),
@@ -75,6 +115,74 @@ class LossConfig:
             if value not in get_args(choices):
                 names = ", ".join(get_args(choices))
                 raise ValueError(f"model.loss.{key} must be one of {names}; got {value!r}")
+
+    @property
+    def correction_mode(self) -> SamplerCorrection | None:
+        """The correction in force: ``sampler_correction``, or token_truncate from ``sampler_is_cap``."""
+        if self.sampler_correction is None and self.sampler_is_cap is not None:
+            return "token_truncate"
+        return self.sampler_correction
+
+    @property
+    def sampler_bounds(self) -> tuple[float, float]:
+        """(low, high) of the sampler ratio, the empty bounds filled with the mode's defaults."""
+        if self.sampler_correction is None and self.sampler_is_cap is not None:
+            return 0.0, self.sampler_is_cap
+        low, high = (0.5, 5.0) if self.sampler_correction == "icepop" else (0.0, 3.0)
+        return (
+            low if self.sampler_ratio_low is None else self.sampler_ratio_low,
+            high if self.sampler_ratio_high is None else self.sampler_ratio_high,
+        )
+
+    def check_sampler_correction(self) -> None:
+        """The correction mode is known, its bounds are in order, and it is set one way only."""
+        mode = self.sampler_correction
+        if mode is not None and mode not in get_args(SamplerCorrection):
+            names = ", ".join(get_args(SamplerCorrection))
+            raise ValueError(f"model.loss.sampler_correction must be one of {names} (or empty); got {mode!r}")
+        if mode is not None and self.sampler_is_cap is not None:
+            raise ValueError(
+                "model.loss.sampler_is_cap and model.loss.sampler_correction are two ways to set one"
+                " correction: give sampler_correction: token_truncate and sampler_ratio_high, not the cap"
+            )
+        given = [k for k in ("sampler_ratio_low", "sampler_ratio_high") if getattr(self, k) is not None]
+        if mode is None and given:
+            raise ValueError(f"model.loss.{given[0]} bounds a correction: set model.loss.sampler_correction")
+        low, high = self.sampler_bounds
+        if low < 0:
+            raise ValueError(f"model.loss.sampler_ratio_low must be >= 0, got {low}")
+        if not low < high:
+            raise ValueError(
+                f"model.loss.sampler_ratio_low ({low}) must be below model.loss.sampler_ratio_high ({high})"
+            )
+
+    def check_loss_type(self) -> None:
+        """The loss type is known and its constants are in range (naming the key)."""
+        if self.loss_type not in get_args(LossType):
+            names = ", ".join(get_args(LossType))
+            raise ValueError(f"model.loss.loss_type must be one of {names}; got {self.loss_type!r}")
+        if self.cispo_cap <= 0:
+            raise ValueError(f"model.loss.cispo_cap must be > 0, got {self.cispo_cap}")
+        if not 0 < self.aspo_entropy_quantile < 1:
+            raise ValueError(
+                f"model.loss.aspo_entropy_quantile must be in (0, 1), got {self.aspo_entropy_quantile}"
+            )
+        for key in ("aspo_clip_low_entropy", "aspo_clip_high_entropy"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"model.loss.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.aspo_dual_clip <= 1:
+            raise ValueError(f"model.loss.aspo_dual_clip must be > 1, got {self.aspo_dual_clip}")
+
+
+def check_sampler_engine(loss: LossConfig, engine: str) -> None:
+    """A sampler correction needs an engine that reports its log-probs (``vllm``); ``fast`` and ``hf``
+    sample from the trainer itself and report none.  ``sampler_is_cap`` alone stays a no-op there."""
+    if loss.sampler_correction is not None and engine != "vllm":
+        raise ValueError(
+            f"model.loss.sampler_correction={loss.sampler_correction} needs the sampler's log-probs, which "
+            f"model.sampling.engine={engine} does not report (only vllm does): set the engine to vllm or "
+            "leave model.loss.sampler_correction empty"
+        )
 
 
 @dataclass

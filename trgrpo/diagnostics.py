@@ -61,12 +61,17 @@ def surrogate_grad_coef(out: PolicyLossOutput, batch: UpdateBatch) -> Tensor:
 
     |w A r| times the sampler correction and the aggregation factor, 0 where the clip, the dual clip or
     ``batch.active`` stops the gradient.  The same for both placements: d(w r)/d log p = w r, and a
-    sequence ratio's token form has gradient r * grad log p as well.
+    sequence ratio's token form has gradient r * grad log p as well.  CISPO and ASPO report their own
+    coefficient (``out.grad``: w min(r, cap) |A|; w |A| r, w |A| / r or the soft dual clip's w c |A|),
+    already 0 where their clip stops the gradient.
     """
-    coef = (out.weights * out.ratio * batch.advantages.unsqueeze(1).abs()).float()  # [B, T]
+    if out.grad is None:  # the clipped surrogate
+        coef = (out.weights * out.ratio * batch.advantages.unsqueeze(1).abs()).float()  # [B, T]
+        flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & batch.active.bool()  # [B, T]
+    else:
+        coef, flows = out.grad.float(), batch.active.bool()  # [B, T]
     if out.correction is not None:
         coef = coef * out.correction
-    flows = ~(out.clipped_low | out.clipped_high | out.dual_clipped) & batch.active.bool()  # [B, T]
     return coef * flows * batch.mask * out.normaliser
 
 

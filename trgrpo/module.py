@@ -36,7 +36,7 @@ from trgrpo.advantages import compute_advantages
 from trgrpo.backend import PlainBackend, all_gather_objects, all_reduce_sum, training_backend
 from trgrpo.callbacks import HeldoutAccuracy, HeldoutResult
 from trgrpo.checkpointing import check_checkpoint_fits
-from trgrpo.config import LossConfig, OptimConfig
+from trgrpo.config import LossConfig, OptimConfig, check_sampler_engine
 from trgrpo.diagnostics import GradBuckets, check_edges
 from trgrpo.dynamic_sampling import GroupFilter, apply_dynamic_sampling
 from trgrpo.evaluation import EvalConfig, HeldoutEvaluator, save_sample_table
@@ -91,6 +91,7 @@ class GRPOModule(L.LightningModule):
         grad_buckets: tuple[float, ...] = (0.1, 0.5),
     ) -> None:
         super().__init__()
+        check_sampler_engine(loss, sampling.engine)  # before any model loads
         self.automatic_optimization = False
         self.policy_cfg = policy
         self.sampling = sampling
@@ -287,12 +288,16 @@ class GRPOModule(L.LightningModule):
         self, rollout: Rollout, batch: UpdateBatch, num_tokens: float, num_seqs: float, stats: UpdateStats
     ) -> None:
         """Forward, token weights, loss and backward of one micro-batch."""
-        entropy = "grad" if self.loss_cfg.entropy_coef > 0 else ("detached" if self.log_entropy else None)
+        # ASPO's clip ranges read each token's entropy, so it is computed for ASPO even without log_entropy
+        detached = self.log_entropy or self.loss_cfg.loss_type == "aspo"
+        entropy = "grad" if self.loss_cfg.entropy_coef > 0 else ("detached" if detached else None)
         scores = self.scorer.score(
             self.policy_model, rollout, batch.idx, entropy, prob_sq=stats.buckets is not None
         )
         old_logp = old_logprobs(batch, scores)  # [b, T]; a single pass: the current ones, ratio exactly 1
-        w = self.weighting.weights(scores.logp.detach(), old_logp, batch.advantages, batch.mask)  # [b, T]
+        w = self.weighting.token_weights(  # [b, T]
+            scores.logp.detach(), old_logp, batch.advantages, batch.mask, batch.old_entropy
+        )
         sampler = rollout.sampler_logp[batch.idx] if rollout.sampler_logp is not None else None  # [b, T]
         out = self.loss_fn(batch, scores, w, sampler, num_tokens=num_tokens, num_seqs=num_seqs)
         # DDP averages gradients over processes; the normalisers are already global, so undo the mean

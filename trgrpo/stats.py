@@ -86,6 +86,9 @@ def slowest_timings(timings: StepTimings, processes: ProcessReduce) -> StepTimin
     return StepTimings(*longest.tolist())
 
 
+CORRECTION_SUMS = ("corrected_tokens", "corrected_seqs", "correction_seqs", "correction_weight_sum")
+
+
 @dataclass
 class UpdateStats:
     """Sums over the micro-batches and optimiser steps of one RL step (per process until ``reduced``)."""
@@ -100,6 +103,12 @@ class UpdateStats:
     sampler_kl: float | None = (
         None  # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
     )
+    # the sampler correction (None when off): trained tokens and sequences seen, how many were truncated or
+    # masked (a sequence when any of its trained tokens was), and the summed correction weight of the tokens
+    corrected_tokens: float | None = None
+    corrected_seqs: float | None = None
+    correction_seqs: float | None = None
+    correction_weight_sum: float | None = None
     weight_sum: float = 0.0
     weight_min: float = math.inf
     weight_max: float = -math.inf
@@ -129,7 +138,17 @@ class UpdateStats:
             self.sampler_kl = (self.sampler_kl or 0.0) + out.sampler_kl.item()
         if scores.entropy is not None:
             self.entropy = (self.entropy or 0.0) + (scores.entropy.detach() * batch.mask).sum().item()
+        if out.correction is not None and out.corrected is not None:
+            self.add_correction(out.correction, out.corrected, active)
         self.add_weights(out.weights[active], bounds)
+
+    def add_correction(self, weight: Tensor, corrected: Tensor, active: Tensor) -> None:
+        """Add the [b, T] correction weights and out-of-bounds flags of the [b, T] trained tokens."""
+        hit = corrected & active  # [b, T]
+        self.corrected_tokens = (self.corrected_tokens or 0.0) + hit.sum().item()
+        self.corrected_seqs = (self.corrected_seqs or 0.0) + hit.any(dim=1).sum().item()
+        self.correction_seqs = (self.correction_seqs or 0.0) + active.any(dim=1).sum().item()
+        self.correction_weight_sum = (self.correction_weight_sum or 0.0) + weight[active].sum().item()
 
     def add_weights(self, trained: Tensor, bounds: tuple[float, float] | None) -> None:
         """Add the [n] weights of the trained tokens to the sum, the range and the at-bound counts."""
@@ -168,7 +187,8 @@ class UpdateStats:
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         out = dataclasses.replace(self, **dict(zip(keys, sums.tolist(), strict=True)))
         out.entropy = out.entropy if self.entropy is not None else None
-        out.sampler_kl = out.sampler_kl if self.sampler_kl is not None else None
+        for key in ("sampler_kl", *CORRECTION_SUMS):
+            setattr(out, key, getattr(out, key) if getattr(self, key) is not None else None)
         out.weight_min, out.weight_max = low[0].item(), -low[1].item()
         out.buckets = self.buckets.reduced(device) if self.buckets is not None else None
         return out
@@ -219,6 +239,10 @@ class StepStats:
     sampler_kl: float | None = _metric(
         "train/sampler_kl"
     )  # k3 KL(sampler || trainer) per token (vllm engine)
+    # the sampler correction: shares of trained tokens and of sequences truncated or masked, mean weight
+    sampler_corrected_tokens: float | None = _metric("train/sampler_correction/token_frac")
+    sampler_corrected_seqs: float | None = _metric("train/sampler_correction/seq_frac")
+    sampler_weight_mean: float | None = _metric("train/sampler_correction/weight_mean")
     reward_terms: dict[str, float] = field(default_factory=dict)  # train/rewards/<name> and <name>_std
     buckets: dict[str, float] = field(
         default_factory=dict
@@ -357,6 +381,19 @@ def update_fields(update: UpdateStats, bounded_weights: bool, kl: bool) -> dict:
         "entropy": update.entropy / tokens if update.entropy is not None else None,
         "sampler_kl": update.sampler_kl / tokens if update.sampler_kl is not None else None,
         "buckets": update.buckets.metrics() if update.buckets is not None else {},
+        **correction_fields(update, active),
+    }
+
+
+def correction_fields(update: UpdateStats, active: float) -> dict:
+    """The sampler correction's shares of trained tokens and sequences truncated or masked, and its mean
+    weight per trained token; empty without a correction."""
+    if update.corrected_tokens is None:
+        return {}
+    return {
+        "sampler_corrected_tokens": update.corrected_tokens / active,
+        "sampler_corrected_seqs": update.corrected_seqs / max(update.correction_seqs, 1.0),
+        "sampler_weight_mean": update.correction_weight_sum / active,
     }
 
 

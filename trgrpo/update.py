@@ -41,6 +41,7 @@ class UpdateBatch(NamedTuple):
     active: Tensor  # [b, T] tokens trained in this pass (a subset of mask)
     old_logp: Tensor | None  # [b, T] rollout-policy log-probs; None: single pass, old = current detached
     ref_logp: Tensor | None  # [b, T] reference log-probs (KL term), None when beta = 0
+    old_entropy: Tensor | None = None  # [b, T] rollout-time entropies, when the weighting reads them
 
 
 class UpdateInputs(NamedTuple):
@@ -61,7 +62,13 @@ class UpdateInputs(NamedTuple):
             active=active[idx],
             old_logp=self.old.logp[idx] if self.old is not None else None,
             ref_logp=self.ref_logp[idx] if self.ref_logp is not None else None,
+            old_entropy=rows(self.old.entropy, idx) if self.old is not None else None,
         )
+
+
+def rows(values: Tensor | None, idx: Tensor) -> Tensor | None:
+    """The rows ``idx`` of an optional [N, ...] tensor."""
+    return values[idx] if values is not None else None
 
 
 class OptimiserStep(NamedTuple):

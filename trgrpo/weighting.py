@@ -1,4 +1,5 @@
-"""Token weighting strategies: plain GRPO, TR-GRPO, Advantage Reweighting, Lopti, top-entropy tokens.
+"""Token weighting strategies: plain GRPO, TR-GRPO, Advantage Reweighting, Lopti, top-entropy tokens,
+entropy-shaped advantages.
 
 A strategy turns token probabilities into detached per-token weights ``w`` of shape [B, T] (0 on
 padding) that scale each token's share of the clipped surrogate (see ``trgrpo.losses.GRPOLoss``).
@@ -13,7 +14,8 @@ Choose one in YAML::
         init_args: {alpha: 2.0, tau: 0.1111111111, mu: 0.25, lower: 1.0, upper: 1.4}
 
 Papers: TR-GRPO (arXiv 2511.00066); Advantage Reweighting and Lopti (arXiv 2505.12929);
-top-entropy "80/20" token training (arXiv 2506.01939).  No Lightning import.
+top-entropy "80/20" token training (arXiv 2506.01939); entropy-shaped advantages (GTPO, arXiv 2508.04349).
+No Lightning import.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class TokenWeighting:
             [B, T] weights, 0 where ``mask`` is 0.
         """
         raise NotImplementedError
+
+    def token_weights(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, entropy: Tensor | None
+    ) -> Tensor:
+        """What the trainer calls: :meth:`weights`, offered also the [B, T] rollout-time entropies (None
+        unless ``needs_entropy``); a strategy that reads them overrides this."""
+        return self.weights(logp, old_logp, advantages, mask)
 
     def passes(self, old_logp: Tensor, mask: Tensor, entropy: Tensor | None) -> list[Tensor]:
         """Token sets trained by successive full updates over the rollout batch, in order.
@@ -226,6 +235,61 @@ class HighEntropyWeighting(TokenWeighting):
         return mask.to(torch.float32)
 
 
+class EntropyShapedWeighting(TokenWeighting):
+    """Entropy-shaped advantages: ``A_t <- A * (1 + beta * (H_t / mean H - 1))``, H_t the token's rollout
+    entropy (detached), mean H over the rollout batch's trained tokens (per rank under data parallelism).
+
+    The GTPO / entropy-weighted family (arXiv 2508.04349): uncertain tokens (forks) get more of the sequence's
+    advantage, confident ones less, and the mean weight over the batch stays 1.  The weight multiplies the
+    per-token surrogate, which equals scaling A as long as it is >= 0; it is clamped at 0 where
+    ``1 + beta * (H_t / mean H - 1)`` would turn negative (only possible for beta > 1 or beta < 0).
+    The mean is taken once per rollout batch, in :meth:`passes`, before any update.
+
+    Args:
+        beta: strength of the shaping; 0 is plain GRPO, 1 makes the weight H_t / mean H, < 0 favours confident
+            tokens instead.  The default 0.5 is our middle choice, not a published value.
+        negative_only: shape the advantages of negative-advantage sequences only (weight 1 elsewhere).
+    """
+
+    needs_entropy = True
+    multi_pass = True  # overrides ``passes`` to take the batch's mean entropy; trains one pass, all tokens
+
+    def __init__(self, beta: float = 0.5, negative_only: bool = False) -> None:
+        self.beta, self.negative_only = beta, negative_only
+        self.mean_entropy: float | None = None  # of the current rollout batch, set by ``passes``
+
+    def passes(self, old_logp: Tensor, mask: Tensor, entropy: Tensor | None) -> list[Tensor]:
+        if entropy is None:
+            raise ValueError("EntropyShapedWeighting needs rollout entropies")
+        self.mean_entropy = mean_entropy(entropy, mask)
+        return [mask]
+
+    def shape(self, entropy: Tensor, advantages: Tensor, mask: Tensor, mean: float) -> Tensor:
+        """[B, T] weights from the [B, T] entropies, the [B] advantages and the batch's mean entropy."""
+        entropy = entropy.detach().float()  # [B, T]
+        relative = entropy / mean if mean > 0 else torch.ones_like(entropy)
+        w = (1.0 + self.beta * (relative - 1.0)).clamp(min=0.0)  # [B, T]
+        if self.negative_only:
+            w = torch.where((advantages < 0).unsqueeze(1), w, torch.ones_like(w))
+        return w * mask
+
+    def token_weights(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, entropy: Tensor | None
+    ) -> Tensor:
+        if entropy is None or self.mean_entropy is None:
+            raise ValueError("EntropyShapedWeighting needs the rollout entropies and their mean (passes)")
+        return self.shape(entropy, advantages, mask, self.mean_entropy)
+
+    def weights(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        raise ValueError("EntropyShapedWeighting weighs by the rollout entropy: call token_weights")
+
+
+def mean_entropy(entropy: Tensor, mask: Tensor) -> float:
+    """Mean of the [N, T] entropies over the [N, T] trained tokens (0.0 when there are none)."""
+    count = mask.sum().item()
+    return (entropy.float() * mask).sum().item() / count if count > 0 else 0.0
+
+
 # The names the two strategies had before they took the ``...Weighting`` suffix of their siblings, kept so
 # that configs naming them (``class_path: trgrpo.weighting.Lopti``, ``--model.weighting=Lopti``) still load.
 # Subclasses rather than plain aliases: the command line resolves a short name by the class's own name.
@@ -241,6 +305,7 @@ class HighEntropyTokens(HighEntropyWeighting):
 
 __all__ = [
     "AdvantageReweighting",
+    "EntropyShapedWeighting",
     "HighEntropyTokens",
     "HighEntropyWeighting",
     "Lopti",
