@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import re
 from pathlib import Path
@@ -95,3 +96,31 @@ def recipe_params(paths, ids):
             pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason))
         )
     return params
+
+
+def train_rows(logs: Path) -> dict[int, dict[str, float]]:
+    """step -> the ``train/*`` metrics logged at that step, from the metrics.csv under ``logs``."""
+    (path,) = logs.glob("**/metrics.csv")
+    with open(path) as f:
+        return {
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        }
+
+
+def record_fast_cache(monkeypatch) -> list[int]:
+    """Bytes of the KV cache the fast sampler allocates, one entry per prefill (chunk), from then on."""
+    from trgrpo.fastpath import sampler
+
+    allocated: list[int] = []
+    real = sampler._prefill
+
+    def spy(*args, **kwargs):
+        logits, state = real(*args, **kwargs)
+        parts = state.keys + state.values + state.prefix_keys + state.prefix_values
+        allocated.append(sum(t.nbytes for t in parts))
+        return logits, state
+
+    monkeypatch.setattr(sampler, "_prefill", spy)
+    return allocated

@@ -6,6 +6,7 @@ from typing import get_args
 
 import pytest
 import torch
+from helpers import record_fast_cache
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -15,7 +16,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from trgrpo.fastpath import sampler
 from trgrpo.fastpath.sampler import fast_generation_supported, kv_cache_bytes, prompts_per_chunk
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer
 from trgrpo.rollout import EngineName, Rollout, SamplingConfig
@@ -149,17 +149,7 @@ def test_one_chunk_is_generate_and_chunks_equal_it(tokenizer):
 def test_the_allocated_cache_stays_within_the_bound(tokenizer, monkeypatch):
     # the completions' keys and values actually allocated per chunk, measured on the tensors _prefill makes
     model = _qwen2(tokenizer)
-    allocated = []
-    real = sampler._prefill
-
-    def spy(*args, **kwargs):
-        logits, state = real(*args, **kwargs)
-        allocated.append(
-            sum(t.nbytes for t in state.keys + state.values + state.prefix_keys + state.prefix_values)
-        )
-        return logits, state
-
-    monkeypatch.setattr(sampler, "_prefill", spy)
+    allocated = record_fast_cache(monkeypatch)
     bound = _group_cache_gib(model, tokenizer) * 2.5  # two groups fit, three do not
     _fast(model, tokenizer, 1, bound, ignore_eos=True)
     assert len(allocated) == 2 and max(allocated) <= bound * 2**30

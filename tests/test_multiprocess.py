@@ -17,7 +17,6 @@ collective its peer never joins fails the test in minutes, with its log, instead
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import TINY, arithmetic_args, run_cli
+from helpers import TINY, arithmetic_args, run_cli, train_rows
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,17 +131,6 @@ def launch(args: list[str], cwd: Path, returncode: int = 0) -> str:
         pytest.fail(f"no end after {TIMEOUT}s (a process waits in a collective?):\n{out[-6000:]}")
     assert proc.returncode == returncode, out[-8000:]
     return out
-
-
-def train_rows(logs: Path) -> dict[int, dict[str, float]]:
-    """step -> the ``train/*`` metrics logged at that step (metrics.csv of the run's CSVLogger)."""
-    (path,) = logs.glob("**/metrics.csv")
-    with open(path) as f:
-        return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-            for r in csv.DictReader(f)
-            if r.get("train/loss")
-        }
 
 
 def logged(run: Path) -> list[str]:

@@ -27,8 +27,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import TINY, arithmetic_args
-from test_multiprocess import TIMEOUT, launch, logged, start, train_rows
+from helpers import TINY, arithmetic_args, train_rows
+from test_multiprocess import TIMEOUT, launch, logged, start
 from torch import Tensor
 
 PROBE = "7 + 5 ="  # the prompt every process samples from in SameProbe runs

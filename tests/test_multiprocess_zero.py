@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, train_rows
 from test_multiprocess import (
     COMPARED,
     ROOT,
@@ -32,7 +32,6 @@ from test_multiprocess import (
     launch,
     logged,
     outputs,
-    train_rows,
 )
 
 from trgrpo.config import OptimConfig

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from helpers import record_fast_cache
 
 from trgrpo.config import LossConfig, OptimConfig
 from trgrpo.fastpath import sampler
@@ -117,7 +118,7 @@ def test_the_fast_cache_of_the_3b_recipe_is_the_72_gib_of_one_chunk_and_is_bound
     assert _part(plan, "fast engine KV cache") == 3 * per_group <= 4 * GIB
 
 
-def test_the_estimate_matches_what_the_tiny_model_allocates():
+def test_the_estimate_matches_what_the_tiny_model_allocates(monkeypatch):
     # weights, AdamW state and the fast engine's KV cache of the tiny model, measured on the tensors
     policy = PolicyConfig()
     tok = load_tokenizer(policy)
@@ -135,21 +136,8 @@ def test_the_estimate_matches_what_the_tiny_model_allocates():
     opt.step()
     moments = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
     assert _part(plan, "optimizer state (AdamW)") == moments
-    allocated = []
-    real = sampler._prefill
-
-    def spy(*args, **kwargs):
-        logits, state = real(*args, **kwargs)
-        allocated.append(
-            sum(t.nbytes for t in state.keys + state.values + state.prefix_keys + state.prefix_values)
-        )
-        return logits, state
-
-    sampler._prefill = spy
-    try:
-        generate_rollout(net, tok, prompts, sampling)
-    finally:
-        sampler._prefill = real
+    allocated = record_fast_cache(monkeypatch)
+    generate_rollout(net, tok, prompts, sampling)
     assert allocated == [_part(plan, "fast engine KV cache")]
 
 

@@ -10,7 +10,6 @@ schedule.  The file is also the subprocess script: ``python tests/test_resume.py
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, arithmetic_args, run_cli
+from helpers import TINY, arithmetic_args, run_cli, train_rows
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trgrpo.checkpointing import AtomicModelCheckpoint, partial_path, write_atomically
@@ -76,16 +75,6 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
 
 
-def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
-    (path,) = logs.glob("**/metrics.csv")
-    with open(path) as f:
-        return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-            for r in csv.DictReader(f)
-            if r.get("train/loss")
-        }
-
-
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(tmp_path):
     full = subprocess.run(
@@ -123,7 +112,7 @@ def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(t
     )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
 
-    expected, got = _train_rows(tmp_path / "full" / "logs"), _train_rows(run / "logs2")
+    expected, got = train_rows(tmp_path / "full" / "logs"), train_rows(run / "logs2")
     assert len(expected) == 9 and sorted(got) == sorted(expected)[4:]  # RL steps 5..9, across the epoch end
     for step, row in got.items():
         assert row.keys() == expected[step].keys()

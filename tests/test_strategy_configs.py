@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, arithmetic_args, run_cli
+from helpers import TINY, arithmetic_args, run_cli, train_rows
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from trgrpo.cli import main
@@ -150,18 +150,6 @@ ZERO_RUN = [
 ]
 
 
-def _train_rows(logs: Path) -> dict[int, dict[str, float]]:
-    import csv
-
-    (path,) = logs.glob("**/metrics.csv")
-    with open(path) as f:
-        return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("train/") and v}
-            for r in csv.DictReader(f)
-            if r.get("train/loss")
-        }
-
-
 # without KL, 2 optimiser steps per RL step of one group each: groups with equal rewards are skipped whole,
 # and the engine still steps (on a zero gradient) as the plain run does
 SKIP = ["--model.loss.beta=0", "--model.optim.mini_batch_size=4", "--trainer.max_steps=4"]
@@ -237,7 +225,7 @@ def test_zero_on_cpu_matches_a_plain_run(tmp_path, pretrained, stage, lora, extr
 
     # same gradients (pre-clip norm), losses, KL and samples as without DeepSpeed, step by step: two
     # micro-batches per step accumulate (a lost micro-batch changes grad_norm), generation sees the weights
-    expected, got = _train_rows(tmp_path / "plain"), _train_rows(run)
+    expected, got = train_rows(tmp_path / "plain"), train_rows(run)
     assert sorted(got) == sorted(expected) == [0, 1]
     for step in expected:
         for key in (

@@ -109,9 +109,8 @@ class TRGRPOCLI(LightningCLI):
             # count val_check_interval in RL steps across epochs
             trainer.check_val_every_n_epoch = None
         if "weights_only" in cfg and cfg.weights_only is None:
-            cfg.weights_only = (
-                True  # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
-            )
+            # --ckpt_path loads tensors and plain data only: a checkpoint runs no code
+            cfg.weights_only = True
 
     def instantiate_trainer(self, **kwargs):
         # the RL-step bar by default: added to a YAML callbacks list, never replacing it; a configured

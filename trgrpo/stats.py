@@ -100,9 +100,8 @@ class UpdateStats:
     tokens: float = 0.0  # response tokens that went through forward/backward
     active_tokens: float = 0.0  # tokens trained in their pass
     entropy: float | None = None  # summed token entropy (None when not computed)
-    sampler_kl: float | None = (
-        None  # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
-    )
+    # summed k3 KL(sampler || trainer) (None: the engine reports no log-probs)
+    sampler_kl: float | None = None
     # the sampler correction (None when off): trained tokens and sequences seen, how many were truncated or
     # masked (a sequence when any of its trained tokens was), and the summed correction weight of the tokens
     corrected_tokens: float | None = None

@@ -142,12 +142,10 @@ class _RolloutFields(NamedTuple):
     truncated: Tensor  # [N] bool
     prompt_len: int  # P
     completions: list[str]  # N decoded completions (special tokens removed)
-    trainable_mask: Tensor | None = (
-        None  # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
-    )
-    sampler_logp: Tensor | None = (
-        None  # [N, T] float log-probs under the engine that sampled; None: not reported
-    )
+    # [N, T] float, 1 on sampled tokens that are trained; None: completion_mask
+    trainable_mask: Tensor | None = None
+    # [N, T] float log-probs under the engine that sampled; None: not reported
+    sampler_logp: Tensor | None = None
     episodes: EpisodeStats | None = None  # multi-turn: [N] tool calls, tool errors, turns; None: single-turn
 
 
