@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "diagnostics": PURE_MATH,  # gradient share by token-probability bucket
     "threads": PURE_MATH,  # CPU thread defaults, applied on import of the package
     "world": PURE_MATH,  # how many processes train together (the guard of every collective)
+    "heads": PURE_MATH,  # the LM head in float32 (policy option, understood by the fast sampler)
     "rollout": COMPONENTS,  # rollout data types (base), the fast/hf engines and the chooser, the vllm engine
     "agent": COMPONENTS,  # multi-turn tool use: tools, call formats, the episode loop, the search environment
     "policy": COMPONENTS,  # loading the policy; sources (package:, GGUF); the character tokenizer

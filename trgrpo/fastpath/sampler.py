@@ -42,6 +42,7 @@ from torch import Tensor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from trgrpo.fastpath.shared_prefix import cache_layers, model_cache
+from trgrpo.heads import Float32Head
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
@@ -96,7 +97,7 @@ def fast_generation_supported(model: torch.nn.Module) -> bool:
             return False
         if getattr(attn, "sliding_window", None) is not None:
             return False
-    return type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is None
+    return type(model.lm_head) in (torch.nn.Linear, Float32Head) and model.lm_head.bias is None
 
 
 def _cat_bias(*linears: torch.nn.Linear) -> Tensor | None:
@@ -289,7 +290,7 @@ def _decode_step(
         up = F.linear(x, w.up_w, w.up_b)
         h = h + F.linear(w.act(F.linear(x, w.gate_w, w.gate_b)) * up, w.down_w, w.down_b)
     h = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)
-    return F.linear(h, lm_head_w).to(torch.float32)
+    return F.linear(h.to(lm_head_w.dtype), lm_head_w).to(torch.float32)
 
 
 def kv_cache_bytes(
@@ -359,6 +360,9 @@ def _decode_chunk(
     dec = _decoder(model)
     logits, state = _prefill(model, dec, ids, mask, g, budget)
     weights = [_layer_weights(layer) for layer in dec.layers]
+    head_w = model.lm_head.weight
+    if type(model.lm_head) is Float32Head:  # the hidden state follows the weight's dtype in the matmul
+        head_w = head_w.float()
     out = ids_out[chunk.rows]  # [n, budget] a view
     unfinished = torch.ones(out.shape[0], dtype=torch.bool, device=ids.device)
     for t in range(budget):
@@ -370,7 +374,7 @@ def _decode_chunk(
             unfinished &= ~warpers.stop(out[:, : t + 1])
         if t + 1 == budget or not bool(unfinished.any()):
             return t + 1
-        logits = _decode_step(dec, model.lm_head.weight, weights, state, tokens, t, chunk.heads)
+        logits = _decode_step(dec, head_w, weights, state, tokens, t, chunk.heads)
     return budget
 
 

@@ -5,7 +5,8 @@
 ``package:<package>/<file>`` for a file shipped in an installed package (``trgrpo.policy.sources``); left
 empty, a tiny Qwen2-shaped model is built from ``PolicyConfig.tiny`` with random weights (seeded) and paired
 with the embedded character tokenizer (``trgrpo.policy.chartokenizer``), so nothing is downloaded.
-``PolicyConfig.lora`` wraps the model in peft LoRA adapters (only the adapters train).
+``PolicyConfig.lora`` wraps the model in peft LoRA adapters (only the adapters train);
+``PolicyConfig.float32_lm_head`` computes the LM head in float32 (``trgrpo.heads``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
+from trgrpo.heads import use_float32_head
 from trgrpo.policy.chartokenizer import save_char_tokenizer
 from trgrpo.policy.sources import cache_root, check_special_source, local_folder
 
@@ -91,6 +93,9 @@ class PolicyConfig:
     """Attention kernel passed to transformers (e.g. "sdpa", "flash_attention_2"); empty = default."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    float32_lm_head: bool = False
+    """Compute the LM head (the last matmul) in float32 whatever the weights' dtype or autocast, so
+    log-probs under bf16 agree with an inference engine's float32 head (``trgrpo.heads``)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the embedded tiny model (used only when ``name_or_path`` is empty)."""
     lora: LoraConfig | None = None
@@ -195,6 +200,8 @@ def load_model(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.float32_lm_head:
+        use_float32_head(model)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora)
     return model
