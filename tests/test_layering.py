@@ -206,6 +206,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "agent.tools": ("rollout.*",),
     "compare.runs": ("compare", "compare.report"),  # shared by the sweep and the report
     "compare.report": ("compare",),
+    "compare.grid": ("compare", "compare.report"),  # parsing only: the sweep uses it, never the reverse
     "policy.sources": ("policy",),
     "policy.chartokenizer": ("policy",),
 }

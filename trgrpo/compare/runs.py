@@ -10,16 +10,30 @@ from pathlib import Path
 DONE, FAILED, SETTINGS = "done.json", "failed.json", "settings.json"
 
 
+Grid = tuple[tuple[str, str], ...]
+"""A grid point: ``((config key, value as given), ...)`` in the order of the ``--grid`` flags."""
+
+
+def grid_label(grid: Grid) -> str:
+    """``key=value,key=value``: the point's name in folders, the report and the progress lines."""
+    return ",".join(f"{key}={value}" for key, value in grid)
+
+
 @dataclass(frozen=True)
 class Run:
     strategy: str
     fragment: str
     seed: int
     folder: Path
+    grid: Grid = ()
+
+    @property
+    def point(self) -> str:
+        return grid_label(self.grid)
 
     @property
     def label(self) -> str:
-        return f"{self.strategy} seed {self.seed}"
+        return f"{self.strategy} seed {self.seed}" + (f" [{self.point}]" if self.grid else "")
 
 
 def read_json(path: Path) -> dict | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,8 @@ class RunCurves:
     grad_norm: list[tuple[float, float]] = field(default_factory=list)
     extras: dict[str, float] = field(default_factory=dict)
     rl_steps_axis: bool = True
+    entropy: list[tuple[float, float]] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)  # columns of NONFINITE_COLUMNS that held nan / inf
 
     @property
     def last_step(self) -> float:
@@ -244,7 +247,17 @@ def curves_from_rows(rows: Sequence[Mapping[str, str]]) -> RunCurves:
             vals = [v for r in rows if (v := _num(r.get(col))) is not None]
             if vals:
                 extras[col] = statistics.fmean(vals)
-    return RunCurves(acc, grad, extras, rl_steps_axis=(val_axis or not acc) and (train_axis or not grad))
+    entropy, _ = series(rows, "train/entropy", "train/rl_step")
+    bad = [c for c in NONFINITE_COLUMNS if any(_not_finite(r.get(c)) for r in rows)]
+    axis = (val_axis or not acc) and (train_axis or not grad)
+    return RunCurves(acc, grad, extras, rl_steps_axis=axis, entropy=entropy, non_finite=bad)
+
+
+def _not_finite(text) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False  # empty: not logged in this row
 
 
 def summarise(curves: RunCurves) -> dict[str, float]:
@@ -264,8 +277,76 @@ def summarise(curves: RunCurves) -> dict[str, float]:
         # w in [1, 1.4]) raises both, so only this ratio says whether the norm is smoother
         "grad_change_relative": grad["change_mean"] / grad["mean"] if grad["mean"] else math.nan,
     }
+    out.update(stability(curves))
     out.update(curves.extras)
     return out
+
+
+# ------------------------------------------------------------------ stability (docs/compare.md, "Stability")
+
+SPIKE_FACTOR = 5.0
+"""A step is a grad-norm spike when its pre-clip norm exceeds this many times the run's median."""
+ENTROPY_COLLAPSE = 0.1
+"""A run collapsed when its policy entropy at the end is below this fraction of its entropy at the start."""
+EDGE_FRACTION = 0.1
+"""The start and the end of a run, for the entropy ratio: the first and the last tenth of its logged steps
+(at least one step each)."""
+NONFINITE_COLUMNS = ("train/loss", "train/grad_norm")
+NONFINITE_ERROR = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+"""A failed run whose stderr says this ended on non-finite numbers (torch.multinomial's "probability tensor
+contains either inf, nan or element < 0", for one): it collapsed."""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) with linear interpolation between order statistics (numpy's default)."""
+    vals = sorted(values)
+    if not vals:
+        return math.nan
+    pos = q * (len(vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (pos - lo) * (vals[hi] - vals[lo])
+
+
+def max_drop(values: Sequence[float]) -> float:
+    """The largest fall from an earlier value to a later one (0 when the series never falls)."""
+    best, drop = -math.inf, 0.0
+    for v in values:
+        best = max(best, v)
+        drop = max(drop, best - v)
+    return drop if values else math.nan
+
+
+def stability(curves: RunCurves) -> dict[str, float | str]:
+    """Per-run stability measures and the collapse verdict (``collapsed`` 1.0 / 0.0, ``collapse_reason``)."""
+    grads = [g for _, g in curves.grad_norm]
+    median = statistics.median(grads) if grads else math.nan
+    ent = [e for _, e in curves.entropy]
+    k = max(1, int(len(ent) * EDGE_FRACTION))
+    start, end = (statistics.fmean(ent[:k]), statistics.fmean(ent[-k:])) if ent else (math.nan, math.nan)
+    ratio = end / start if ent and start > 0 else math.nan
+    accs = [a for _, a in curves.accuracy]
+    reasons = []
+    if curves.non_finite:
+        reasons.append("non-finite " + " / ".join(curves.non_finite))
+    if len(accs) >= 2 and accs[-1] < accs[0]:
+        reasons.append(f"final held-out accuracy {accs[-1]:.3f} below the start's {accs[0]:.3f}")
+    if ratio < ENTROPY_COLLAPSE:
+        reasons.append(f"entropy fell to {ratio:.3f} of the start's")
+    return {
+        "grad_norm_peak": max(grads) if grads else math.nan,
+        "grad_norm_p95": percentile(grads, 0.95),
+        "grad_spikes": float(sum(g > SPIKE_FACTOR * median for g in grads)) if grads else math.nan,
+        "entropy_ratio": ratio,
+        "accuracy_max_drop": max_drop(accs),
+        "collapsed": 1.0 if reasons else 0.0,
+        "collapse_reason": "; ".join(reasons),
+    }
+
+
+def failed_collapse(stderr_tail: str) -> str:
+    """The collapse reason of a failed run whose error names non-finite numbers, else ''."""
+    return "failed on non-finite numbers" if NONFINITE_ERROR.search(stderr_tail or "") else ""
 
 
 def band(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float, float, int]]:
