@@ -99,6 +99,7 @@ class GRPOModule(L.LightningModule):
         self.optim_cfg = optim
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.rewards = rewards if rewards else [RewardSpec(fn=exact_match)]
+        self.rewards_configured = bool(rewards)  # empty: a task that brings its own rewards may set them
         self.log_entropy = log_entropy
         self.eval_cfg = eval
         self.grad_buckets = check_edges(grad_buckets) if grad_buckets else None
@@ -131,7 +132,13 @@ class GRPOModule(L.LightningModule):
 
     def connect(self, task, group_filter: GroupFilter | None = None) -> None:
         """Hand over the task whose verifier scores held-out completions and, with dynamic sampling, which
-        groups each RL step keeps (the data module's ``group_filter``); the CLI does this once."""
+        groups each RL step keeps (the data module's ``group_filter``); the CLI does this once.  A task with
+        rewards of its own (``Task.rewards()``, e.g. an environment's rubric) supplies them when
+        ``model.rewards`` is empty."""
+        own = task.rewards() if not self.rewards_configured and hasattr(task, "rewards") else None
+        if own:
+            self.rewards = list(own)
+            self.evaluator.rewards = list(own)
         self.evaluator.connect(task)
         self.group_filter = group_filter
 

@@ -33,3 +33,8 @@ class Task:
     def demonstration(self, row: dict) -> str | None:
         """A correct completion for supervised warm-starting, or None when the task has none."""
         return None
+
+    def rewards(self) -> list | None:
+        """Reward terms (``trgrpo.rewards.RewardSpec``) the task brings, used when ``model.rewards`` is empty
+        (an installed environment's rubric); None: the trainer's default (exact match on ``answer``)."""
+        return None
