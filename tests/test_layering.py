@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "dynamic_sampling": COMPONENTS,  # DAPO's filter of groups without reward spread (data and module use it)
     "sandbox": COMPONENTS,  # killable worker processes for verifiers and untrusted rewards
     "rewards": COMPONENTS,
+    "graders": COMPONENTS,  # model-graded rewards: a reward model, an LLM judge
     "tasks": COMPONENTS,
     "evaluation": COMPONENTS,
     "checkpointing": COMPONENTS,

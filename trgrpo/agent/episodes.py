@@ -95,6 +95,9 @@ def run_episodes(
 ) -> Rollout:
     """``group_size`` multi-turn completions per prompt (see the module docstring) as one ``Rollout``."""
     agent = sampling.agent
+    if getattr(agent.environment, "drives_turns", False):  # every turn is an action (trgrpo.agent.openenv)
+        env = agent.environment
+        return env.run_episodes(engine, model, tokenizer, prompts, sampling, group_size, greedy, rows)
     toolbox = ToolBox(agent)
     fmt = make_format(agent, toolbox.schemas())
     before, after = fmt.wrap(tokenizer)

@@ -55,7 +55,11 @@ class ToolEnvironment:
 
     ``reset`` must assign fresh state (episodes are shallow copies of the configured instance, so mutating a
     shared attribute would leak between completions); large read-only state (an index) may be shared.
+    An environment with ``drives_turns`` runs the episodes itself (``run_episodes``, the signature of
+    ``trgrpo.agent.episodes.run_episodes``): every model turn is its action (``trgrpo.agent.openenv``).
     """
+
+    drives_turns: bool = False
 
     def tools(self) -> list[dict]:
         """JSON schemas of the tools (``{"type": "function", "function": {...}}``), for the chat template."""

@@ -21,6 +21,7 @@ from trgrpo.tasks.knights_knaves import KnightsKnavesTask
 from trgrpo.tasks.math_data import MathTask
 from trgrpo.tasks.reasoning_gym import ReasoningGymTask
 from trgrpo.tasks.search_qa import FactQATask, SearchQATask
+from trgrpo.tasks.verifiers_env import VerifiersEnvironment
 
 __all__ = [
     "ArithmeticTask",
@@ -31,4 +32,5 @@ __all__ = [
     "SearchQATask",
     "Split",
     "Task",
+    "VerifiersEnvironment",
 ]
