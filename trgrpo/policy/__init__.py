@@ -12,13 +12,20 @@ with the embedded character tokenizer (``trgrpo.policy.chartokenizer``), so noth
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from trgrpo.heads import use_float32_head
 from trgrpo.policy.chartokenizer import save_char_tokenizer
@@ -147,10 +154,26 @@ def _char_tokenizer_dir() -> Path:
     return path
 
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def word_level(folder: str) -> bool:
+    """Whether a local tokenizer folder holds a word-level ``tokenizer.json`` (the character tokenizer)."""
+    path = Path(folder) / "tokenizer.json"
+    try:
+        return json.loads(path.read_text()).get("model", {}).get("type") == "WordLevel"
+    except (OSError, ValueError):
+        return False
+
+
 def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
     """Load the tokenizer; pads on the left (generation) and falls back from a missing pad to EOS."""
     source = cfg.tokenizer_source() or str(_char_tokenizer_dir())
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if word_level(source) and type(tok).__name__ not in GENERIC_TOKENIZERS:
+        # a folder holding the character tokenizer beside a qwen2 config.json (an exported tiny model):
+        # transformers maps the model type to the Qwen2 BPE tokenizer, which drops the spaces
+        tok = PreTrainedTokenizerFast.from_pretrained(source)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(
