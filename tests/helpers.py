@@ -124,3 +124,19 @@ def record_fast_cache(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(sampler, "_prefill", spy)
     return allocated
+
+
+def hf_and_fast_rollouts(model, tokenizer, prompts, greedy, seed=1, **sampling):
+    """The same rollout from the ``hf`` and the ``fast`` engine (G = 3, 12 tokens), each after seeding torch
+    with ``seed``: their tokens must be equal."""
+    import torch
+
+    from trgrpo.rollout import SamplingConfig
+    from trgrpo.rollout.engines import generate_rollout
+
+    out = {}
+    for engine in ("hf", "fast"):
+        cfg = SamplingConfig(group_size=3, max_new_tokens=12, engine=engine, **sampling)
+        torch.manual_seed(seed)
+        out[engine] = generate_rollout(model, tokenizer, prompts, cfg, greedy=greedy)
+    return out["hf"], out["fast"]

@@ -128,3 +128,23 @@ def test_the_option_trains_through_the_cli(tmp_path):
     head = cli.model.policy_model.get_output_embeddings()
     assert type(head) is Float32Head
     assert cli.trainer.global_step == 2
+
+
+def test_the_fast_sampler_keeps_the_head_in_float32_under_autocast(tokenizer, monkeypatch):
+    import trgrpo.fastpath.sampler as sampler
+
+    seen = []
+    real = sampler.add_adapters
+
+    def spy(logits, h, adapters):
+        seen.append(logits.dtype)
+        return real(logits, h, adapters)
+
+    monkeypatch.setattr(sampler, "add_adapters", spy)
+    for fp32_head, want in ((True, torch.float32), (False, torch.bfloat16)):
+        seen.clear()
+        model = _model(tokenizer, fp32_head=fp32_head)
+        cfg = SamplingConfig(group_size=2, max_new_tokens=4, engine="fast", ignore_eos=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            generate_rollout(model, tokenizer, ["12+34="], cfg, greedy=False)
+        assert seen and set(seen) == {want}

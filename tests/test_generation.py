@@ -6,7 +6,7 @@ from typing import get_args
 
 import pytest
 import torch
-from helpers import record_fast_cache
+from helpers import hf_and_fast_rollouts, record_fast_cache
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -72,12 +72,7 @@ MODELS = {
 
 
 def _rollouts(model, tokenizer, greedy, seed=1, **sampling):
-    out = {}
-    for engine in ("hf", "fast"):
-        cfg = SamplingConfig(group_size=3, max_new_tokens=12, engine=engine, **sampling)
-        torch.manual_seed(seed)
-        out[engine] = generate_rollout(model, tokenizer, PROMPTS, cfg, greedy=greedy)
-    return out["hf"], out["fast"]
+    return hf_and_fast_rollouts(model, tokenizer, PROMPTS, greedy, seed, **sampling)
 
 
 def _assert_same(a, b):

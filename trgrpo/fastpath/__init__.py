@@ -5,7 +5,8 @@ rounding), only faster on the small models and large groups of GRPO:
 
 - ``sampler.py``: the ``fast`` rollout engine: each distinct prompt prefilled once, a preallocated KV
   cache and a lean decode loop for Qwen2 / Qwen3 / Llama-style models; the same tokens as
-  ``model.generate`` for the same seed (``tests/test_generation.py``).
+  ``model.generate`` for the same seed (``tests/test_generation.py``); ``lora.py``: the LoRA layers'
+  low-rank terms for its decode loop (``tests/test_lora_fast.py``).
 - ``shared_prefix.py``: scoring forward passes in which each distinct prompt runs through the model once
   for all its G completions; the same logits and gradients as the plain forward
   (``tests/test_shared_prefix.py``).

@@ -25,7 +25,9 @@ start and draws each step's noise for all N rows, as one chunk would (``torch.mu
 is ``argmax(p / Exp(1) noise)``), keeping its own rows; the generator is left where one chunk leaves it.  The
 price is the noise drawn once per chunk instead of once.
 
-Architectures the decode loop does not know fall back to ``generate`` (``fast_generation_supported``).
+A peft LoRA model is decoded with its adapters' low-rank terms added to each adapted projection
+(``trgrpo.fastpath.lora``: no merged copy, no parameter written).  Architectures and layers the decode loop
+does not know fall back to ``generate`` (``fast_generation_refusal`` says why).
 Pure torch + transformers, no Lightning import.
 
     python -c "from trgrpo.fastpath.sampler import fast_generation_supported; help(fast_generation_supported)"
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from trgrpo.fastpath.shared_prefix import cache_layers, model_cache
+from trgrpo.fastpath.lora import Projection, add_adapters, concatenated, is_lora, linear, projection, refusal
+from trgrpo.fastpath.shared_prefix import cache_layers, model_cache, unwrapped
 from trgrpo.heads import Float32Head
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -52,60 +55,59 @@ class _LayerWeights(NamedTuple):
 
     ln1: Tensor  # [H]
     ln1_eps: float
-    qkv_w: Tensor  # [(nh + 2 nkv) * hd, H]
-    qkv_b: Tensor | None
+    qkv: Projection  # [(nh + 2 nkv) * hd, H]
     q_norm: torch.nn.Module | None  # Qwen3 per-head norms
     k_norm: torch.nn.Module | None
-    o_w: Tensor  # [H, nh * hd]
-    o_b: Tensor | None
+    o: Projection  # [H, nh * hd]
     ln2: Tensor
     ln2_eps: float
-    gate_w: Tensor  # [I, H]
-    gate_b: Tensor | None
-    up_w: Tensor  # [I, H]
-    up_b: Tensor | None
-    down_w: Tensor  # [H, I]
-    down_b: Tensor | None
+    gate: Projection  # [I, H]
+    up: Projection  # [I, H]
+    down: Projection  # [H, I]
     act: torch.nn.Module
     scale: float  # attention softmax scale
 
 
 def _decoder(model: torch.nn.Module):
-    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM, or None."""
-    inner = getattr(model, "model", None)
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM (peft-wrapped or not),
+    or None."""
+    inner = getattr(unwrapped(model), "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     return inner if inner is not None and all(hasattr(inner, n) for n in needed) else None
 
 
-def fast_generation_supported(model: torch.nn.Module) -> bool:
-    """True when :func:`sample_completions` can decode ``model`` (plain Qwen2/Qwen3/Llama, full attention)."""
+def fast_generation_refusal(model: torch.nn.Module) -> str | None:
+    """Why :func:`sample_completions` cannot decode ``model``, or None when it can: Qwen2/Qwen3/Llama with
+    full attention whose projections, LM head and embedding are plain layers or plain LoRA layers over them
+    (peft, any of them adapted; DoRA and other LoRA variants, quantised layers are refused)."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    dec = _decoder(model)
-    if dec is None or not hasattr(model, "lm_head") or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
-    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
-        return False
-    for layer in dec.layers:
+        kind = getattr(cfg, "model_type", None)
+        return f"model type {kind!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    dec, base = _decoder(model), unwrapped(model)
+    if dec is None or not hasattr(base, "lm_head"):
+        return "the model has no decoder stack (embed_tokens, layers, norm, rotary_emb) and lm_head"
+    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return "pretraining_tp != 1 or partial rotary embeddings"
+    for i, layer in enumerate(dec.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
-            getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
-        ]
-        # LoRA / quantised wrappers are not plain Linear layers: leave them to generate()
-        if any(type(p) is not torch.nn.Linear for p in projections):
-            return False
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            part = attn if name[0] in "qkvo" else mlp
+            why = refusal(getattr(part, name, None), f"layer {i} {name}", (torch.nn.Linear,))
+            if why is not None:
+                return why
         if getattr(attn, "sliding_window", None) is not None:
-            return False
-    return type(model.lm_head) in (torch.nn.Linear, Float32Head) and model.lm_head.bias is None
+            return f"layer {i} uses sliding-window attention"
+    head = base.lm_head
+    why = refusal(head, "lm_head", (torch.nn.Linear, Float32Head))
+    if why is None and (head.base_layer if is_lora(head) else head).bias is not None:
+        why = "lm_head has a bias"
+    return why or refusal(dec.embed_tokens, "embed_tokens", (torch.nn.Embedding,))
 
 
-def _cat_bias(*linears: torch.nn.Linear) -> Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat(
-        [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears]
-    )
+def fast_generation_supported(model: torch.nn.Module) -> bool:
+    """True when :func:`sample_completions` can decode ``model`` (:func:`fast_generation_refusal` is None)."""
+    return fast_generation_refusal(model) is None
 
 
 def _layer_weights(layer) -> _LayerWeights:
@@ -113,20 +115,15 @@ def _layer_weights(layer) -> _LayerWeights:
     return _LayerWeights(
         ln1=layer.input_layernorm.weight,
         ln1_eps=layer.input_layernorm.variance_epsilon,
-        qkv_w=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-        qkv_b=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+        qkv=concatenated(attn.q_proj, attn.k_proj, attn.v_proj),
         q_norm=getattr(attn, "q_norm", None),
         k_norm=getattr(attn, "k_norm", None),
-        o_w=attn.o_proj.weight,
-        o_b=attn.o_proj.bias,
+        o=projection(attn.o_proj),
         ln2=layer.post_attention_layernorm.weight,
         ln2_eps=layer.post_attention_layernorm.variance_epsilon,
-        gate_w=mlp.gate_proj.weight,
-        gate_b=mlp.gate_proj.bias,
-        up_w=mlp.up_proj.weight,
-        up_b=mlp.up_proj.bias,
-        down_w=mlp.down_proj.weight,
-        down_b=mlp.down_proj.bias,
+        gate=projection(mlp.gate_proj),
+        up=projection(mlp.up_proj),
+        down=projection(mlp.down_proj),
         act=mlp.act_fn,
         scale=attn.scaling,
     )
@@ -254,14 +251,16 @@ def _attend(
 
 def _decode_step(
     dec,
-    lm_head_w: Tensor,
+    head: Projection,
     weights: list[_LayerWeights],
     state: _DecodeState,
     tokens: Tensor,
     t: int,
     heads: tuple[int, int, int],
+    fp32_head: bool = False,
 ) -> Tensor:
-    """Feed ``tokens`` [N] at completion position t; returns [N, V] float32 logits."""
+    """Feed ``tokens`` [N] at completion position t; returns [N, V] float32 logits (``fp32_head``: the head's
+    matmul in float32 outside any autocast, as ``trgrpo.heads.Float32Head`` computes it)."""
     nh, nkv, hd = heads
     n = tokens.shape[0]
     h = dec.embed_tokens(tokens)  # [N, H]
@@ -269,7 +268,7 @@ def _decode_step(
     for i, w in enumerate(weights):
         kc, vc = state.keys[i], state.values[i]
         x = _rms_norm(h, w.ln1, w.ln1_eps)
-        qkv = F.linear(x, w.qkv_w, w.qkv_b).view(n, nh + 2 * nkv, hd)
+        qkv = linear(x, w.qkv).view(n, nh + 2 * nkv, hd)
         q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
         if w.q_norm is not None:
             q, k = w.q_norm(q), w.k_norm(k)
@@ -284,13 +283,18 @@ def _decode_step(
             vc[:, :, : t + 1],
             w.scale,
         )
-        h = h + F.linear(o, w.o_w, w.o_b)
+        h = h + linear(o, w.o)
         x = _rms_norm(h, w.ln2, w.ln2_eps)
         # gate and up stay two matmuls: one [H, 2I] matmul is slower on CPU at decode batch sizes
-        up = F.linear(x, w.up_w, w.up_b)
-        h = h + F.linear(w.act(F.linear(x, w.gate_w, w.gate_b)) * up, w.down_w, w.down_b)
+        up = linear(x, w.up)
+        h = h + linear(w.act(linear(x, w.gate)) * up, w.down)
     h = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)
-    return F.linear(h.to(lm_head_w.dtype), lm_head_w).to(torch.float32)
+    if fp32_head:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            logits = F.linear(h.float(), head.weight)
+    else:
+        logits = F.linear(h.to(head.weight.dtype), head.weight)  # the head's own adapters see h as it comes
+    return add_adapters(logits, h, head.adapters).to(torch.float32)
 
 
 def kv_cache_bytes(
@@ -360,9 +364,11 @@ def _decode_chunk(
     dec = _decoder(model)
     logits, state = _prefill(model, dec, ids, mask, g, budget)
     weights = [_layer_weights(layer) for layer in dec.layers]
-    head_w = model.lm_head.weight
-    if type(model.lm_head) is Float32Head:  # the hidden state follows the weight's dtype in the matmul
-        head_w = head_w.float()
+    lm_head = unwrapped(model).lm_head
+    head = projection(lm_head)
+    fp32_head = type(lm_head.base_layer if is_lora(lm_head) else lm_head) is Float32Head
+    if fp32_head:
+        head = head._replace(weight=head.weight.float())  # the hidden state follows it in the matmul
     out = ids_out[chunk.rows]  # [n, budget] a view
     unfinished = torch.ones(out.shape[0], dtype=torch.bool, device=ids.device)
     for t in range(budget):
@@ -374,7 +380,7 @@ def _decode_chunk(
             unfinished &= ~warpers.stop(out[:, : t + 1])
         if t + 1 == budget or not bool(unfinished.any()):
             return t + 1
-        logits = _decode_step(dec, head_w, weights, state, tokens, t, chunk.heads)
+        logits = _decode_step(dec, head, weights, state, tokens, t, chunk.heads, fp32_head)
     return budget
 
 
@@ -442,6 +448,7 @@ def sample_completions(
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "fast_generation_refusal",
     "fast_generation_supported",
     "kv_cache_bytes",
     "prompts_per_chunk",

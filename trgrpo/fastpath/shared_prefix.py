@@ -50,7 +50,14 @@ def cache_layers(cache) -> list | None:
     return list(layers)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (whose LoRA layers sit in it), else ``model`` itself."""
+    get_base = getattr(type(model), "get_base_model", None)
+    return get_base(model) if get_base is not None else model
+
+
 def _checkpointed(model: torch.nn.Module) -> bool:
+    model = unwrapped(model)  # a peft wrapper does not say; the model inside does
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
         if hasattr(type(model), name):
             return bool(getattr(model, name))
@@ -143,4 +150,5 @@ __all__ = [
     "completion_logits",
     "full_completion_logits",
     "model_cache",
+    "unwrapped",
 ]

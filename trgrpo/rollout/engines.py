@@ -2,10 +2,11 @@
 
 ``fast`` (``trgrpo.fastpath.sampler``: one prefill per prompt shared by its G samples, a preallocated KV
 cache bounded by ``model.sampling.fast_cache_gib``, a lean decode loop; Qwen2, Qwen3 and Llama-style
-models) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM) give the same tokens
-for the same random state; ``fast`` falls back to ``hf`` for a model it does not support.  ``vllm`` lives in
-``trgrpo.rollout.vllm``.  With ``model.sampling.agent`` :func:`generate_rollout` runs multi-turn episodes
-(``trgrpo.agent.episodes``) on the chosen engine's ``continue_contexts``.
+models, peft LoRA ones too) and ``hf`` (``model.generate`` on the G-times-repeated prompts; any causal LM)
+give the same tokens for the same random state; ``fast`` falls back to ``hf`` for a model it does not
+support, with a warning that says why.  ``vllm`` lives in ``trgrpo.rollout.vllm``.  With
+``model.sampling.agent`` :func:`generate_rollout` runs multi-turn episodes (``trgrpo.agent.episodes``) on
+the chosen engine's ``continue_contexts``.
 
 A run builds its engine once (``make_engine``; ``GRPOModule.configure_model`` does) and hands it to every
 rollout and held-out evaluation, so an engine with state (vLLM's, started on the first rollout) keeps it
@@ -14,13 +15,14 @@ for the whole run.  Called without an engine, ``generate_rollout`` makes one for
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from trgrpo.agent.episodes import run_episodes
-from trgrpo.fastpath.sampler import fast_generation_supported, sample_completions
+from trgrpo.fastpath.sampler import fast_generation_refusal, sample_completions
 from trgrpo.rollout.base import (
     Rollout,
     RolloutEngine,
@@ -32,6 +34,8 @@ from trgrpo.rollout.base import (
     left_pad,
 )
 from trgrpo.rollout.vllm import VLLMEngine
+
+log = logging.getLogger(__name__)
 
 
 class HFEngine:
@@ -112,9 +116,18 @@ class FastEngine:
 
     gathers_own_weights = False  # generates with the policy itself: whole weights needed (ZeRO-3)
     start, serving = HFEngine.start, HFEngine.serving  # nothing to start or wake
+    refused: str | None = None  # why the last model seen falls back to model.generate (logged once)
+
+    def supports(self, model) -> bool:
+        """Whether the fast sampler decodes ``model``; the first refusal is logged with its reason."""
+        why = fast_generation_refusal(model)
+        if why is not None and why != self.refused:
+            log.warning("model.sampling.engine=fast: %s; sampling with model.generate (the hf engine)", why)
+        self.refused = why
+        return why is None
 
     def generate(self, model, tokenizer, prompts, sampling, group_size, greedy) -> Rollout:
-        if not fast_generation_supported(model):
+        if not self.supports(model):
             return HFEngine().generate(model, tokenizer, prompts, sampling, group_size, greedy)
         enc = encode_prompts(model, tokenizer, prompts)
         completion = sample_completions(
@@ -136,7 +149,7 @@ class FastEngine:
 
     def continue_contexts(self, model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy):
         """Runs of identical contexts (the first turn) share one prefill; later turns prefill each context."""
-        if not fast_generation_supported(model):
+        if not self.supports(model):
             return HFEngine().continue_contexts(
                 model, tokenizer, contexts, sampling, max_new_tokens, stop, greedy
             )
