@@ -321,22 +321,23 @@ def write_collapse_plot(out: Path, points, strategies, runs, collapse) -> bool:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
     drawn = False
-    for s in strategies:
+    for k, s in enumerate(strategies):
+        shift = (k - (len(strategies) - 1) / 2) * 0.06  # equal rates would hide each other's lines
         xs, ys = [], []
         for i, p in enumerate(points):
             here = [r for r in runs if r.point == p and r.strategy == s]
             verdicts = [collapse[r] for r in here if collapse[r] is not None]
             if verdicts:
-                xs.append(i)
+                xs.append(i + shift)
                 ys.append(sum(bool(v) for v in verdicts) / len(verdicts))
         if xs:
-            ax.plot(xs, ys, "o-", label=s)
+            ax.plot(xs, ys, "os^vDP*X"[k % 8] + "-", label=s, alpha=0.8)
             drawn = True
     if drawn:
         ax.set_xticks(range(len(points)), points, rotation=20, fontsize=8)
         ax.set_ylim(-0.05, 1.05)
         ax.set_ylabel("collapsed runs / runs")
-        ax.set_title("collapse rate per grid point", fontsize=10)
+        ax.set_title("collapse rate per grid point (strategies drawn slightly apart)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
