@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -90,11 +91,20 @@ def test_chat_format_episode_end_to_end(tokenizer, model):
 DEEP = '<tool_call>{"name": "lookup", "arguments": {"query": ' + "[" * 1000 + "]" * 1000 + "}}</tool_call>"
 
 
+@pytest.fixture
+def default_recursion_limit():
+    """Python's default recursion limit for one test (some libraries raise it on import)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
 def test_a_deeply_nested_call_is_a_malformed_call_counted_and_logged_once(
-    tokenizer, model, monkeypatch, caplog
+    tokenizer, model, monkeypatch, caplog, default_recursion_limit
 ):
-    """A 1000-deep JSON call makes the JSON parser raise RecursionError: an error text for the model, like
-    any call that cannot be parsed, and the rollout goes on."""
+    """A 1000-deep JSON call makes the JSON parser raise RecursionError at the default recursion limit: an
+    error text for the model, like any call that cannot be parsed, and the rollout goes on."""
     call = ChatFormat(FunctionTools([lookup]).tools()).parse(DEEP)
     assert call.name == "" and call.error.startswith("malformed tool call") and "recursion" in call.error
     monkeypatch.setattr(tools_mod, "_said", set())  # as in a fresh process
