@@ -38,3 +38,15 @@ def pretrained(tmp_path_factory):
     load_model(cfg, tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model or tokenizer load fails the test: the settings must be checked before one loads."""
+    import trgrpo.module as module_mod
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the settings were checked")
+
+    monkeypatch.setattr(module_mod, "load_model", forbidden)
+    monkeypatch.setattr(module_mod, "load_tokenizer", forbidden)

@@ -140,3 +140,28 @@ def hf_and_fast_rollouts(model, tokenizer, prompts, greedy, seed=1, **sampling):
         torch.manual_seed(seed)
         out[engine] = generate_rollout(model, tokenizer, prompts, cfg, greedy=greedy)
     return out["hf"], out["fast"]
+
+
+def tiny_demo_base(tmp_path: Path, warm_start_steps: int) -> Path:
+    """``configs/demo.yaml`` shrunk for a real sweep in seconds (a 1-layer model, 4 prompts x G = 4, 64 train
+    and 16 held-out rows, validation every 2 RL steps, its warm-start cached under ``tmp_path/warm``),
+    written to ``tmp_path/tiny.yaml``."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    cfg["trainer"].update(val_check_interval=2, enable_progress_bar=False, enable_model_summary=False)
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        steps=warm_start_steps, batch_size=16, cache_dir=str(tmp_path / "warm")
+    )
+    cfg["model"]["policy"]["tiny"] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    cfg["model"]["sampling"]["group_size"] = 4
+    cfg["data"].update(batch_size=4, val_batch_size=16)
+    cfg["data"]["task"]["init_args"].update(train_size=64, val_size=16)
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump(cfg))
+    return base

@@ -18,7 +18,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import tiny_demo_base
 
 from trgrpo.compare import DONE, FAILED, Run, fit_command, parse_args, plan, settings, sweep
 from trgrpo.compare import main as compare_main
@@ -345,22 +345,7 @@ def test_the_cli_dispatches_compare(capsys):
 
 @pytest.mark.slow
 def test_real_sweep_of_two_strategies_and_two_seeds(tmp_path, capsys):
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cfg["trainer"].update(val_check_interval=2, enable_progress_bar=False, enable_model_summary=False)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        steps=10, batch_size=16, cache_dir=str(tmp_path / "warm")
-    )
-    cfg["model"]["policy"]["tiny"] = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    }
-    cfg["model"]["sampling"]["group_size"] = 4
-    cfg["data"].update(batch_size=4, val_batch_size=16)
-    cfg["data"]["task"]["init_args"].update(train_size=64, val_size=16)
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump(cfg))
+    base = tiny_demo_base(tmp_path, warm_start_steps=10)
     out = tmp_path / "out"
     cmd = [
         sys.executable,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_demo_base
 
 from trgrpo.compare import DONE, FAILED, fit_command, parse_args, plan, settings, sweep
 from trgrpo.compare.grid import grid_points, grid_value
@@ -332,22 +333,7 @@ def test_the_report_of_a_grid_counts_collapses_and_its_numbers_equal_a_direct_co
 
 @pytest.mark.slow
 def test_a_real_grid_trains_each_run_with_its_value(tmp_path):
-    cfg = yaml.safe_load(Path(DEMO).read_text())
-    cfg["trainer"].update(val_check_interval=2, enable_progress_bar=False, enable_model_summary=False)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        steps=5, batch_size=16, cache_dir=str(tmp_path / "warm")
-    )
-    cfg["model"]["policy"]["tiny"] = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    }
-    cfg["model"]["sampling"]["group_size"] = 4
-    cfg["data"].update(batch_size=4, val_batch_size=16)
-    cfg["data"]["task"]["init_args"].update(train_size=64, val_size=16)
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump(cfg))
+    base = tiny_demo_base(tmp_path, warm_start_steps=5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "trgrpo", "compare", "--base", str(base), "--strategies", "grpo"]
     cmd += [

@@ -304,15 +304,6 @@ def test_judge_start_up_errors(server, monkeypatch):
 # --------------------------------------------------------------------------- through the CLI
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was loaded before the settings were checked")
-
-    monkeypatch.setattr(module_mod, "load_model", forbidden)
-    monkeypatch.setattr(module_mod, "load_tokenizer", forbidden)
-
-
 def grader(class_path: str, **init_args) -> str:
     return "--model.rewards=" + json.dumps([{"fn": {"class_path": class_path, "init_args": init_args}}])
 

@@ -13,8 +13,6 @@ import logging
 import pytest
 from helpers import arithmetic_args, run_cli
 
-import trgrpo.module as module_mod
-
 
 def wrong_column(prompts, completions, solution):  # the arithmetic task has "answer", not "solution"
     return [0.0] * len(completions)
@@ -30,15 +28,6 @@ def limited(prompts, completions, limit: int = 10, **_):
 
 def strict_limited(prompts, completions, limit: int = 10):
     return [0.0] * len(completions)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was loaded before the settings were checked")
-
-    monkeypatch.setattr(module_mod, "load_model", forbidden)
-    monkeypatch.setattr(module_mod, "load_tokenizer", forbidden)
 
 
 def _fit(tmp_path, *args):

@@ -69,6 +69,13 @@ class Episode:
         self.done, self.truncated = True, truncated
 
 
+def turn_budgets(episodes: list[Episode], active: list[int], sampling) -> list[int]:
+    """New tokens each active episode's next turn may write: what is left of the completion budget, at most
+    ``agent.max_turn_tokens``."""
+    turn = sampling.agent.max_turn_tokens or sampling.max_new_tokens
+    return [min(sampling.max_new_tokens - episodes[i].model_tokens, turn) for i in active]
+
+
 def fit_result(tokenizer, before: str, text: str, after: str, marker: str, room: int) -> list[int] | None:
     """Token ids of ``before + text + after``, ``text`` cut (with ``marker``) to fit ``room``;
     None if nothing fits.  At most ``MAX_CHARS_PER_TOKEN * room`` characters of ``text`` are tokenized."""
@@ -111,13 +118,7 @@ def run_episodes(
         for i in range(len(prompts) * group_size)
     ]
     while active := [i for i, e in enumerate(episodes) if not e.done]:
-        budgets = [
-            min(
-                sampling.max_new_tokens - episodes[i].model_tokens,
-                agent.max_turn_tokens or sampling.max_new_tokens,
-            )
-            for i in active
-        ]
+        budgets = turn_budgets(episodes, active, sampling)
         contexts = [prompt_ids[i // group_size] + episodes[i].ids() for i in active]
         outs = engine.continue_contexts(model, tokenizer, contexts, sampling, budgets, fmt.stop, greedy)
         calls = []

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from trgrpo.agent.episodes import Episode, assemble_episodes, fit_result
+from trgrpo.agent.episodes import Episode, assemble_episodes, fit_result, turn_budgets
 from trgrpo.agent.formats import make_format
 from trgrpo.agent.tools import ToolEnvironment
 from trgrpo.rewards import RewardSpec
@@ -377,13 +377,7 @@ class OpenEnvEnvironment(ToolEnvironment):
             if (got := take(i, result)) is not None:
                 episodes[i].end(truncated=False) if got[2] else observe(i, got[0])
         while active := [i for i, e in enumerate(episodes) if not e.done]:
-            budgets = [
-                min(
-                    sampling.max_new_tokens - episodes[i].model_tokens,
-                    agent.max_turn_tokens or sampling.max_new_tokens,
-                )
-                for i in active
-            ]
+            budgets = turn_budgets(episodes, active, sampling)
             contexts = [prompt_ids[i // g] + episodes[i].ids() for i in active]
             outs = engine.continue_contexts(model, tokenizer, contexts, sampling, budgets, fmt.stop, greedy)
             stepping, replies = [], []
