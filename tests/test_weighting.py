@@ -118,12 +118,19 @@ def _plain_grpo_loss(logits, ids, old_logp, adv, mask, clip):
     return -(obj * mask).sum() / mask.sum()
 
 
-def test_uniform_weighting_reproduces_plain_grpo_loss_and_gradient():
-    torch.manual_seed(1)
+def _random_batch():
+    """4 sequences x 5 tokens over 11 logits (differentiable), sampled ids, old log-probs, advantages, a mask;
+    from torch's current random state."""
     logits = torch.randn(4, 5, 11, requires_grad=True)
     ids = torch.randint(0, 11, (4, 5))
     old = torch.log_softmax(torch.randn(4, 5, 11), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     adv, mask = torch.tensor([1.0, -0.5, 0.3, -1.2]), (torch.rand(4, 5) > 0.2).float()
+    return logits, ids, old, adv, mask
+
+
+def test_uniform_weighting_reproduces_plain_grpo_loss_and_gradient():
+    torch.manual_seed(1)
+    logits, ids, old, adv, mask = _random_batch()
     ref = _plain_grpo_loss(logits, ids, old, adv, mask, 0.2)
     (g_ref,) = torch.autograd.grad(ref, logits)
     logp = selective_log_softmax(logits, ids)
@@ -178,10 +185,7 @@ def test_entropy_shaped_mean_is_the_batchs_not_the_micro_batchs():
 def test_entropy_shaped_loss_is_grpo_with_per_token_advantages():
     """Against a direct implementation: GRPO with A_t = A * (1 + beta * (H_t / mean H - 1)), value, grad."""
     torch.manual_seed(3)
-    logits = torch.randn(4, 5, 11, requires_grad=True)
-    ids = torch.randint(0, 11, (4, 5))
-    old = torch.log_softmax(torch.randn(4, 5, 11), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    adv, mask = torch.tensor([1.0, -0.5, 0.3, -1.2]), (torch.rand(4, 5) > 0.2).float()
+    logits, ids, old, adv, mask = _random_batch()
     entropy = torch.rand(4, 5) * 2.0
     logp = selective_log_softmax(logits, ids)
     ratio = torch.exp(logp - old).detach()
