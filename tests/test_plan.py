@@ -86,8 +86,15 @@ def test_qwen25_3b_parameters_and_memory_by_hand(qwen3b):
     # one process, no DeepSpeed: float32 weights 4 B, gradients 4 B, AdamW moments 8 B, reference 4 B
     assert _part(one, "policy weights") == params * 4 == _part(one, "reference model")
     assert _part(one, "gradients") == params * 4 and _part(one, "optimizer state (AdamW)") == params * 8
-    # logits: 2 (logits + their gradient) x 8 x 4096 x 151936 x 2 B (bf16) + 4 float32 chunks of 2^22
-    assert _part(one, "logits of a micro-batch") == 2 * 8 * 4096 * 151936 * 2 + 4 * 2**22 * 4
+    # 8 x 4096 completion positions of 151936 float32 logits pass model.optim.max_logits_mib (256): the head
+    # runs in row chunks, so the part is the hidden states (and their gradient), 2 x 8 x 4096 x 2048 x 2 B
+    # (bf16), + 4 float32 chunks of 2^22
+    assert _part(one, "logits of a micro-batch") == 2 * 8 * 4096 * 2048 * 2 + 4 * 2**22 * 4
+    # whole logits (no budget): 2 (logits + their gradient) x 8 x 4096 x 151936 x 2 B + the chunks
+    model.optim = OptimConfig(micro_batch_size=8, max_logits_mib=None)
+    whole = make_plan(_trainer(), model, data, device_bytes=80 * GIB, train_prompts=4500)
+    assert _part(whole, "logits of a micro-batch") == 2 * 8 * 4096 * 151936 * 2 + 4 * 2**22 * 4
+    model.optim = OptimConfig(micro_batch_size=8)
     # vLLM: 0.3 x 80 GiB = 24 GiB, of which bf16 weights 2 x params; per token 36 x 2 x 2 x 128 x 2 = 36,864 B
     assert _part(one, "vLLM share") == int(0.3 * 80 * GIB)
     assert "bfloat16 weights" in format_plan(one) and f"{(int(0.3 * 80 * GIB) - 2 * params) // 36864:,}" in (
@@ -102,6 +109,8 @@ def test_qwen25_3b_parameters_and_memory_by_hand(qwen3b):
     assert _part(eight, "policy weights") == params * 2 // 8 == _part(eight, "reference model")
     assert _part(eight, "gradients") == params * 4 // 8
     assert _part(eight, "optimizer state (AdamW)") == params * 12 // 8
+    # ZeRO-3's hooks gather the head once per forward: whole logits there, whatever the budget
+    assert _part(eight, "logits of a micro-batch") == 2 * 8 * 4096 * 151936 * 2 + 4 * 2**22 * 4
     # the global batch is 8 x 64 prompts x 8 completions; an epoch of 4,500 prompts is 8 RL steps
     assert (eight.batch.prompts_global, eight.batch.completions_global) == (512, 4096)
     assert eight.batch.steps_per_epoch == 4500 // 512 == 8
@@ -161,9 +170,12 @@ def test_a_plan_that_cannot_fit_is_refused_naming_the_keys(qwen3b):
     assert "exceeds the GPU's 40.0 GiB" in message
     for key in ("model.sampling.vllm.gpu_memory_utilization", "trainer.strategy", "model.policy.lora"):
         assert key in message
-    # the recipe's vLLM share of 0.2 holds 73.5 GiB on 80: it starts, with a warning that a micro-batch of
-    # full-length completions (logits 18.6 GiB, activations 5.1 GiB) would not fit, naming the micro-batch
+    # the recipe's vLLM share of 0.2 holds 73.5 GiB on 80: with whole logits it starts, with a warning that a
+    # micro-batch of full-length completions (logits 18.6 GiB, activations 5.1 GiB) would not fit, naming
+    # the micro-batch; with the head in row chunks (the default budget) the logits are 0.3 GiB and it fits
     model.sampling.vllm = VLLMConfig(gpu_memory_utilization=0.2)
+    assert check_plan_fits(make_plan(_trainer(), model, data, device_bytes=80 * GIB)) is None
+    model.optim = OptimConfig(micro_batch_size=8, max_logits_mib=None)
     warn = check_plan_fits(make_plan(_trainer(), model, data, device_bytes=80 * GIB))
     assert "model.optim.micro_batch_size" in warn and "exceeds the GPU's 80.0 GiB" in warn
     assert check_plan_fits(make_plan(_trainer(), model, data, device_bytes=200 * GIB)) is None

@@ -210,6 +210,11 @@ class OptimConfig:
     when nothing else needs them (loss.beta = 0, loss.entropy_coef = 0, one process): their gradient is
     exactly zero and the normalisers still count them, so the update is the same, only faster. Per-token
     metrics (entropy, weights, clip ratios) then cover the trained sequences."""
+    max_logits_mib: float | None = 256.0
+    """The largest float32 logits tensor (MiB) one scoring forward may build.  Above it (a large vocabulary
+    times many completion tokens) the model hands back hidden states and the LM head runs a chunk of rows at
+    a time, recomputed in backward: the logits never exist whole, for about one more head matmul per token.
+    Plain-head model types only (Llama, Qwen2/3, Mistral, ...), not under ZeRO-3; empty: always whole."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -222,6 +227,8 @@ class OptimConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"model.optim.{key} must be >= 1 (or empty), got {value}")
+        if self.max_logits_mib is not None and not self.max_logits_mib > 0:
+            raise ValueError(f"model.optim.max_logits_mib must be > 0 (or empty), got {self.max_logits_mib}")
 
 
 def check_batch_layout(prompts_per_step: int, group_size: int, optim: OptimConfig) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The LM head in float32: the option ``model.policy.float32_lm_head``.
+"""The LM head: in float32 (the option ``model.policy.float32_lm_head``), and set aside for one forward.
 
 Under bf16 weights or bf16 autocast the last matmul, hidden state x head weight, rounds every logit to 8 bits
 of mantissa before the softmax.  A token's log-probability then differs between the trainer and an inference
@@ -12,6 +12,9 @@ so checkpoints, exports, the vLLM weight push and DeepSpeed's parameter hooks se
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -43,4 +46,71 @@ def use_float32_head(model: torch.nn.Module) -> None:
     head.__class__ = Float32Head
 
 
-__all__ = ["Float32Head", "use_float32_head"]
+PLAIN_HEAD_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2", "smollm3"}
+)
+"""Model types whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling after the
+head), so the head may be applied outside the model's forward."""
+
+
+def logits_over_budget(positions: int, vocab: int, max_logits_mib: float | None) -> bool:
+    """Whether ``positions`` float32 logit rows of ``vocab`` pass ``max_logits_mib`` (None: never)."""
+    return max_logits_mib is not None and positions * vocab * 4 > max_logits_mib * 2**20
+
+
+class _HiddenStatesOut(torch.nn.Module):
+    """Stands in for the LM head during one forward, so the model returns its last hidden states."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module] | None:
+    """(parent module, attribute name, head) of ``model``'s output embedding; None without one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    if head is None:
+        return None
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is head:
+                return module, name, head
+    return None
+
+
+def head_vocab(head: torch.nn.Module) -> int:
+    """The number of logits ``head`` makes per position (a Linear's, or a wrapped Linear's, out_features)."""
+    size = getattr(head, "out_features", None)
+    return int(size) if size is not None else int(head.weight.shape[0])
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds ``module``'s parameters in shards (gathered by its own hooks)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextmanager
+def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside, ``model``'s forward returns its last hidden states where it returned logits (the head is
+    replaced by a pass-through, and put back on exit); yields the head, to be applied by the caller."""
+    found = output_head(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to set aside")
+    parent, name, head = found
+    setattr(parent, name, _HiddenStatesOut())
+    try:
+        yield head
+    finally:
+        setattr(parent, name, head)
+
+
+__all__ = [
+    "PLAIN_HEAD_MODELS",
+    "Float32Head",
+    "head_vocab",
+    "hidden_states_out",
+    "is_partitioned",
+    "logits_over_budget",
+    "output_head",
+    "use_float32_head",
+]

@@ -107,7 +107,7 @@ class GRPOModule(L.LightningModule):
         self.loss_fn = GRPOLoss(
             loss, self.weighting.placement, self.weighting.weight_kl, max_len=sampling.max_new_tokens
         )
-        self.scorer = TokenScorer(sampling.temperature)
+        self.scorer = TokenScorer(sampling.temperature, optim.max_logits_mib)
         self.evaluator = HeldoutEvaluator(eval, sampling, self.rewards)
         self.plan: UpdatePlan | None = self._plan(batch_size) if batch_size else None  # layout errors: now
         self.backend: PlainBackend = PlainBackend(optim.grad_clip)  # the strategy's, from configure_model

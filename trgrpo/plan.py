@@ -12,7 +12,8 @@ embedded tiny model's settings), never its weights.  It gives:
   split them, the frozen reference model (``loss.beta > 0`` without LoRA), the full weights ZeRO-3 gathers
   for in-process sampling, the ``fast`` engine's KV cache (bounded per chunk), vLLM's share and the KV cache
   left in it, the largest logits of a micro-batch (``trgrpo.logprobs``: the logits and their gradient, plus
-  float32 row chunks) and the checkpointed activations; a part that cannot be known says so.
+  float32 row chunks; only hidden states and chunks when ``model.optim.max_logits_mib`` sends the head to
+  row chunks) and the checkpointed activations; a part that cannot be known says so.
 
 ``check_plan_fits`` refuses a plan whose held memory (everything but the logits and activations, which are
 sized for a completion of ``max_new_tokens`` tokens) exceeds the GPU's memory, naming the keys that shrink
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from trgrpo.fastpath.sampler import kv_cache_bytes
+from trgrpo.heads import PLAIN_HEAD_MODELS, logits_over_budget
 from trgrpo.logprobs import CHUNK_ELEMENTS
 from trgrpo.model_shape import ModelShape, lora_parameter_count, parameter_count, read_model_shape
 
@@ -300,15 +302,31 @@ def _vllm_parts(s: _Sizes, shape: ModelShape, model, data, device_bytes: int | N
 
 def _logit_and_activation_parts(s: _Sizes, shape: ModelShape, model, data, micro: int) -> list[MemoryPart]:
     tokens = model.sampling.max_new_tokens
-    # trgrpo.logprobs keeps the [micro, T, V] logits for backward and makes their gradient of the same size;
-    # the float32 work is bounded by row chunks (forward chunk, probabilities, their gradient, entropy)
-    logits = 2 * micro * tokens * shape.vocab_size * s.compute_bytes + 4 * CHUNK_ELEMENTS * 4
+    budget = getattr(model.optim, "max_logits_mib", None)
+    if (
+        logits_over_budget(micro * tokens, shape.vocab_size, budget)
+        and shape.model_type in PLAIN_HEAD_MODELS
+        and s.strategy.stage < 3
+    ):
+        # the head runs a row chunk at a time (trgrpo.logprobs.head_chunk_scores): the hidden states and a
+        # few float32 chunks (logits, probabilities, their gradient) are all that exist
+        hidden = micro * tokens * shape.hidden_size * s.compute_bytes
+        logits = 2 * hidden + 4 * CHUNK_ELEMENTS * 4
+        how = (
+            f"head in row chunks (over model.optim.max_logits_mib={budget:g}): 2 x {micro} x {tokens} x "
+            f"{shape.hidden_size} x {s.compute_bytes} B hidden states + float32 chunks"
+        )
+    else:
+        # trgrpo.logprobs keeps the [micro, T, V] logits for backward and makes their gradient of the same
+        # size; the float32 work is bounded by row chunks (forward chunk, probabilities, their gradient)
+        logits = 2 * micro * tokens * shape.vocab_size * s.compute_bytes + 4 * CHUNK_ELEMENTS * 4
+        how = f"2 x {micro} x {tokens} x {shape.vocab_size:,} x {s.compute_bytes} B + float32 chunks"
     parts = [
         MemoryPart(
             "logits of a micro-batch",
             logits,
-            f"2 x {micro} x {tokens} x {shape.vocab_size:,} x {s.compute_bytes} B + float32 chunks",
-            "model.optim.micro_batch_size, model.sampling.max_new_tokens",
+            how,
+            "model.optim.micro_batch_size, model.sampling.max_new_tokens, model.optim.max_logits_mib",
             at_full_length=True,
         )
     ]

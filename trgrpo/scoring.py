@@ -11,7 +11,9 @@ positions only, the log-probability of each sampled token and (on request) the t
 The logits are divided by the sampling temperature, so the ratio in the loss compares the distribution
 that produced the samples.  Only completion positions reach the LM head, each distinct prompt runs through
 the model once for all its completions (``trgrpo.fastpath.shared_prefix``), and no float32 [B, T, V] tensor
-is kept (``trgrpo.logprobs``).  No Lightning import.
+is kept (``trgrpo.logprobs``).  When a micro-batch's logits would pass ``max_logits_mib`` the model returns
+its hidden states instead and the head runs a row chunk at a time (``head_chunk_scores``), so the logits
+never exist whole, in forward or backward.  No Lightning import.
 """
 
 from __future__ import annotations
@@ -22,7 +24,21 @@ import torch
 from torch import Tensor
 
 from trgrpo.fastpath.shared_prefix import completion_logits
-from trgrpo.logprobs import differentiable_entropy, selective_log_softmax, squared_prob_sum, token_entropy
+from trgrpo.heads import (
+    PLAIN_HEAD_MODELS,
+    head_vocab,
+    hidden_states_out,
+    is_partitioned,
+    logits_over_budget,
+    output_head,
+)
+from trgrpo.logprobs import (
+    differentiable_entropy,
+    head_chunk_scores,
+    selective_log_softmax,
+    squared_prob_sum,
+    token_entropy,
+)
 
 if TYPE_CHECKING:
     from trgrpo.rollout import Rollout
@@ -42,10 +58,27 @@ class TokenScorer:
 
     Args:
         temperature: the sampling temperature; the logits are divided by it before the softmax.
+        max_logits_mib: the largest float32 logits tensor, in MiB, one forward may build; above it the head
+            runs a row chunk at a time (None: never).  Not under ZeRO-3, whose hooks gather the head's
+            shards once per forward.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, max_logits_mib: float | None = None) -> None:
         self.temperature = temperature
+        self.max_logits_mib = max_logits_mib
+
+    def chunked_head(self, model: torch.nn.Module, positions: int) -> tuple[torch.nn.Module, int] | None:
+        """The head and its vocabulary when ``positions`` completion positions would pass the budget."""
+        if self.max_logits_mib is None:
+            return None
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+            return None
+        found = output_head(model)
+        if found is None or is_partitioned(found[2]):
+            return None
+        vocab = head_vocab(found[2])
+        return (found[2], vocab) if logits_over_budget(positions, vocab, self.max_logits_mib) else None
 
     def score(
         self,
@@ -60,6 +93,14 @@ class TokenScorer:
         (for the gradient diagnostics)."""
         ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]  # [b, P + T]
         p = rollout.prompt_len
+        chunked = self.chunked_head(model, ids.shape[0] * (ids.shape[1] - p))
+        if chunked is not None:
+            with hidden_states_out(model) as head:
+                hidden = completion_logits(model, ids, attn, p)  # [b, T, H]
+            logp, ent, sq = head_chunk_scores(
+                head, hidden, ids[:, p:], chunked[1], self.temperature, entropy, prob_sq
+            )
+            return TokenScores(logp, ent, sq)
         logits = completion_logits(model, ids, attn, p)  # [b, T, V]
         if self.temperature != 1.0:
             logits = logits / self.temperature

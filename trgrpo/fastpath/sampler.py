@@ -27,7 +27,8 @@ price is the noise drawn once per chunk instead of once.
 
 A peft LoRA model is decoded with its adapters' low-rank terms added to each adapted projection
 (``trgrpo.fastpath.lora``: no merged copy, no parameter written).  Architectures and layers the decode loop
-does not know fall back to ``generate`` (``fast_generation_refusal`` says why).
+does not know fall back to ``generate`` (``fast_generation_refusal`` says why).  On the CPU a small decode
+step runs on one torch thread (:func:`decode_step_flops`, ``trgrpo.threads.decode_threads``), restored after.
 Pure torch + transformers, no Lightning import.
 
     python -c "from trgrpo.fastpath.sampler import fast_generation_supported; help(fast_generation_supported)"
@@ -46,6 +47,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from trgrpo.fastpath.lora import Projection, add_adapters, concatenated, is_lora, linear, projection, refusal
 from trgrpo.fastpath.shared_prefix import cache_layers, model_cache, unwrapped
 from trgrpo.heads import Float32Head
+from trgrpo.threads import decode_threads, torch_threads
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
@@ -309,6 +311,19 @@ def kv_cache_bytes(
     return per_position * (sequences * tokens + prompts * prompt_tokens)
 
 
+def decode_step_flops(config, rows: int, context: int) -> float:
+    """Floating-point operations of one decode step of ``rows`` sequences attending to ``context`` positions
+    (prompt + completion): 2 per weight of the layers and the LM head per row, plus the attention's two
+    products.  What :func:`trgrpo.threads.decode_threads` compares to choose the decode loop's threads."""
+    h, nh = config.hidden_size, config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or nh
+    hd = getattr(config, "head_dim", None) or h // nh
+    layer = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * config.intermediate_size
+    weights = config.num_hidden_layers * layer + h * config.vocab_size
+    attention = config.num_hidden_layers * 4 * nh * hd * context
+    return float(rows * (2 * weights + attention))
+
+
 def _cache_element_bytes(model: torch.nn.Module, device: torch.device) -> int:
     """Bytes per cached key element: the autocast dtype when autocast is on, else the weights' dtype."""
     if torch.is_autocast_enabled(device.type):
@@ -416,14 +431,24 @@ def sample_completions(
         [num_prompts * group_size, T] generated ids, completions of one prompt contiguous, ``pad_token_id``
         after a sequence's EOS; T <= max_new_tokens (the loop stops once every sequence has ended).
     """
+    warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy, pad_token_id, stop)
+    per_chunk = prompts_per_chunk(model, prompt_ids, group_size, max_new_tokens, cache_bytes)
+    cfg, device = model.config, prompt_ids.device
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # small steps on one thread (trgrpo.threads.decode_threads says why)
+        context = prompt_ids.shape[1] + max_new_tokens
+        threads = decode_threads(decode_step_flops(cfg, per_chunk * group_size, context), threads)
+    with torch_threads(threads):
+        return _sample_chunks(model, prompt_ids, prompt_mask, group_size, max_new_tokens, warpers, per_chunk)
+
+
+def _sample_chunks(model, prompt_ids, prompt_mask, group_size, max_new_tokens, warpers, per_chunk) -> Tensor:
     cfg = model.config
     nh = cfg.num_attention_heads
     nkv = getattr(cfg, "num_key_value_heads", None) or nh
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    warpers = _Warpers(temperature, top_k, top_p, eos_token_id, ignore_eos, greedy, pad_token_id, stop)
-    per_chunk = prompts_per_chunk(model, prompt_ids, group_size, max_new_tokens, cache_bytes)
     n, device = prompt_ids.shape[0] * group_size, prompt_ids.device
-    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    out = torch.full((n, max_new_tokens), warpers.pad, dtype=torch.long, device=device)
     start, end_state, steps = _rng_state(device), None, 0
     for first in range(0, prompt_ids.shape[0], per_chunk):
         last = min(first + per_chunk, prompt_ids.shape[0])
@@ -448,6 +473,7 @@ def sample_completions(
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "decode_step_flops",
     "fast_generation_refusal",
     "fast_generation_supported",
     "kv_cache_bytes",
