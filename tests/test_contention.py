@@ -75,6 +75,17 @@ def test_a_bad_value_names_the_variable(value):
         decode_threads(1.0, 2, {DECODE_THREADS_ENV: value})
 
 
+def test_the_cli_refuses_a_bad_value_before_any_model_loads(tmp_path, monkeypatch):
+    from helpers import arithmetic_args, run_cli
+
+    import trgrpo.module
+
+    monkeypatch.setenv(DECODE_THREADS_ENV, "many")
+    monkeypatch.setattr(trgrpo.module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=f"{DECODE_THREADS_ENV}='many'"):
+        run_cli(tmp_path, *arithmetic_args(), "--trainer.max_steps=1")
+
+
 def test_step_flops_count_every_weight_of_the_layers_and_head_twice_per_row(tiny):
     model = tiny[0]
     cfg = model.config

@@ -55,6 +55,7 @@ from trgrpo.plan import check_plan_fits, format_plan, make_plan
 from trgrpo.progress import default_progress_bar
 from trgrpo.resume import ConfiguredOptimizerSettings
 from trgrpo.rewards import check_rewards
+from trgrpo.threads import decode_threads
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class TRGRPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        decode_threads(0.0, 1)  # a bad TRGRPO_DECODE_THREADS is refused here, before any model loads
         if self.subcommand == "fit":  # the plan first: --print_plan works for GPU fragments on any machine
             announce_plan(cfg)
         check_strategy(cfg.trainer.strategy, [str(p) for p in cfg.get("config") or []])
