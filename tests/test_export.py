@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from helpers import arithmetic_args, run_cli
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from trgrpo.export import main as export_main
 
@@ -77,6 +77,12 @@ def test_model_card_holds_the_resolved_run_config(trained):
     card = (tmp / "hf" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "2 optimiser steps" in card and "AutoModelForCausalLM.from_pretrained" in card
+    # the usage the card gives loads the character tokenizer as trained: spaces kept, same ids
+    assert 'tokenizer = PreTrainedTokenizerFast.from_pretrained("' in card
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp / "hf")
+    text = "What is 12 + 3? 15"
+    assert tok(text).input_ids == cli.model.tokenizer(text).input_ids
+    assert tok.decode(tok(text).input_ids) == text
     config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert config["model"]["optim"]["lr"] == 0.01  # the CLI's saved config, with every section
     assert config["data"]["batch_size"] == 2 and config["trainer"]["max_steps"] == 2

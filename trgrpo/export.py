@@ -40,7 +40,15 @@ from transformers import PreTrainedTokenizerBase
 
 from trgrpo.config import LossConfig, OptimConfig
 from trgrpo.evaluation import EvalConfig
-from trgrpo.policy import DTYPES, LoraConfig, PolicyConfig, TinyModelConfig, load_model, load_tokenizer
+from trgrpo.policy import (
+    DTYPES,
+    LoraConfig,
+    PolicyConfig,
+    TinyModelConfig,
+    load_model,
+    load_tokenizer,
+    word_level,
+)
 from trgrpo.rollout import SamplingConfig
 
 CONFIG_CLASSES = [
@@ -79,6 +87,11 @@ USAGE_FULL = """from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{out}")
 tokenizer = AutoTokenizer.from_pretrained("{out}")"""
 
+USAGE_CHARS = """from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+model = AutoModelForCausalLM.from_pretrained("{out}")
+# the character tokenizer: AutoTokenizer would map this qwen2 folder to Qwen2's own tokenizer class
+tokenizer = PreTrainedTokenizerFast.from_pretrained("{out}")"""
+
 USAGE_ADAPTER = (
     "from peft import AutoPeftModelForCausalLM   # needs the base model named in adapter_config.json\n"
     'model = AutoPeftModelForCausalLM.from_pretrained("{out}")'
@@ -101,7 +114,13 @@ def plain(obj):
 
 
 def model_card(
-    config: dict | str, lora: bool, merged: bool, base: str | None, step: int | None, out: str
+    config: dict | str,
+    lora: bool,
+    merged: bool,
+    base: str | None,
+    step: int | None,
+    out: str,
+    char_tokenizer: bool = False,
 ) -> str:
     text = config if isinstance(config, str) else yaml.safe_dump(plain(config), sort_keys=False)
     adapter_only = lora and not merged
@@ -112,13 +131,14 @@ def model_card(
         if lora
         else "Full weights."
     )
+    usage = USAGE_ADAPTER if adapter_only else USAGE_CHARS if char_tokenizer else USAGE_FULL
     return CARD.format(
         library="peft" if adapter_only else "transformers",
         base=f"base_model: {base}\n" if base else "",
         title=Path(out).name,
         step=f", {step} optimiser steps" if step is not None else "",
         kind=kind,
-        usage=(USAGE_ADAPTER if adapter_only else USAGE_FULL).format(out=out),
+        usage=usage.format(out=out),
         config=text,
     )
 
@@ -148,7 +168,8 @@ def export_policy(
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    (out / "README.md").write_text(model_card(config, lora, merge_lora, base, step, str(out)))
+    card = model_card(config, lora, merge_lora, base, step, str(out), char_tokenizer=word_level(str(out)))
+    (out / "README.md").write_text(card)
     return out
 
 
