@@ -63,6 +63,15 @@ def digit_share(prompts, completions, **_):
 DENSE_REWARD = "--model.rewards=[{fn: helpers.digit_share}]"
 
 
+SPREAD_CALLS = [0]
+
+
+def spread_once(prompts, completions, **_):
+    """``digit_share`` at its first call, then 1 for every completion: no spread, nothing trained."""
+    SPREAD_CALLS[0] += 1
+    return digit_share(prompts, completions) if SPREAD_CALLS[0] == 1 else [1.0] * len(completions)
+
+
 class GradRecorder(L.Callback):
     """Keeps a copy of the policy's gradients at the first optimiser step."""
 

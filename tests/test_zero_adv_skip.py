@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -105,3 +108,32 @@ def test_skipping_gives_the_same_weights_and_trains_fewer_sequences():
 def test_no_skipping_when_another_term_needs_the_sequences(loss):
     _, scored = _train(True, PATTERN[:1], **loss)
     assert sum(scored) == len(PATTERN[0]) * G
+
+
+def test_a_step_that_trains_nothing_logs_nan_not_the_last_steps_values(tmp_path):
+    """When every group has equal rewards nothing is trained, so entropy and the gradient shares have no value
+    that step; Lightning would write the previous step's values again, which reads as a healthy policy."""
+    import csv
+
+    import helpers
+    from helpers import arithmetic_args, run_cli
+
+    helpers.SPREAD_CALLS[0] = 0
+    cli = run_cli(
+        tmp_path,
+        *arithmetic_args(4, 4, 4),
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0",
+        "--model.rewards=[{fn: helpers.spread_once}]",
+        "--model.sampling.temperature=1.5",
+    )
+    path = Path(cli.trainer.logger.log_dir) / "metrics.csv"
+    rows = [r for r in csv.DictReader(path.open()) if r.get("train/rl_step")]
+    assert [float(r["train/rl_step"]) for r in rows] == [1.0, 2.0, 3.0]
+    first, later = rows[0], rows[1:]
+    assert float(first["train/frac_reward_zero_std"]) < 1 and float(first["train/entropy"]) > 0
+    for row in later:
+        assert float(row["train/frac_reward_zero_std"]) == 1.0 and float(row["train/grad_norm"]) == 0.0
+        for key in ("train/entropy", "train/grad_share/p<0.1"):
+            if key in first and first[key] != "":
+                assert row[key] in ("", "nan") or math.isnan(float(row[key])), (key, row[key], first[key])

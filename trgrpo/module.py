@@ -120,6 +120,7 @@ class GRPOModule(L.LightningModule):
         self.shuffle_generator = torch.Generator().manual_seed(0)  # the mini-batch order
         self.random_streams = RandomStreams(shuffle=self.shuffle_generator)  # checkpointed with the rest
         self.group_filter: GroupFilter | None = None  # dynamic sampling's, handed over by connect
+        self.logged_keys: set[str] = set()  # every per-step metric logged so far (log_step)
 
     # ------------------------------------------------------------------ set-up
 
@@ -336,6 +337,11 @@ class GRPOModule(L.LightningModule):
         self.last_stats = stats
         n = len(rewards.total)
         metrics = stats.metrics()
+        # Lightning writes a key logged at an earlier step again, with that step's value, at every later step
+        # that does not log it: a metric this step has no value for (entropy, gradient shares when every
+        # sequence was skipped) is logged as nan, never as a stale number
+        metrics.update(dict.fromkeys(self.logged_keys - metrics.keys(), float("nan")))
+        self.logged_keys |= metrics.keys()
         counts = {name: metrics.pop(name) for name in SUMMED_METRICS if name in metrics}
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         self.log_dict(counts, on_step=True, on_epoch=False, batch_size=n, sync_dist=True, reduce_fx="sum")
