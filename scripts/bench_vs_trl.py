@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -206,15 +207,8 @@ def saved_parameters(folder: Path) -> int:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-                total += _numel(f.get_slice(name).get_shape())
+                total += math.prod(int(x) for x in f.get_slice(name).get_shape())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for x in shape:
-        n *= int(x)
-    return n
 
 
 def build_model_folder(size: str, folder: Path) -> int:

@@ -48,10 +48,8 @@ def sample(tiny, seed: int, **kw):
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 # ------------------------------------------------------------------------------------- the choice

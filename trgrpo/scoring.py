@@ -74,11 +74,15 @@ class TokenScorer:
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
             return None
-        found = output_head(model)
-        if found is None or is_partitioned(found[2]):
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if getter is not None else None
+        if head is None or is_partitioned(head):
             return None
-        vocab = head_vocab(found[2])
-        return (found[2], vocab) if logits_over_budget(positions, vocab, self.max_logits_mib) else None
+        vocab = head_vocab(head)
+        if not logits_over_budget(positions, vocab, self.max_logits_mib):
+            return None
+        # only now the walk over the modules for the head's parent, which hidden_states_out needs
+        return (head, vocab) if output_head(model) is not None else None
 
     def score(
         self,
