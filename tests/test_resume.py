@@ -119,7 +119,7 @@ def test_sigkill_mid_training_then_resume_last_gives_the_uninterrupted_metrics(t
         for key, value in row.items():
             if key.startswith("train/time/"):  # wall-clock seconds of each phase: never reproducible
                 continue
-            assert value == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
+            assert value == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9, nan_ok=True), (step, key)
     rewards = {round(r["train/reward"], 6) for r in got.values()}
     assert len(rewards) > 1 and max(rewards) > 0  # the compared steps sampled different things
 
