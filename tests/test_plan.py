@@ -88,8 +88,10 @@ def test_qwen25_3b_parameters_and_memory_by_hand(qwen3b):
     assert _part(one, "gradients") == params * 4 and _part(one, "optimizer state (AdamW)") == params * 8
     # 8 x 4096 completion positions of 151936 float32 logits pass model.optim.max_logits_mib (256): the head
     # runs in row chunks, so the part is the hidden states (and their gradient), 2 x 8 x 4096 x 2048 x 2 B
-    # (bf16), + 4 float32 chunks of 2^22
-    assert _part(one, "logits of a micro-batch") == 2 * 8 * 4096 * 2048 * 2 + 4 * 2**22 * 4
+    # (bf16), + 4 float32 chunks of a quarter of the budget each: 64 MiB // (4 B x 151936) = 110 rows
+    rows = 64 * 2**20 // (4 * 151936)
+    assert rows == 110
+    assert _part(one, "logits of a micro-batch") == 2 * 8 * 4096 * 2048 * 2 + 4 * rows * 151936 * 4
     # whole logits (no budget): 2 (logits + their gradient) x 8 x 4096 x 151936 x 2 B + the chunks
     model.optim = OptimConfig(micro_batch_size=8, max_logits_mib=None)
     whole = make_plan(_trainer(), model, data, device_bytes=80 * GIB, train_prompts=4500)

@@ -19,6 +19,17 @@ small one, so the extra memory stays bounded whatever the vocabulary."""
 DEFAULT_CHUNK_ROWS = None
 
 
+def budget_chunk_rows(vocab: int, max_logits_mib: float) -> int:
+    """Rows per chunk of the head in row chunks under a logits budget of ``max_logits_mib``: a chunk's float32
+    logits take a quarter of it (backward holds about four such tensors at once: the logits, their
+    probabilities, their gradient and the head's output), and never fewer rows than the default chunk.
+
+    Larger chunks make fewer, fuller matmuls: the head's weight gradient is summed over the chunks, one
+    [V, H] accumulation per chunk."""
+    rows = int(max_logits_mib * 2**20 / 4 // (4 * max(vocab, 1)))
+    return max(rows, CHUNK_ELEMENTS // max(vocab, 1), 1)
+
+
 def _row_chunks(n: int, chunk_rows: int | None, vocab: int):
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, rows):

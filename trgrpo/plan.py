@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from trgrpo.fastpath.sampler import kv_cache_bytes
 from trgrpo.heads import PLAIN_HEAD_MODELS, logits_over_budget
-from trgrpo.logprobs import CHUNK_ELEMENTS
+from trgrpo.logprobs import CHUNK_ELEMENTS, budget_chunk_rows
 from trgrpo.model_shape import ModelShape, lora_parameter_count, parameter_count, read_model_shape
 
 GIB = 2**30
@@ -311,7 +311,7 @@ def _logit_and_activation_parts(s: _Sizes, shape: ModelShape, model, data, micro
         # the head runs a row chunk at a time (trgrpo.logprobs.head_chunk_scores): the hidden states and a
         # few float32 chunks (logits, probabilities, their gradient) are all that exist
         hidden = micro * tokens * shape.hidden_size * s.compute_bytes
-        logits = 2 * hidden + 4 * CHUNK_ELEMENTS * 4
+        logits = 2 * hidden + 4 * budget_chunk_rows(shape.vocab_size, budget) * shape.vocab_size * 4
         how = (
             f"head in row chunks (over model.optim.max_logits_mib={budget:g}): 2 x {micro} x {tokens} x "
             f"{shape.hidden_size} x {s.compute_bytes} B hidden states + float32 chunks"

@@ -33,6 +33,7 @@ from trgrpo.heads import (
     output_head,
 )
 from trgrpo.logprobs import (
+    budget_chunk_rows,
     differentiable_entropy,
     head_chunk_scores,
     selective_log_softmax,
@@ -101,8 +102,9 @@ class TokenScorer:
         if chunked is not None:
             with hidden_states_out(model) as head:
                 hidden = completion_logits(model, ids, attn, p)  # [b, T, H]
+            rows = budget_chunk_rows(chunked[1], self.max_logits_mib)
             logp, ent, sq = head_chunk_scores(
-                head, hidden, ids[:, p:], chunked[1], self.temperature, entropy, prob_sq
+                head, hidden, ids[:, p:], chunked[1], self.temperature, entropy, prob_sq, rows
             )
             return TokenScores(logp, ent, sq)
         logits = completion_logits(model, ids, attn, p)  # [b, T, V]
