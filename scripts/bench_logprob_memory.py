@@ -121,7 +121,7 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
-    from trgrpo.logprobs import CHUNK_ELEMENTS
+    from trgrpo.logprobs import CHUNK_ELEMENTS, budget_chunk_rows
 
     r = results[0]
     n = r["sequences"] * r["completion_tokens"]
@@ -137,10 +137,11 @@ def main() -> None:
             f"{res['pass_cpu_s']:.2f} s CPU"
         )
     for vocab, name in ((r["vocab"], "this vocabulary"), (QWEN25_3B_VOCAB, "Qwen2.5-3B's vocabulary")):
-        rows = max(1, CHUNK_ELEMENTS // vocab)
+        rows, budget_rows = max(1, CHUNK_ELEMENTS // vocab), budget_chunk_rows(vocab, MODES["default"])
         print(
             f"by arithmetic, {name} ({vocab}): whole logits {n * vocab * 4 / 2**20:.0f} MiB per copy; "
-            f"chunked {rows} rows x {vocab} = {rows * vocab * 4 / 2**20:.0f} MiB per copy"
+            f"16 MiB chunks {rows} rows x {vocab} = {rows * vocab * 4 / 2**20:.0f} MiB per copy; the default "
+            f"budget's chunks {budget_rows} rows = {budget_rows * vocab * 4 / 2**20:.0f} MiB per copy"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

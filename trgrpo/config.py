@@ -213,7 +213,8 @@ class OptimConfig:
     max_logits_mib: float | None = 256.0
     """The largest float32 logits tensor (MiB) one scoring forward may build.  Above it (a large vocabulary
     times many completion tokens) the model hands back hidden states and the LM head runs a chunk of rows at
-    a time, recomputed in backward: the logits never exist whole, for about one more head matmul per token.
+    a time (a chunk's logits a quarter of the budget), recomputed in backward: the logits never exist whole,
+    for about one more head matmul per token.
     Plain-head model types only (Llama, Qwen2/3, Mistral, ...), not under ZeRO-3; empty: always whole."""
 
     def __post_init__(self) -> None:
