@@ -3,9 +3,15 @@
 The decode loop of ``trgrpo/fastpath/sampler.py`` runs ``_decode_step`` once per generated token: some 15
 small kernels per layer, each a Python call.  This script times one rollout (``--prompts`` x ``--group``
 completions of ``--tokens`` tokens, EOS never sampled) with the step as it is and with the step wrapped in
-``torch.compile(dynamic=True)`` (one graph for every step: the completion position and the cache length are
-symbolic), in one process, alternating, median of ``--repeats`` rollouts each after a warm-up rollout; the
-compile time is the compiled warm-up's extra time.  It also checks that both give the same tokens (greedy).
+``torch.compile(dynamic=True)``, in one process, alternating, median of ``--repeats`` rollouts each after
+a warm-up rollout; the compile time is the compiled warm-up's extra time.  It also checks that both give
+the same tokens (greedy).
+
+What it showed on the 2-core CPU (torch 2.13): dynamo specialises the step on the completion position
+(``state.cos[:, t]``), recompiles for each of the first 8 positions, hits its recompile limit and runs the
+rest eagerly; the demo's compiled rollout was 1.33x slower after 190 s of compiling, and SmolLM2's did not
+finish compiling in 15 minutes.  A step with static shapes (the position as a tensor, the cache read whole
+under a mask) would be needed for one graph; see docs/benchmarks.md for why that was not pursued.
 
     python scripts/bench_decode_compile.py                 # SmolLM2-135M-Instruct, the benchmark's rollout
     python scripts/bench_decode_compile.py --model ''      # the demo's tiny model
@@ -76,7 +82,9 @@ def main() -> None:
             sampler._decode_step = eager_step
 
     _, eager_first, _ = rollout(eager_step)
+    print(f"first eager rollout {eager_first:.1f} s", flush=True)
     _, compiled_first, _ = rollout(compiled_step)
+    print(f"first compiled rollout (compiles) {compiled_first:.1f} s", flush=True)
     times: dict[str, list[tuple[float, float]]] = {"eager": [], "compiled": []}
     for _ in range(args.repeats):
         for name, step in (("eager", eager_step), ("compiled", compiled_step)):
