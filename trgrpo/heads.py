@@ -65,10 +65,15 @@ class _HiddenStatesOut(torch.nn.Module):
         return x
 
 
+def output_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model``'s output embedding (its LM head); None for a model without one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
 def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module] | None:
     """(parent module, attribute name, head) of ``model``'s output embedding; None without one."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if getter is not None else None
+    head = output_embedding(model)
     if head is None:
         return None
     for module in model.modules():
@@ -111,6 +116,7 @@ __all__ = [
     "hidden_states_out",
     "is_partitioned",
     "logits_over_budget",
+    "output_embedding",
     "output_head",
     "use_float32_head",
 ]

@@ -26,12 +26,16 @@ def budget_chunk_rows(vocab: int, max_logits_mib: float) -> int:
 
     Larger chunks make fewer, fuller matmuls: the head's weight gradient is summed over the chunks, one
     [V, H] accumulation per chunk."""
-    rows = int(max_logits_mib * 2**20 / 4 // (4 * max(vocab, 1)))
-    return max(rows, CHUNK_ELEMENTS // max(vocab, 1), 1)
+    return max(int(max_logits_mib * 2**20 / 4 // (4 * max(vocab, 1))), default_chunk_rows(vocab))
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows of ``vocab`` logits in a default chunk (``CHUNK_ELEMENTS``), at least one."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def _row_chunks(n: int, chunk_rows: int | None, vocab: int):
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    rows = chunk_rows or default_chunk_rows(vocab)
     for start in range(0, n, rows):
         yield slice(start, min(start + rows, n))
 

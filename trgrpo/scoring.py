@@ -30,6 +30,7 @@ from trgrpo.heads import (
     hidden_states_out,
     is_partitioned,
     logits_over_budget,
+    output_embedding,
     output_head,
 )
 from trgrpo.logprobs import (
@@ -75,8 +76,7 @@ class TokenScorer:
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
             return None
-        getter = getattr(model, "get_output_embeddings", None)
-        head = getter() if getter is not None else None
+        head = output_embedding(model)
         if head is None or is_partitioned(head):
             return None
         vocab = head_vocab(head)
